@@ -1,0 +1,53 @@
+"""The ``pipeline`` command line.
+
+Each sub-command lives in its own module, which exposes ``add_arguments(parser)``
+and ``run(args) -> int``. Command modules import TensorFlow and Keras inside
+``run`` only, so ``pipeline --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from pipeline.errors import PipelineError
+
+#: sub-command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "partition": ("pipeline.partition.command", "split a Keras model into shards and write a topology directory"),
+    "verify": ("pipeline.partition.verify", "check that the shards chained reproduce the whole model"),
+    "show": ("pipeline.partition.show", "print the plan table and the shard graph (DOT or Mermaid)"),
+    "procfile": ("pipeline.procfile", "write the Procfile lines for a topology (or one host of it)"),
+    "worker": ("pipeline.serving.worker", "run one shard worker"),
+    "ingress": ("pipeline.serving.ingress", "run the KServe v2 gRPC ingress"),
+    "infer": ("pipeline.serving.client", "send one inference request and print a summary"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except PipelineError as exc:
+        print(f"pipeline {args.command}: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Socket factories with every bound explicit: high-water marks, linger 0, immediate sends.
+
+One ``zmq.Context`` per process (``zmq.Context.instance()``); every socket is
+closed with linger 0 so a process never waits on an absent peer at exit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import zmq
+
+
+@dataclass(frozen=True)
+class SocketBounds:
+    """High-water marks (messages queued per peer) and receive limits."""
+
+    send_hwm: int = 64
+    recv_hwm: int = 256
+    max_message_bytes: int = (1 << 30) + (1 << 20)  # ZMQ_MAXMSGSIZE per frame: a 1 GiB tensor plus slack
+
+
+DEFAULT_BOUNDS = SocketBounds()
+
+
+def pull(ctx: zmq.Context, bind: str, bounds: SocketBounds = DEFAULT_BOUNDS) -> zmq.Socket:
+    """A bound PULL socket."""
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, bounds.recv_hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, bounds.max_message_bytes)
+    sock.bind(bind)
+    return sock
+
+
+def push(ctx: zmq.Context, endpoint: str, bounds: SocketBounds = DEFAULT_BOUNDS) -> zmq.Socket:
+    """A connected PUSH socket that queues only to live peers (``ZMQ_IMMEDIATE``)."""
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, bounds.send_hwm)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.connect(endpoint)
+    return sock
