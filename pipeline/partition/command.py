@@ -1,0 +1,282 @@
+"""``pipeline partition``: split a model into shards and write the topology directory.
+
+The directory is written to a temporary sibling and renamed at the end, so a
+failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PartitionError, UsageError
+from pipeline.partition.planner import DEFAULT_SLACK
+from pipeline.topology import (
+    DEFAULT_GRPC_ADDRESS,
+    DTYPES,
+    MODEL_FILE,
+    Batching,
+    IngressSpec,
+    ShardOutput,
+    ShardSpec,
+    TensorSpec,
+    Topology,
+    bind_address,
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE", help="a .keras file, or a keras.applications model name (e.g. mobilenet_v3_large)")
+    p.add_argument("--shards", "-k", type=int, default=None, help="number of shards; the planner chooses the cuts")
+    p.add_argument("--cut", action="append", default=[], metavar="NAME", help="cut right after this operation (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: topology/<name>)")
+    p.add_argument("--name", default=None, help="model name the ingress serves (default: from SOURCE)")
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="[NAME=]D1,D2,...",
+        help="input shape without the batch axis, for models with unknown axes (repeat per input as NAME=...)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="host of every process in the topology (edit topology.yaml to spread them)")
+    p.add_argument("--base-port", type=int, default=None, help="first port to use (default: free local ports)")
+    p.add_argument("--grpc-address", default=None, help=f"ingress gRPC address (default {DEFAULT_GRPC_ADDRESS})")
+    p.add_argument("--max-batch", type=int, default=Batching.max_batch, help="dynamic batching: largest batch per shard")
+    p.add_argument("--max-delay-ms", type=float, default=Batching.max_delay_ms, help="dynamic batching: gather window")
+    p.add_argument("--slack", type=float, default=DEFAULT_SLACK, help="balance slack the planner may trade for fewer bytes")
+    p.add_argument("--unsafe", action="store_true", help="allow models that need unsafe deserialization (Lambda layers)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-verify", action="store_true", help="skip the exactness check at the end")
+    p.add_argument("--list-ops", action="store_true", help="print every operation (the names --cut takes) and exit")
+
+
+@dataclass
+class PartitionResult:
+    topology: Topology
+    table: str
+    seconds: float
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.shards is None and not args.cut and not args.list_ops:
+        raise UsageError("expected --shards K or at least one --cut NAME (or --list-ops); received neither")
+    if args.shards is not None and args.cut:
+        if args.shards != len(args.cut) + 1:
+            raise UsageError(f"--shards {args.shards} with {len(args.cut)} --cut names: expected --shards {len(args.cut) + 1} or no --shards")
+    if args.shards is not None and args.shards < 1:
+        raise UsageError(f"--shards must be at least 1, received {args.shards}")
+    from pipeline.partition.source import load_source
+
+    shapes = parse_input_shapes(args.input_shape)
+    single_shape = shapes.pop("", None)
+    model, default_name = load_source(args.source, input_shape=single_shape, unsafe=args.unsafe)
+    if args.list_ops:
+        from pipeline.partition.graph import build_graph
+
+        graph = build_graph(model)
+        for op in graph.ops:
+            outs = ", ".join(f"{graph.tensors[t].name} {list(graph.tensors[t].shape)}" for t in op.outputs)
+            print(f"{op.id:5d}  {op.name:40s} {op.class_name.rsplit('.', 1)[-1]:24s} -> {outs}")
+        return 0
+    result = partition(
+        model,
+        name=args.name or default_name,
+        out=args.out or Path("topology") / (args.name or default_name),
+        shards=args.shards,
+        cuts=args.cut,
+        input_shapes={**({model.inputs[0]._keras_history.operation.name: single_shape} if single_shape else {}), **shapes},
+        host=args.host,
+        base_port=args.base_port,
+        grpc_address=args.grpc_address,
+        batching=Batching(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms),
+        slack=args.slack,
+        force=args.force,
+        verify=not args.no_verify,
+        unsafe=args.unsafe,
+    )
+    print(result.table)
+    print(f"\nwrote {result.topology.directory} ({len(result.topology.shards)} shards) in {result.seconds:.1f} s")
+    return 0
+
+
+def parse_input_shapes(values: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        name, _, dims = value.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            raise UsageError(f"--input-shape {value!r}: expected [NAME=]D1,D2,... with positive integers") from None
+        if not shape or any(d < 1 for d in shape):
+            raise UsageError(f"--input-shape {value!r}: expected [NAME=]D1,D2,... with positive integers")
+        shapes[name] = shape
+    return shapes
+
+
+def partition(
+    model: Any,
+    *,
+    name: str,
+    out: Path,
+    shards: int | None = None,
+    cuts: list[str] | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    host: str = "127.0.0.1",
+    base_port: int | None = None,
+    grpc_address: str | None = None,
+    batching: Batching = Batching(),
+    slack: float = DEFAULT_SLACK,
+    force: bool = False,
+    verify: bool = True,
+    unsafe: bool = False,
+) -> PartitionResult:
+    """Split ``model`` and write the topology directory ``out``; return the topology and the plan table."""
+    from pipeline.partition import cost, planner
+    from pipeline.partition.build import build_shard_model, split
+    from pipeline.partition.graph import build_graph
+    from pipeline.partition.show import plan_rows, plan_table
+
+    start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"output directory {str(out)!r} already exists; pass --force to replace it, or choose another --out")
+    graph = build_graph(model)
+    known = set(graph.input_names)
+    for key in input_shapes or {}:
+        if key not in known:
+            raise UsageError(f"--input-shape names {key!r}, but the model's inputs are {sorted(known)}")
+    for tid in graph.inputs:
+        t = graph.tensors[tid]
+        if t.dtype not in DTYPES:
+            raise PartitionError(f"model input {t.name!r} has dtype {t.dtype}; the pipeline carries {sorted(DTYPES)}")
+    for tid in graph.outputs:
+        t = graph.tensors[tid]
+        if t.dtype not in DTYPES:
+            raise PartitionError(f"model output {t.name!r} has dtype {t.dtype}; the pipeline carries {sorted(DTYPES)}")
+    shapes = cost.concrete_shapes(graph, input_shapes)
+    costs = cost.op_costs(graph, shapes)
+    tbytes = [cost.tensor_bytes(graph, shapes, t.id) if t.id in shapes else 0 for t in graph.tensors]
+    cross = planner.crossings(graph, tbytes)
+    if cuts:
+        boundaries = planner.boundaries_for_cuts(graph, cuts, cross)
+    else:
+        boundaries = planner.plan_balanced([c.seconds for c in costs], cross, shards or 1, slack)
+    plans = split(graph, boundaries)
+
+    endpoints = _allocate(host, base_port, 2 * len(plans) + 2)
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    try:
+        model.save(tmp / MODEL_FILE)  # before the shards re-call its layers
+        shard_specs = []
+        tensors: dict[str, TensorSpec] = {}
+        for i, plan in enumerate(plans):
+            sub = build_shard_model(graph, plan)
+            file = f"{plan.name}.keras"
+            sub.save(tmp / file)
+            for tid in plan.inputs + plan.outputs:
+                t = graph.tensors[tid]
+                tensors[t.name] = _spec(t)
+            port, metrics_port = endpoints[2 + 2 * i], endpoints[3 + 2 * i]
+            endpoint = f"tcp://{host}:{port}"
+            shard_specs.append(
+                ShardSpec(
+                    name=plan.name,
+                    file=file,
+                    inputs=tuple(graph.tensors[t].name for t in plan.inputs),
+                    outputs=tuple(
+                        ShardOutput(name=graph.tensors[t].name, consumers=tuple(plan.consumers[t])) for t in plan.outputs
+                    ),
+                    endpoint=endpoint,
+                    host=host,
+                    bind=bind_address(endpoint),
+                    metrics=f"{host}:{metrics_port}",
+                    batching=batching,
+                )
+            )
+        results = f"tcp://{host}:{endpoints[0]}"
+        rows = plan_rows(graph, plans, costs, tbytes)
+        topology = Topology(
+            name=name,
+            inputs=tuple(_spec(graph.tensors[t]) for t in graph.inputs),
+            outputs=tuple(_spec(graph.tensors[t]) for t in graph.outputs),
+            tensors=tensors,
+            shards=tuple(shard_specs),
+            ingress=IngressSpec(
+                grpc=grpc_address or DEFAULT_GRPC_ADDRESS,
+                results=results,
+                host=host,
+                bind=bind_address(results),
+                metrics=f"{host}:{endpoints[1]}",
+            ),
+            directory=tmp,
+            extra={
+                "sample_input_shapes": {graph.tensors[t].name: list(shapes[t]) for t in graph.inputs},
+                "unsafe": bool(unsafe),
+                "plan": {
+                    "method": "cuts" if cuts else "balanced",
+                    "cost_model": "estimated FLOPs and bytes (pipeline/partition/cost.py)",
+                    "operations": len(graph.ops),
+                    "shards": rows,
+                },
+            },
+        )
+        topology.write(tmp)
+        if verify:
+            from pipeline.partition.verify import verify_directory
+
+            report = verify_directory(tmp, batch_sizes=(1, 2), tolerance=0.0, unsafe=unsafe)
+            if not report.ok:
+                raise PartitionError(
+                    "the shards chained do not reproduce the whole model:\n" + report.table() + "\nThis is a bug; please report it with the model."
+                )
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    topology = topology.replace(directory=out)
+    table = plan_table(rows, name=name, operations=len(graph.ops))
+    return PartitionResult(topology=topology, table=table, seconds=time.perf_counter() - start)
+
+
+def _spec(t: Any) -> TensorSpec:
+    return TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(-1 if d is None else d for d in t.shape))
+
+
+def _allocate(host: str, base_port: int | None, count: int) -> list[int]:
+    """``count`` ports: consecutive from ``base_port``, or free ones the OS hands out on ``host``."""
+    if base_port is not None:
+        if not 0 < base_port <= 65535 - count:
+            raise UsageError(f"--base-port {base_port}: expected a port between 1 and {65535 - count}")
+        return list(range(base_port, base_port + count))
+    bind_host = host if _can_bind(host) else "127.0.0.1"
+    sockets, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((bind_host, 0))
+            sockets.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+def _can_bind(host: str) -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+

@@ -1,0 +1,116 @@
+"""``pipeline show``: the plan table and the shard graph as Graphviz DOT or Mermaid."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pipeline import topology as topo
+from pipeline.topology import INGRESS, Topology
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", type=Path, metavar="DIR", help="a topology directory")
+    p.add_argument("--format", choices=["table", "dot", "mermaid"], default="table", help="what to print")
+    p.add_argument("--out", type=Path, default=None, help="write the graph to this file instead of printing it")
+
+
+def run(args: argparse.Namespace) -> int:
+    topology = topo.load(args.directory, check_files=False)
+    if args.format == "table":
+        plan = topology.extra.get("plan") or {}
+        text = plan_table(plan.get("shards", []), name=topology.name, operations=plan.get("operations"))
+    elif args.format == "dot":
+        text = to_dot(topology)
+    else:
+        text = to_mermaid(topology)
+    if args.out:
+        args.out.write_text(text + "\n")
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def plan_rows(graph: Any, plans: list[Any], costs: list[Any], tensor_bytes: list[int]) -> list[dict[str, Any]]:
+    """One row per shard: operations, parameters, compute share, bytes out per sample, crossing tensors."""
+    total = sum(c.seconds for c in costs) or 1.0
+    rows = []
+    for plan in plans:
+        seconds = sum(costs[i].seconds for i in plan.ops)
+        params = sum(costs[i].params for i in plan.ops)
+        sent = [graph.tensors[t].name for t in plan.outputs]
+        bytes_out = sum(tensor_bytes[t] * len(plan.consumers[t]) for t in plan.outputs)
+        rows.append(
+            {
+                "shard": plan.name,
+                "operations": len(plan.ops),
+                "first": graph.ops[plan.ops[0]].name,
+                "last": graph.ops[plan.ops[-1]].name,
+                "params": int(params),
+                "share": round(seconds / total, 4),
+                "estimated_ms": round(seconds * 1e3, 3),
+                "bytes_out": int(bytes_out),
+                "sends": sent,
+            }
+        )
+    return rows
+
+
+def plan_table(rows: list[dict[str, Any]], *, name: str, operations: int | None = None) -> str:
+    if not rows:
+        return f"{name}: no plan recorded in topology.yaml"
+    k = len(rows)
+    header = f"{'shard':<8} {'ops':>5} {'params':>11} {'compute':>8} {'est ms':>8} {'bytes out':>11}  tensors sent (first op .. last op)"
+    lines = [f"plan for {name}: {k} shard(s)" + (f", {operations} operations" if operations else ""), header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['shard']:<8} {r['operations']:>5} {r['params']:>11,} {r['share'] * 100:>7.1f}% {r['estimated_ms']:>8.2f} "
+            f"{r['bytes_out']:>11,}  {', '.join(r['sends'])}  ({r['first']} .. {r['last']})"
+        )
+    slowest = max(r["share"] for r in rows)
+    lines.append(f"slowest shard: {slowest * 100:.1f}% of the compute (ideal 1/{k} = {100 / k:.1f}%)")
+    return "\n".join(lines)
+
+
+def _edges(t: Topology) -> list[tuple[str, str, list[str]]]:
+    edges = [(INGRESS, shard, list(names)) for shard, names in t.entry_routes().items()]
+    for shard in t.shards:
+        for consumer, names in t.routes(shard.name).items():
+            edges.append((shard.name, consumer if consumer != INGRESS else "results", list(names)))
+    return edges
+
+
+def _label(names: list[str], t: Topology) -> str:
+    parts = []
+    for n in names:
+        spec = t.tensors.get(n)
+        shape = "x".join("?" if d == -1 else str(d) for d in spec.shape[1:]) if spec else ""
+        parts.append(f"{n} [{shape}]")
+    return "\\n".join(parts)
+
+
+def to_dot(t: Topology) -> str:
+    lines = [f'digraph "{t.name}" {{', "  rankdir=LR;", '  node [shape=box, style=rounded, fontname="Helvetica"];']
+    lines.append(f'  ingress [label="ingress\\n{t.ingress.grpc}", shape=oval];')
+    lines.append('  results [label="ingress\\nresults", shape=oval];')
+    for s in t.shards:
+        lines.append(f'  "{s.name}" [label="{s.name}\\n{s.file}\\n{s.endpoint}"];')
+    for a, b, names in _edges(t):
+        lines.append(f'  "{a}" -> "{b}" [label="{_label(names, t)}", fontsize=9];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def to_mermaid(t: Topology) -> str:
+    def node_id(name: str) -> str:
+        return "".join(c if c.isalnum() else "_" for c in name)
+
+    lines = ["flowchart LR", f'  ingress(["ingress {t.ingress.grpc}"])', '  results(["ingress results"])']
+    for s in t.shards:
+        lines.append(f'  {node_id(s.name)}["{s.name}<br/>{s.endpoint}"]')
+    for a, b, names in _edges(t):
+        label = "<br/>".join(_label([n], t).replace('"', "'") for n in names)
+        lines.append(f'  {node_id(a)} -->|"{label}"| {node_id(b)}')
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Loading a model to split: a ``.keras`` file, or a ``keras.applications`` model by name."""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UsageError
+
+SEED = 0
+
+
+def quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def applications() -> dict[str, str]:
+    """Normalised name (lower case, no ``_``) to the ``keras.applications`` constructor's name."""
+    import keras
+
+    names = {}
+    for attr in dir(keras.applications):
+        obj = getattr(keras.applications, attr)
+        if attr[:1].isupper() and callable(obj):
+            names[_norm(attr)] = attr
+    return names
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def load_source(source: str, *, input_shape: tuple[int, ...] | None = None, unsafe: bool = False) -> tuple[Any, str]:
+    """Load SOURCE and return ``(model, default_name)``."""
+    quiet_tensorflow()
+    path = Path(source)
+    if path.suffix == ".keras" or path.exists():
+        return load_keras_file(path, unsafe=unsafe), _snake(path.stem)
+    import keras
+
+    apps = applications()
+    ctor_name = apps.get(_norm(source))
+    if ctor_name is None:
+        import difflib
+
+        close = difflib.get_close_matches(_norm(source), list(apps), n=5, cutoff=0.5)
+        raise UsageError(
+            f"SOURCE {source!r} is neither an existing .keras file nor a keras.applications model name. "
+            f"Expected a path to a .keras file or a name like 'mobilenet_v3_large'"
+            + (f"; closest application names: {[apps[c] for c in close]}" if close else "")
+        )
+    ctor = getattr(keras.applications, ctor_name)
+    keras.backend.clear_session()  # fresh name counters: stable layer and input names
+    keras.utils.set_random_seed(SEED)
+    kwargs: dict[str, Any] = {"weights": None}
+    if input_shape is not None:
+        kwargs["input_shape"] = tuple(input_shape)
+    try:
+        model = ctor(**kwargs)
+    except Exception as exc:
+        raise UsageError(f"building keras.applications.{ctor_name}(**{kwargs}) failed: {exc}") from exc
+    if input_shape is None and any(d is None for d in model.inputs[0].shape[1:]) and len(model.inputs[0].shape) == 4:
+        # Applications without a default size (MobileNetV3) are built at their usual 224×224.
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(SEED)
+        model = ctor(weights=None, input_shape=(224, 224, 3))
+    return model, _snake(source)
+
+
+def load_keras_file(path: Path, *, unsafe: bool = False) -> Any:
+    import keras
+
+    if not path.is_file():
+        raise UsageError(f"model file {str(path)!r} does not exist; expected a .keras file")
+    if not zipfile.is_zipfile(path):
+        raise UsageError(
+            f"{str(path)!r} is not a Keras model file: expected a .keras archive (a zip written by model.save), "
+            f"received a {path.stat().st_size}-byte file that is not a zip archive"
+        )
+    try:
+        return keras.saving.load_model(path, safe_mode=not unsafe, compile=False)
+    except Exception as exc:
+        text = str(exc)
+        if "safe_mode" in text or "Lambda" in text:
+            raise UsageError(
+                f"{str(path)!r} needs unsafe deserialization (it holds a Lambda layer or other Python code, which "
+                "Keras safe mode refuses because loading it can run arbitrary code). Expected a model made of "
+                "serializable layers; if you trust this file, pass --unsafe (at partition and at serve time)."
+            ) from exc
+        raise UsageError(f"{str(path)!r} could not be loaded as a Keras model: {type(exc).__name__}: {text}") from exc
+
+
+def _snake(name: str) -> str:
+    s = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_").lower() or "model"
