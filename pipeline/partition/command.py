@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         graph = build_graph(model)
         for op in graph.ops:
             outs = ", ".join(f"{graph.tensors[t].name} {list(graph.tensors[t].shape)}" for t in op.outputs)
-            print(f"{op.id:5d}  {op.name:40s} {op.class_name.rsplit('.', 1)[-1]:24s} -> {outs}")
+            kind = op.class_name.rsplit(".", 1)[-1] + ("" if op.kind == "layer" else " (op)")
+            print(f"{op.id:5d}  {op.name:40s} {kind:26s} -> {outs}")
         return 0
     result = partition(
         model,
