@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,12 +110,11 @@ class PendingTable:
         if entry is not None and not entry.future.done():
             entry.future.cancel()
 
-    def fail_all(self, make_error: type[PipelineError] | None = None, message: str = "") -> int:
-        """End every pending request with an error built from ``make_error(message)``; return how many."""
+    def fail_all(self, make_error: Callable[[], PipelineError]) -> int:
+        """End every pending request with its own error from ``make_error()``; return how many."""
         ids = list(self._entries)
         for rid in ids:
-            assert make_error is not None
-            self.finish(rid, make_error(message))
+            self.finish(rid, make_error())
         return len(ids)
 
     def expired(self, now_ns: int | None = None) -> list[int]:
@@ -130,6 +129,7 @@ class ShardState:
     last_seen: float = 0.0  # monotonic seconds of the last heartbeat (0: never)
     ready: bool = False
     pid: int = 0
+    connected: bool = True  # the ingress's PUSH to it has a live peer (entry shards only)
 
 
 class Liveness:
@@ -156,10 +156,16 @@ class Liveness:
         state.pid = pid
         return restarted
 
+    def set_connected(self, shard: str, connected: bool) -> None:
+        self._state[shard].connected = connected
+
+    def pid_of(self, shard: str) -> int:
+        return self._state[shard].pid
+
     def is_up(self, shard: str, now: float | None = None) -> bool:
         state = self._state[shard]
         now = time.monotonic() if now is None else now
-        return state.ready and state.last_seen > 0 and now - state.last_seen < self.down_after_s
+        return state.ready and state.connected and state.last_seen > 0 and now - state.last_seen < self.down_after_s
 
     def not_up(self, now: float | None = None) -> dict[str, str]:
         """Shards that are not up, each with the reason."""
@@ -172,6 +178,8 @@ class Liveness:
                 reasons[name] = f"last heartbeat {now - state.last_seen:.1f} s ago"
             elif not state.ready:
                 reasons[name] = "not ready (loading or warming up)"
+            elif not state.connected:
+                reasons[name] = "the ingress is not connected to its endpoint yet"
         return reasons
 
     def all_up(self, now: float | None = None) -> bool:

@@ -1,0 +1,48 @@
+"""``pipeline procfile``: the Procfile lines that start a topology under honcho (or foreman).
+
+One line for the ingress and one per shard; with ``--host H``, only the
+processes that the topology places on host H, so the same topology file
+starts the right processes on each machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from pipeline import topology as topo
+from pipeline.errors import UsageError
+from pipeline.topology import INGRESS, Topology
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", type=Path, metavar="DIR", help="a topology directory")
+    p.add_argument("--host", default=None, help="only the processes placed on this host")
+    p.add_argument("--out", type=Path, default=None, help="write to this file instead of printing")
+    p.add_argument("--invoke", default="pipeline", help="how to invoke the pipeline command (default: pipeline)")
+
+
+def lines(topology: Topology, directory: str, host: str | None = None, command: str = "pipeline") -> list[str]:
+    names = topology.processes_on(host)
+    if not names:
+        hosts = sorted({topology.ingress.host, *(s.host for s in topology.shards)})
+        raise UsageError(f"no process of topology {topology.name!r} is placed on host {host!r}; its hosts are {hosts}")
+    d = shlex.quote(directory)
+    out = []
+    for name in names:
+        if name == INGRESS:
+            out.append(f"{INGRESS}: {command} ingress {d}")
+        else:
+            out.append(f"{name}: {command} worker {d} --shard {shlex.quote(name)}")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    topology = topo.load(args.directory, check_files=False)
+    text = "\n".join(lines(topology, str(args.directory), args.host, args.invoke)) + "\n"
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text, end="")
+    return 0

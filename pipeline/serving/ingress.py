@@ -1,0 +1,709 @@
+"""``pipeline ingress DIR``: the KServe v2 gRPC server in front of the shard workers.
+
+One ``grpc.aio`` server and one asyncio loop (no thread pool to starve)
+serve ``inference.GRPCInferenceService`` (KServe v2 plus Triton's
+``ModelConfig`` and ``ModelStatistics``), ``grpc.health.v1`` and server
+reflection. A ``ModelInfer`` call is validated against the topology
+(:mod:`pipeline.serving.kserve`) before anything is queued, then sent as one
+``REQUEST`` per entry shard over non-blocking ``PUSH`` sockets; a background
+task reads the results ``PULL`` socket (``RESULT``, ``ERROR``, ``HEARTBEAT``)
+and resolves the pending table (:mod:`pipeline.serving.pending`), joining the
+outputs of several shards.
+
+Status codes: unknown model ``NOT_FOUND``; bad inputs ``INVALID_ARGUMENT``; a
+shard not up ``UNAVAILABLE`` at once (and for requests in flight when a shard
+goes down or restarts); more than ``max_inflight`` requests
+``RESOURCE_EXHAUSTED``; no answer by the deadline ``DEADLINE_EXCEEDED``; a
+shard's ``ERROR`` message its own ``error.code`` with its message.
+
+Timings: when a request carries the parameter ``timing`` (``bool_param``
+true), the response ``parameters`` hold
+
+- ``timing``: a ``string_param`` with JSON
+  ``{"spans": [{"name", "start_ns", "end_ns", "duration_ns"}, ...], "total_ns": N}``,
+  the spans of every result part (shards, hops, queues) followed by the
+  ingress's own ``ingress.decode``, ``ingress.send``, ``ingress.wait`` and
+  ``ingress.encode``;
+- ``timing.<span name>_ns``: an ``int64_param`` per span name, the summed
+  duration in nanoseconds (e.g. ``timing.shard1.compute_ns``).
+
+Config is read once into :class:`IngressConfig`: command line over
+``PIPELINE_INGRESS_*`` environment over the topology over defaults.
+
+Shutdown (SIGTERM/SIGINT): health NOT_SERVING, stop accepting calls, let the
+calls in flight finish within ``drain_s`` (3 s), end what is left with
+UNAVAILABLE, close the sockets with linger 0, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import zmq
+import zmq.asyncio
+from zmq.utils import monitor as zmq_monitor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from structlog.contextvars import bound_contextvars
+
+from pipeline import topology as topo
+from pipeline.errors import (
+    ComputeError,
+    DeadlineExceeded,
+    PipelineError,
+    ResourceExhausted,
+    Unavailable,
+    UsageError,
+)
+from pipeline.log import configure, get_logger
+from pipeline.pb import envelope_pb2 as pb
+from pipeline.pb import grpc_service_pb2 as kpb
+from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc
+from pipeline.serving import kserve
+from pipeline.serving.pending import Liveness, PendingTable
+from pipeline.wire import codec, sockets
+
+log = get_logger("pipeline.ingress")
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+SERVER_NAME = "keras-pipeline"
+PLATFORM = "keras_pipeline"
+EXTENSIONS = ("model_configuration", "statistics", "parameters")
+MIB = 1 << 20
+
+_STATUS_BY_CODE: dict[int, grpc.StatusCode] = {s.value[0]: s for s in grpc.StatusCode}
+
+
+# -------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class IngressConfig:
+    """Every knob of the ingress, resolved once at start.
+
+    Environment names: ``PIPELINE_INGRESS_ADDRESS``, ``_BIND``, ``_TIMEOUT``,
+    ``_MAX_INFLIGHT``, ``_MAX_MESSAGE_BYTES``, ``_MAX_BATCH_SIZE``, ``_DRAIN`` (each
+    under the ``PIPELINE_INGRESS`` prefix), and ``PIPELINE_HEARTBEAT_INTERVAL_S``,
+    shared with the workers so both sides agree on the interval.
+    """
+
+    address: str = topo.DEFAULT_GRPC_ADDRESS  # gRPC host:port (port 0: any free port)
+    results_bind: str = ""  # ZeroMQ endpoint the results PULL binds ("" -> the topology's)
+    timeout_s: float = 30.0  # deadline of a request whose client sets none
+    max_inflight: int = 1024  # requests in flight before RESOURCE_EXHAUSTED
+    max_message_bytes: int = 64 * MIB  # gRPC send and receive limit
+    max_batch_size: int = 1024  # largest first axis accepted (and advertised in ModelConfig)
+    heartbeat_interval_s: float = 0.5  # the workers' heartbeat period (topology)
+    down_after_beats: float = 3.0  # a shard is down after this many silent intervals
+    drain_s: float = 3.0  # time the calls in flight get to finish at shutdown
+    send_hwm: int = sockets.DEFAULT_BOUNDS.send_hwm  # messages queued per entry shard
+    send_wait_s: float = 0.1  # a full or reconnecting PUSH gets this long before the request fails
+    recv_hwm: int = 4096  # messages queued on the results socket
+
+    @property
+    def down_after_s(self) -> float:
+        return self.down_after_beats * self.heartbeat_interval_s
+
+    @classmethod
+    def resolve(
+        cls, topology: topo.Topology, args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
+    ) -> IngressConfig:
+        """Command line (``args``, ``None`` values unset) over ``PIPELINE_INGRESS_*`` over topology over defaults."""
+        env = os.environ if env is None else env
+        given = vars(args) if args is not None else {}
+
+        def pick(name: str, cast: Any, topology_value: Any, default: Any, env_name: str = "") -> Any:
+            value = given.get(name)
+            if value is not None:
+                return cast(value)
+            env_name = env_name or f"PIPELINE_INGRESS_{name.upper()}"
+            if env.get(env_name):
+                try:
+                    return cast(env[env_name])
+                except ValueError:
+                    raise UsageError(f"{env_name}={env[env_name]!r} is not a valid {cast.__name__}") from None
+            return topology_value if topology_value not in (None, "") else default
+
+        d = cls()
+        config = cls(
+            address=pick("address", str, topology.ingress.grpc, d.address),
+            results_bind=pick("bind", str, topology.ingress.bind, topology.ingress.results),
+            timeout_s=pick("timeout", float, None, d.timeout_s),
+            max_inflight=pick("max_inflight", int, None, d.max_inflight),
+            max_message_bytes=pick("max_message_bytes", int, None, d.max_message_bytes),
+            max_batch_size=pick("max_batch_size", int, None, d.max_batch_size),
+            heartbeat_interval_s=pick(
+                "heartbeat_interval_s",
+                float,
+                topology.heartbeat_interval_s,
+                d.heartbeat_interval_s,
+                env_name="PIPELINE_HEARTBEAT_INTERVAL_S",  # shared with the workers, so both sides agree
+            ),
+            drain_s=pick("drain", float, None, d.drain_s),
+        )
+        for name in ("timeout_s", "max_inflight", "max_message_bytes", "max_batch_size", "heartbeat_interval_s"):
+            if getattr(config, name) <= 0:
+                raise UsageError(f"ingress {name} must be > 0, received {getattr(config, name)}")
+        return config
+
+
+# --------------------------------------------------------------------- stats
+@dataclass
+class _Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += max(0, ns)
+
+    def pb(self) -> kpb.StatisticDuration:
+        return kpb.StatisticDuration(count=self.count, ns=self.ns)
+
+
+@dataclass
+class Stats:
+    """Cumulative counts and times, reported through ``ModelStatistics``."""
+
+    success: _Duration = field(default_factory=_Duration)
+    fail: _Duration = field(default_factory=_Duration)
+    queue: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batch: dict[int, _Duration] = field(default_factory=dict)
+    codes: Counter[str] = field(default_factory=Counter)
+
+    def record_success(self, duration_ns: int, batch_size: int, spans: list[pb.Span]) -> None:
+        self.success.add(duration_ns)
+        self.inference_count += batch_size
+        self.execution_count += 1
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        queue = sum(s.end_ns - s.start_ns for s in spans if s.name.endswith(".queue"))
+        compute = sum(s.end_ns - s.start_ns for s in spans if s.name.endswith(".compute"))
+        if any(s.name.endswith(".queue") for s in spans):
+            self.queue.add(queue)
+        if any(s.name.endswith(".compute") for s in spans):
+            self.compute_infer.add(compute)
+            self.batch.setdefault(batch_size, _Duration()).add(compute)
+        self.codes["OK"] += 1
+
+    def record_failure(self, duration_ns: int, code: grpc.StatusCode) -> None:
+        self.fail.add(duration_ns)
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.codes[code.name] += 1
+
+    def pb(self, name: str) -> kpb.ModelStatistics:
+        stats = kpb.ModelStatistics(
+            name=name,
+            version=kserve.MODEL_VERSION,
+            last_inference=self.last_inference_ms,
+            inference_count=self.inference_count,
+            execution_count=self.execution_count,
+        )
+        s = stats.inference_stats
+        s.success.CopyFrom(self.success.pb())
+        s.fail.CopyFrom(self.fail.pb())
+        s.queue.CopyFrom(self.queue.pb())
+        s.compute_infer.CopyFrom(self.compute_infer.pb())
+        for size in sorted(self.batch):
+            stats.batch_stats.add(batch_size=size, compute_infer=self.batch[size].pb())
+        return stats
+
+
+# ------------------------------------------------------------------- ingress
+class Ingress:
+    """The ingress's state: sockets, pending table, liveness, stats, and the gRPC server."""
+
+    def __init__(self, topology: topo.Topology, config: IngressConfig) -> None:
+        self.topology = topology
+        self.config = config
+        self.routes = topology.entry_routes()
+        self.output_specs = {s.name: s for s in topology.outputs}
+        self.table = PendingTable(config.max_inflight)
+        self.liveness = Liveness([s.name for s in topology.shards], config.down_after_s)
+        self.stats = Stats()
+        self.drops = codec.DropCounter()
+        self.port = 0
+        self.results_endpoint = ""
+        self.closing = False
+        self._ids = itertools.count(random.getrandbits(48) + 1)
+        self._ctx: zmq.asyncio.Context | None = None
+        self._pull: Any = None
+        self._push: dict[str, Any] = {}
+        self._monitors: dict[str, Any] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._serving: bool | None = None
+        self._stopped = asyncio.Event()
+
+    # ------------------------------------------------------------- lifecycle
+    async def start(self) -> int:
+        """Bind the sockets and the gRPC port, start the background tasks; return the bound port."""
+        cfg = self.config
+        self._ctx = zmq.asyncio.Context(zmq.Context.instance())
+        bounds = sockets.SocketBounds(send_hwm=cfg.send_hwm, recv_hwm=cfg.recv_hwm)
+        try:
+            self._pull = sockets.pull(self._ctx, cfg.results_bind, bounds)
+        except zmq.ZMQError as exc:
+            raise UsageError(f"cannot bind the results endpoint {cfg.results_bind!r}: {exc}") from None
+        self.results_endpoint = self._pull.getsockopt(zmq.LAST_ENDPOINT).decode()
+        for shard in self.routes:
+            endpoint = self.topology.shard(shard).endpoint
+            push = self._push[shard] = sockets.push(self._ctx, endpoint, bounds)
+            self.liveness.set_connected(shard, False)
+            self._monitors[shard] = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+            # the factory connects at once; connect again now that the monitor is attached, so the
+            # handshake with a shard that is already up cannot happen before anyone listens for it
+            push.disconnect(endpoint)
+            push.connect(endpoint)
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        try:
+            port = server.add_insecure_port(cfg.address)
+        except RuntimeError as exc:
+            port = 0
+            reason = str(exc)
+        else:
+            reason = "the port is taken or the address is not valid"
+        if not port:
+            self._close_sockets()
+            raise UsageError(f"cannot bind the gRPC address {cfg.address!r}: {reason}")
+        self._server = server
+        self.port = port
+        await self._set_serving(False)
+        await server.start()
+        self._tasks = [
+            asyncio.create_task(self._read_results(), name="ingress-results"),
+            asyncio.create_task(self._watch_liveness(), name="ingress-liveness"),
+            *(asyncio.create_task(self._watch_connection(s), name=f"ingress-monitor-{s}") for s in self._monitors),
+        ]
+        log.info(
+            "ingress_started",
+            model=self.topology.name,
+            address=cfg.address,
+            port=port,
+            results=self.results_endpoint,
+            shards=[s.name for s in self.topology.shards],
+        )
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Shut down in order: NOT_SERVING, stop accepting, drain within ``grace``, end the rest, close."""
+        if self.closing:
+            await self._stopped.wait()
+            return
+        self.closing = True
+        grace = self.config.drain_s if grace is None else grace
+        await self._health.enter_graceful_shutdown()
+        log.info("ingress_stopping", in_flight=len(self.table), grace_s=grace)
+        if self._server is not None:
+            await self._server.stop(grace)
+        left = self.table.fail_all(lambda: Unavailable("the ingress shut down before the request completed"))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._close_sockets()
+        log.info("ingress_stopped", ended_unfinished=left, stats=dict(self.stats.codes), dropped=self.drops.snapshot())
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def _close_sockets(self) -> None:
+        for shard, monitor in self._monitors.items():
+            self._push[shard].disable_monitor()
+            monitor.close(linger=0)
+        for sock in [self._pull, *self._push.values()]:
+            if sock is not None:
+                sock.close(linger=0)
+        self._pull = None
+        self._push = {}
+        self._monitors = {}
+
+    # ------------------------------------------------------------- readiness
+    def ready(self) -> bool:
+        return not self.closing and self.liveness.all_up()
+
+    async def _set_serving(self, serving: bool) -> None:
+        if serving == self._serving or self.closing:
+            return
+        self._serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+        log.info("health_changed", serving=serving, not_up=self.liveness.not_up())
+
+    # ----------------------------------------------------------------- infer
+    async def infer(self, request: kpb.ModelInferRequest, time_remaining: float | None) -> kpb.ModelInferResponse:
+        """Run one request through the pipeline; raise a :class:`PipelineError` for every failure."""
+        t0 = time.time_ns()
+        rid = next(self._ids)
+        with bound_contextvars(request_id=rid):
+            try:
+                decoded = kserve.decode_request(self.topology, request, self.config.max_batch_size)
+                return await self._run(rid, request, decoded, t0, time_remaining)
+            except PipelineError as exc:
+                if request.model_name == self.topology.name:
+                    self.stats.record_failure(time.time_ns() - t0, exc.status)
+                log.info("request_failed", code=exc.status.name, detail=exc.message)
+                raise
+            except asyncio.CancelledError:
+                log.debug("request_cancelled")
+                raise
+
+    async def _run(
+        self,
+        rid: int,
+        request: kpb.ModelInferRequest,
+        decoded: kserve.DecodedRequest,
+        t0: int,
+        time_remaining: float | None,
+    ) -> kpb.ModelInferResponse:
+        if self.closing:
+            raise Unavailable("the ingress is shutting down")
+        not_up = self.liveness.not_up()
+        if not_up:
+            detail = ", ".join(f"{name!r} ({why})" for name, why in not_up.items())
+            raise Unavailable(f"expected every shard up; not up: {detail}")
+        if self.table.full:
+            raise ResourceExhausted(
+                f"expected at most {self.table.capacity} requests in flight (max_inflight), received one more"
+            )
+        timeout_s = self.config.timeout_s if time_remaining is None else max(0.0, time_remaining)
+        deadline_ns = t0 + int(timeout_s * 1e9)
+        future = self.table.add(rid, self.topology.output_names, decoded.batch_size, deadline_ns)
+        try:
+            t_decoded = time.time_ns()
+            await self._send(rid, decoded, deadline_ns)
+            t_sent = time.time_ns()
+            remaining = (deadline_ns - t_sent) / 1e9
+            try:
+                outcome = await asyncio.wait_for(future, timeout=max(0.0, remaining))
+            except TimeoutError:
+                entry = self.table.get(rid)
+                waiting = sorted(entry.expected) if entry else []
+                raise DeadlineExceeded(
+                    f"expected the outputs within the {timeout_s:.3f} s deadline; still waiting for {waiting}"
+                ) from None
+        finally:
+            self.table.discard(rid)
+        t_result = time.time_ns()
+        response = kpb.ModelInferResponse(model_name=self.topology.name, model_version=kserve.MODEL_VERSION, id=request.id)
+        kserve.encode_outputs(self.topology, outcome.outputs, decoded.requested_outputs, response)
+        t_encoded = time.time_ns()
+        if decoded.timing:
+            spans = [(s.name, s.start_ns, s.end_ns) for s in outcome.spans] + [
+                ("ingress.decode", t0, t_decoded),
+                ("ingress.send", t_decoded, t_sent),
+                ("ingress.wait", t_sent, t_result),
+                ("ingress.encode", t_result, t_encoded),
+            ]
+            _put_timing(response, spans, t_encoded - t0)
+        self.stats.record_success(t_encoded - t0, decoded.batch_size, outcome.spans)
+        log.debug("request_done", batch=decoded.batch_size, ms=round((t_encoded - t0) / 1e6, 3))
+        return response
+
+    async def _send(self, rid: int, decoded: kserve.DecodedRequest, deadline_ns: int) -> None:
+        for shard, names in self.routes.items():
+            envelope = pb.Envelope(
+                kind=pb.REQUEST,
+                request_id=rid,
+                model=self.topology.name,
+                deadline_ns=deadline_ns,
+                sender=topo.INGRESS,
+                sent_ns=time.time_ns(),
+            )
+            frames = codec.encode(envelope, {n: decoded.inputs[n] for n in names})
+            sock = self._push[shard]
+            try:
+                try:
+                    await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    # a queue that is full, or a peer that is reconnecting, gets one bounded wait
+                    if not await sock.poll(int(self.config.send_wait_s * 1000), zmq.POLLOUT):
+                        raise
+                    await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                if self.liveness.is_up(shard):
+                    raise ResourceExhausted(
+                        f"shard {shard!r} is saturated: its queue of {self.config.send_hwm} messages is full"
+                    ) from None
+                raise Unavailable(f"shard {shard!r} is not connected") from None
+
+    # ------------------------------------------------------- background tasks
+    async def _read_results(self) -> None:
+        while True:
+            message = await codec.arecv(self._pull, self.drops)
+            if message is None:
+                continue
+            try:
+                self._handle(message)
+            except Exception:  # a bad message must never stop the reader
+                log.exception("result_handling_failed", request_id=message.envelope.request_id)
+
+    def _handle(self, message: codec.Message) -> None:
+        env = message.envelope
+        if env.kind == pb.HEARTBEAT:
+            self._on_heartbeat(env)
+        elif env.kind == pb.RESULT:
+            self._on_result(env, message.tensors)
+        elif env.kind == pb.ERROR:
+            self._on_error(env)
+        else:
+            self.drops.inc("unexpected_kind")
+            log.debug("message_ignored", reason="unexpected_kind", kind=pb.Kind.Name(env.kind), sender=env.sender)
+
+    def _on_heartbeat(self, env: pb.Envelope) -> None:
+        shard = env.heartbeat.process or env.sender
+        if not self.liveness.knows(shard):
+            self.drops.inc("unknown_process")
+            log.debug("heartbeat_ignored", reason="unknown_process", process=shard)
+            return
+        old_pid = self.liveness.pid_of(shard)
+        if self.liveness.beat(shard, env.heartbeat.ready, env.heartbeat.pid):
+            ended = self.table.fail_all(
+                lambda: Unavailable(
+                    f"shard {shard!r} restarted (pid {old_pid} -> {env.heartbeat.pid}); requests in flight were lost"
+                )
+            )
+            log.warning("shard_restarted", shard=shard, old_pid=old_pid, pid=env.heartbeat.pid, ended=ended)
+        self._check_liveness()
+
+    def _on_result(self, env: pb.Envelope, tensors: dict[str, Any]) -> None:
+        rid = env.request_id
+        entry = self.table.get(rid)
+        if entry is None or env.model != self.topology.name:
+            self.table.ignored["unknown_request"] += 1
+            log.debug("result_ignored", reason="late_or_unknown", request_id=rid, sender=env.sender)
+            return
+        for name, value in tensors.items():
+            spec = self.output_specs.get(name)
+            problem = (
+                f"{env.sender or 'a shard'} sent {name!r}, which is not a model output {list(self.output_specs)}"
+                if spec is None
+                else kserve.check_output(spec, value, entry.batch_size, env.sender or "a shard")
+            )
+            if problem:
+                log.warning("bad_result", request_id=rid, detail=problem)
+                self.table.finish(rid, ComputeError(problem))
+                return
+        reason = self.table.part(rid, tensors, env.spans)
+        if reason:
+            log.debug("result_ignored", reason=reason, request_id=rid, sender=env.sender)
+
+    def _on_error(self, env: pb.Envelope) -> None:
+        status = _STATUS_BY_CODE.get(env.error.code, grpc.StatusCode.INTERNAL)
+        if status == grpc.StatusCode.OK:
+            status = grpc.StatusCode.INTERNAL
+        origin = env.error.origin or env.sender or "a shard"
+        error = PipelineError(f"{origin}: {env.error.message}")
+        error.status = status
+        if not self.table.finish(env.request_id, error):
+            self.table.ignored["unknown_request"] += 1
+            log.debug("error_ignored", reason="late_or_unknown", request_id=env.request_id, origin=origin)
+        else:
+            log.info("shard_error", request_id=env.request_id, origin=origin, code=status.name, detail=env.error.message)
+
+    def _check_liveness(self) -> None:
+        down = self.liveness.went_down()
+        if down:
+            reasons = self.liveness.not_up()
+            detail = ", ".join(f"{name!r} ({reasons.get(name, 'down')})" for name in down)
+            ended = self.table.fail_all(lambda: Unavailable(f"shard went down: {detail}; requests in flight were lost"))
+            log.warning("shard_down", shards=down, reasons=reasons, ended=ended)
+        serving = self.liveness.all_up()
+        if serving != self._serving and not self.closing:
+            asyncio.get_running_loop().create_task(self._set_serving(serving))
+
+    async def _watch_connection(self, shard: str) -> None:
+        """Follow the PUSH socket's monitor: a shard is not up while the ingress cannot reach it."""
+        monitor = self._monitors[shard]
+        while True:
+            event = zmq_monitor.parse_monitor_message(await monitor.recv_multipart())
+            connected = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            self.liveness.set_connected(shard, connected)
+            log.debug("shard_connection", shard=shard, connected=connected, endpoint=event.get("endpoint"))
+            self._check_liveness()
+
+    async def _watch_liveness(self) -> None:
+        period = min(0.1, self.config.heartbeat_interval_s / 2)
+        while True:
+            self._check_liveness()
+            await asyncio.sleep(period)
+
+
+def _put_timing(response: kpb.ModelInferResponse, spans: list[tuple[str, int, int]], total_ns: int) -> None:
+    body = {
+        "spans": [{"name": n, "start_ns": s, "end_ns": e, "duration_ns": e - s} for n, s, e in spans],
+        "total_ns": total_ns,
+    }
+    response.parameters["timing"].string_param = json.dumps(body, separators=(",", ":"))
+    sums: Counter[str] = Counter()
+    for name, start, end in spans:
+        sums[name] += end - start
+    for name, ns in sums.items():
+        response.parameters[f"timing.{name}_ns"].int64_param = ns
+
+
+# ------------------------------------------------------------------ servicer
+class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
+    """The gRPC face of :class:`Ingress`: every failure is a :class:`PipelineError` mapped by its status."""
+
+    def __init__(self, ingress: Ingress) -> None:
+        self.ingress = ingress
+        self.topology = ingress.topology
+
+    async def ServerLive(self, request: kpb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> kpb.ServerLiveResponse:
+        return kpb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: kpb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> kpb.ServerReadyResponse:
+        return kpb.ServerReadyResponse(ready=self.ingress.ready())
+
+    async def ModelReady(self, request: kpb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
+        return await _guard(context, lambda: kpb.ModelReadyResponse(ready=self._model(request) and self.ingress.ready()))
+
+    async def ServerMetadata(
+        self, request: kpb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ServerMetadataResponse:
+        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=_version(), extensions=list(EXTENSIONS))
+
+    async def ModelMetadata(
+        self, request: kpb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ModelMetadataResponse:
+        # An empty name means "the model served here", so `pipeline infer` works without --model.
+        return await _guard(context, lambda: self._model(request, allow_empty=True) and kserve.model_metadata(self.topology, PLATFORM))
+
+    async def ModelConfig(self, request: kpb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> kpb.ModelConfigResponse:
+        return await _guard(
+            context,
+            lambda: self._model(request)
+            and kpb.ModelConfigResponse(
+                config=kserve.model_config(self.topology, PLATFORM, self.ingress.config.max_batch_size)
+            ),
+        )
+
+    async def ModelStatistics(
+        self, request: kpb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ModelStatisticsResponse:
+        # An empty name asks for every model (Triton's rule), i.e. ours.
+        return await _guard(
+            context,
+            lambda: self._model(request, allow_empty=True)
+            and kpb.ModelStatisticsResponse(model_stats=[self.ingress.stats.pb(self.topology.name)]),
+        )
+
+    async def ModelInfer(self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
+        try:
+            return await self.ingress.infer(request, context.time_remaining())
+        except PipelineError as exc:
+            await context.abort(exc.status, exc.message)
+            raise  # unreachable: abort raises
+        except Exception as exc:
+            log.exception("request_crashed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"the ingress failed: {type(exc).__name__}: {exc}")
+            raise
+
+    def _model(self, request: Any, allow_empty: bool = False) -> bool:
+        if not (allow_empty and request.name == ""):
+            kserve.check_model(self.topology, request.name, request.version)
+        return True
+
+
+async def _guard(context: grpc.aio.ServicerContext, build: Any) -> Any:
+    try:
+        return build()
+    except PipelineError as exc:
+        await context.abort(exc.status, exc.message)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("keras-pipeline")
+    except Exception:
+        return "0"
+
+
+# ------------------------------------------------------------------- factory
+async def create_server(topology: topo.Topology, config: IngressConfig) -> tuple[Ingress, int]:
+    """Build, bind and start an ingress in the running loop; return it and the bound gRPC port."""
+    ingress = Ingress(topology, config)
+    port = await ingress.start()
+    return ingress, port
+
+
+# ----------------------------------------------------------------------- cli
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", metavar="DIR", help="topology directory (holds topology.yaml)")
+    parser.add_argument("--address", help="gRPC host:port (default: the topology's ingress.grpc, else 127.0.0.1:8001; port 0 picks one)")
+    parser.add_argument("--bind", help="ZeroMQ endpoint to bind for results (default: the topology's ingress.bind)")
+    parser.add_argument("--timeout", type=float, help="deadline in seconds for requests that set none (default 30)")
+    parser.add_argument("--max-inflight", type=int, help="requests in flight before RESOURCE_EXHAUSTED (default 1024)")
+    parser.add_argument("--max-message-bytes", type=int, help="gRPC message size limit, both ways (default 64 MiB)")
+    parser.add_argument("--max-batch-size", type=int, help="largest batch accepted and advertised (default 1024)")
+    parser.add_argument("--drain", type=float, help="seconds in-flight requests get at shutdown (default 3)")
+
+
+def run(args: argparse.Namespace) -> int:
+    configure(process=topo.INGRESS)
+    # The ingress reads no shard file, so it can run where the shard files are not.
+    topology = topo.load(args.directory, check_files=False)
+    config = IngressConfig.resolve(topology, args)
+    return asyncio.run(_serve(topology, config))
+
+
+async def _serve(topology: topo.Topology, config: IngressConfig) -> int:
+    ingress, _ = await create_server(topology, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await ingress.stop(config.drain_s)
+    return 0
+
+
+if __name__ == "__main__":  # `python -m pipeline.serving.ingress DIR`, without the other sub-commands
+    import sys
+
+    _parser = argparse.ArgumentParser(prog="pipeline ingress")
+    add_arguments(_parser)
+    try:
+        sys.exit(run(_parser.parse_args()))
+    except PipelineError as _exc:
+        print(f"pipeline ingress: error: {_exc.message}", file=sys.stderr)
+        sys.exit(_exc.exit_code)
