@@ -43,5 +43,5 @@ def configure(level: str | None = None, *, process: str | None = None, json: boo
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:
     if not _configured:
         configure()
-    logger = structlog.get_logger()
-    return logger.bind(logger=name) if name else logger
+    # Lazy proxies: a logger made at import follows a later configure() (e.g. --log-level).
+    return structlog.get_logger(logger=name) if name else structlog.get_logger()

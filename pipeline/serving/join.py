@@ -199,12 +199,6 @@ class JoinBuffer:
             self._pending[request_id] = entry
             if self._next_expiry_ns is None or expires < self._next_expiry_ns or len(self._pending) == 1:
                 self._next_expiry_ns = expires
-        elif deadline_ns and (not entry.deadline_ns or deadline_ns < entry.deadline_ns):
-            # parts of one request carry one deadline; if they differ, the earliest wins
-            entry.deadline_ns = deadline_ns
-            entry.expires_ns = min(entry.expires_ns, deadline_ns)
-            if self._next_expiry_ns is None or entry.expires_ns < self._next_expiry_ns:
-                self._next_expiry_ns = entry.expires_ns
 
         duplicates = tuple(n for n in expected if n in entry.tensors)
         fresh = [n for n in expected if n not in entry.tensors]
@@ -214,6 +208,12 @@ class JoinBuffer:
             )
         if not fresh:
             return self._count(Outcome(Status.DUPLICATE, request_id, ignored=ignored + duplicates))
+        if deadline_ns and (not entry.deadline_ns or deadline_ns < entry.deadline_ns):
+            # parts of one request carry one deadline; if they differ, the earliest wins
+            entry.deadline_ns = deadline_ns
+            entry.expires_ns = min(entry.expires_ns, deadline_ns)
+            if self._next_expiry_ns is None or entry.expires_ns < self._next_expiry_ns:
+                self._next_expiry_ns = entry.expires_ns
         for n in fresh:
             entry.tensors[n] = tensors[n]
         _merge(entry.spans, entry.span_keys, spans)

@@ -1,0 +1,811 @@
+"""``pipeline worker DIR --shard NAME``: one shard worker process.
+
+Two threads, joined by bounded queues (dramatiq style):
+
+- the **network loop** (main thread) owns every ZeroMQ socket. It pulls
+  parts, joins them (:mod:`pipeline.serving.join`), checks ready requests
+  against the topology's tensor specs, queues them for batching
+  (:mod:`pipeline.serving.batcher`), hands one batch at a time to the compute
+  thread, sends the outputs to their consumers, and sends errors and
+  heartbeats to the ingress. It never blocks on a peer: every send is
+  non-blocking, and ``zmq.Again`` (peer absent or full) becomes an
+  ``UNAVAILABLE`` error for that request.
+- the **compute thread** loads the shard (:mod:`pipeline.serving.runtime`),
+  warms it up, then runs batches. TensorFlow releases the GIL while it
+  computes, so heartbeats keep flowing during a long batch and during the
+  model load (with ``ready=false`` until the warm-up has finished).
+
+The compute thread wakes the network loop through a pipe that the loop polls
+beside its socket, so a finished batch is sent at once.
+
+Shutdown on SIGTERM or SIGINT (honcho kills after 5 s):
+
+1. stop intake: answer ``UNAVAILABLE`` for the messages already queued in the
+   PULL socket, then close it;
+2. answer ``UNAVAILABLE`` for the requests still waiting for parts;
+3. drain: finish the batch being computed and the ready requests, within
+   ``drain_timeout_s`` (2.5 s by default);
+4. answer ``UNAVAILABLE`` for anything left, send a last heartbeat with
+   ``ready=false``;
+5. close every socket with linger 0 and exit 0.
+
+A missing peer never makes the worker exit: ZeroMQ reconnects by itself.
+Only a configuration error (bad topology, shard file that does not load)
+does, with the error's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import zmq
+
+from pipeline import log as plog
+from pipeline import topology as topo
+from pipeline.errors import ComputeError, InvalidInput, PipelineError, UsageError
+from pipeline.pb import envelope_pb2 as pb
+from pipeline.serving import batcher as batching
+from pipeline.serving.join import DEFAULT_MAX_PENDING, DEFAULT_PART_TIMEOUT_S, JoinBuffer, Ready, Status
+from pipeline.serving.runtime import (
+    DEFAULT_INTER_OP_THREADS,
+    DEFAULT_INTRA_OP_THREADS,
+    DEFAULT_WARMUP_CALLS,
+    check_inputs,
+    quiet_tensorflow,
+)
+from pipeline.wire import codec, sockets
+
+EXIT_OK = 0
+#: time to finish held work after SIGTERM; honcho kills at 5 s, and the process needs some to exit.
+DEFAULT_DRAIN_TIMEOUT_S = 2.5
+#: messages read per loop turn before timers (heartbeat, expiry, dispatch) are looked at.
+MAX_RECV_PER_TURN = 256
+#: longest poll, so that flags set outside the loop are seen promptly.
+MAX_POLL_MS = 100
+#: how often queued (ready, not yet computed) requests are checked against their deadlines.
+SWEEP_INTERVAL_NS = 10_000_000
+#: compute times kept for the p50/p99 in heartbeats.
+STATS_WINDOW = 256
+#: wait for the compute thread to end after the drain.
+COMPUTE_JOIN_TIMEOUT_S = 0.3
+
+ENV_PREFIX = "PIPELINE_"
+
+log = plog.get_logger("pipeline.worker")
+
+
+# ----------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker reads at start: command line over ``PIPELINE_*`` over the topology over defaults."""
+
+    directory: Path
+    shard: str
+    bind: str
+    threads: int = DEFAULT_INTRA_OP_THREADS
+    inter_threads: int = DEFAULT_INTER_OP_THREADS
+    unsafe: bool = False
+    max_pending: int = DEFAULT_MAX_PENDING
+    part_timeout_s: float = DEFAULT_PART_TIMEOUT_S
+    max_batch: int = topo.Batching.max_batch
+    max_delay_ms: float = topo.Batching.max_delay_ms
+    max_queued: int = batching.DEFAULT_MAX_QUEUED
+    heartbeat_interval_s: float = 0.5
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    warmup_calls: int = DEFAULT_WARMUP_CALLS
+    log_level: str = "info"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", metavar="DIR", type=Path, help="topology directory (holding topology.yaml)")
+    parser.add_argument("--shard", metavar="NAME", help="the shard to serve (env PIPELINE_SHARD)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help=f"TensorFlow intra-op threads (env PIPELINE_THREADS; default {DEFAULT_INTRA_OP_THREADS}, "
+        "so several workers on a small machine do not oversubscribe it)",
+    )
+    parser.add_argument(
+        "--inter-threads",
+        type=int,
+        metavar="N",
+        help=f"TensorFlow inter-op threads (env PIPELINE_INTER_THREADS; default {DEFAULT_INTER_OP_THREADS})",
+    )
+    parser.add_argument(
+        "--unsafe",
+        action="store_const",
+        const=True,
+        help="allow shard files that need unsafe deserialization (Python code in the file; env PIPELINE_UNSAFE=1)",
+    )
+    parser.add_argument("--bind", metavar="ENDPOINT", help="where to bind the PULL socket (env PIPELINE_BIND; default: the topology's)")
+    parser.add_argument(
+        "--max-pending",
+        type=int,
+        metavar="N",
+        help=f"requests waiting for parts at once (env PIPELINE_MAX_PENDING; default {DEFAULT_MAX_PENDING})",
+    )
+    parser.add_argument(
+        "--part-timeout",
+        type=float,
+        metavar="S",
+        help=f"longest wait for the parts of a request without deadline (env PIPELINE_PART_TIMEOUT_S; default {DEFAULT_PART_TIMEOUT_S})",
+    )
+    parser.add_argument("--max-batch", type=int, metavar="ROWS", help="rows per compute call (env PIPELINE_MAX_BATCH; default: the topology's)")
+    parser.add_argument(
+        "--max-delay-ms", type=float, metavar="MS", help="longest wait to fill a batch (env PIPELINE_MAX_DELAY_MS; default: the topology's)"
+    )
+    parser.add_argument(
+        "--max-queued",
+        type=int,
+        metavar="N",
+        help=f"ready requests waiting for compute (env PIPELINE_MAX_QUEUED; default {batching.DEFAULT_MAX_QUEUED})",
+    )
+    parser.add_argument(
+        "--heartbeat-interval", type=float, metavar="S", help="env PIPELINE_HEARTBEAT_INTERVAL_S; default: the topology's"
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="S",
+        help=f"time to finish held work on SIGTERM (env PIPELINE_DRAIN_TIMEOUT_S; default {DEFAULT_DRAIN_TIMEOUT_S})",
+    )
+    parser.add_argument(
+        "--warmup-calls", type=int, metavar="N", help=f"env PIPELINE_WARMUP_CALLS; default {DEFAULT_WARMUP_CALLS}"
+    )
+    parser.add_argument("--log-level", metavar="LEVEL", help="env PIPELINE_LOG_LEVEL; default info")
+
+
+def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> tuple[WorkerConfig, topo.Topology]:
+    """Read the configuration once; raise :class:`UsageError` naming a bad value."""
+    env = os.environ if environ is None else environ
+    topology = topo.load(args.directory)
+    shard_name = _pick(getattr(args, "shard", None), env, "SHARD", None, str)
+    if not shard_name:
+        raise UsageError(f"no shard named: pass --shard NAME (one of {[s.name for s in topology.shards]})")
+    spec = topology.shard(shard_name)
+
+    def pick(attr: str, var: str, fallback: Any, parse: Callable[[str], Any]) -> Any:
+        return _pick(getattr(args, attr, None), env, var, fallback, parse)
+
+    config = WorkerConfig(
+        directory=Path(args.directory),
+        shard=shard_name,
+        bind=pick("bind", "BIND", spec.bind, str),
+        threads=pick("threads", "THREADS", DEFAULT_INTRA_OP_THREADS, int),
+        inter_threads=pick("inter_threads", "INTER_THREADS", DEFAULT_INTER_OP_THREADS, int),
+        unsafe=pick("unsafe", "UNSAFE", False, _parse_bool),
+        max_pending=pick("max_pending", "MAX_PENDING", DEFAULT_MAX_PENDING, int),
+        part_timeout_s=pick("part_timeout", "PART_TIMEOUT_S", DEFAULT_PART_TIMEOUT_S, float),
+        max_batch=pick("max_batch", "MAX_BATCH", spec.batching.max_batch, int),
+        max_delay_ms=pick("max_delay_ms", "MAX_DELAY_MS", spec.batching.max_delay_ms, float),
+        max_queued=pick("max_queued", "MAX_QUEUED", batching.DEFAULT_MAX_QUEUED, int),
+        heartbeat_interval_s=pick("heartbeat_interval", "HEARTBEAT_INTERVAL_S", topology.heartbeat_interval_s, float),
+        drain_timeout_s=pick("drain_timeout", "DRAIN_TIMEOUT_S", DEFAULT_DRAIN_TIMEOUT_S, float),
+        warmup_calls=pick("warmup_calls", "WARMUP_CALLS", DEFAULT_WARMUP_CALLS, int),
+        log_level=pick("log_level", "LOG_LEVEL", "info", str),
+    )
+    checks = {
+        "threads": config.threads >= 1,
+        "inter_threads": config.inter_threads >= 1,
+        "max_pending": config.max_pending >= 1,
+        "part_timeout_s": config.part_timeout_s > 0,
+        "max_batch": config.max_batch >= 1,
+        "max_delay_ms": config.max_delay_ms >= 0,
+        "max_queued": config.max_queued >= 1,
+        "heartbeat_interval_s": config.heartbeat_interval_s > 0,
+        "drain_timeout_s": config.drain_timeout_s >= 0,
+        "warmup_calls": config.warmup_calls >= 1,
+    }
+    bad = [f"{k}={getattr(config, k)!r}" for k, ok in checks.items() if not ok]
+    if bad:
+        raise UsageError(f"worker settings out of range: {', '.join(bad)}; expected positive values (delays may be 0)")
+    return config, topology
+
+
+def _pick(cli: Any, env: Mapping[str, str], var: str, fallback: Any, parse: Callable[[str], Any]) -> Any:
+    if cli is not None:
+        return cli
+    raw = env.get(ENV_PREFIX + var)
+    if raw is None or raw == "":
+        return fallback
+    try:
+        return parse(raw)
+    except ValueError:
+        raise UsageError(f"{ENV_PREFIX}{var}={raw!r} is not valid; expected a {getattr(parse, '__name__', 'value')}") from None
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+_parse_bool.__name__ = "boolean (1/0, true/false)"
+
+
+# ----------------------------------------------------------------- compute thread
+@dataclass
+class _Done:
+    """A computed batch: per request, its outputs or its error."""
+
+    requests: list[Ready]
+    outputs: list[dict[str, Any] | None]
+    errors: list[PipelineError | None]
+    start_ns: int
+    end_ns: int
+    rows: int
+    traces: int
+
+
+class _ComputeThread(threading.Thread):
+    """Loads and warms the shard, then computes one batch at a time."""
+
+    def __init__(self, config: WorkerConfig, topology: topo.Topology, wake: Callable[[], None]) -> None:
+        super().__init__(name=f"compute-{config.shard}", daemon=True)
+        self.config = config
+        self.topology = topology
+        self.wake = wake
+        self.jobs: queue.Queue[list[Ready] | None] = queue.Queue(maxsize=1)
+        self.done: queue.Queue[_Done] = queue.Queue()
+        self.ready = threading.Event()
+        self.failure: BaseException | None = None
+        self.runtime: Any = None
+        self.traces = 0  # the runtime's tracing count, as of the last call (read by the network loop)
+
+    def run(self) -> None:
+        import structlog
+
+        from pipeline.serving.runtime import ShardRuntime, configure_tensorflow
+
+        structlog.contextvars.bind_contextvars(process=self.config.shard)  # threads do not inherit context
+        started = time.monotonic()
+        try:
+            configure_tensorflow(self.config.threads, self.config.inter_threads)
+            self.runtime = ShardRuntime.load(self.topology, self.config.shard, unsafe=self.config.unsafe)
+            loaded = time.monotonic()
+            self.runtime.warm_up(self.config.warmup_calls)
+        except BaseException as exc:  # reported by the network loop, which exits with the error's code
+            self.failure = exc
+            self.wake()
+            return
+        self.traces = self.runtime.tracing_count
+        log.info(
+            "worker_ready",
+            shard=self.config.shard,
+            load_s=round(loaded - started, 3),
+            warmup_s=round(time.monotonic() - loaded, 3),
+            traces=self.traces,
+        )
+        self.ready.set()
+        self.wake()
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            self.done.put(self._compute(job))
+            self.wake()
+
+    def _compute(self, requests: list[Ready]) -> _Done:
+        sizes = [batching.rows(r.tensors) for r in requests]
+        start = time.time_ns()
+        outputs: list[dict[str, Any] | None]
+        errors: list[PipelineError | None]
+        try:
+            outputs = list(batching.split(self.runtime(batching.concat([r.tensors for r in requests])), sizes))
+            errors = [None] * len(requests)
+        except Exception as exc:
+            if len(requests) == 1:
+                outputs, errors = [None], [_as_compute_error(exc)]
+            else:  # one bad request must not fail the others: run each alone
+                outputs, errors = [], []
+                for r in requests:
+                    try:
+                        outputs.append(self.runtime(r.tensors))
+                        errors.append(None)
+                    except Exception as one:
+                        outputs.append(None)
+                        errors.append(_as_compute_error(one))
+        self.traces = self.runtime.tracing_count
+        return _Done(
+            requests=requests,
+            outputs=outputs,
+            errors=errors,
+            start_ns=start,
+            end_ns=time.time_ns(),
+            rows=sum(sizes),
+            traces=self.traces,
+        )
+
+
+def _as_compute_error(exc: BaseException) -> PipelineError:
+    if isinstance(exc, PipelineError):
+        return exc
+    return ComputeError(f"{type(exc).__name__}: {exc}")
+
+
+# ----------------------------------------------------------------- network loop
+@dataclass
+class _Stats:
+    messages_in: int = 0
+    messages_out: int = 0
+    computed: int = 0
+    batches: int = 0
+    last_batch_size: int = 0
+    last_batch_rows: int = 0
+    heartbeats_undelivered: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    compute_ms: deque[float] = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
+
+
+class Worker:
+    """One shard worker: the network loop, its sockets, its join buffer and batcher, and the compute thread."""
+
+    def __init__(self, config: WorkerConfig, topology: topo.Topology, ctx: zmq.Context | None = None) -> None:
+        self.config = config
+        self.topology = topology
+        self.spec = topology.shard(config.shard)
+        self.name = config.shard
+        self.model = topology.name
+        # shards first, the ingress last: when a shard cannot be reached, the request fails before
+        # the ingress holds part of an answer
+        self.routes = dict(sorted(topology.routes(self.name).items(), key=lambda kv: kv[0] == topo.INGRESS))
+        self.input_specs = {n: topology.tensors[n] for n in self.spec.inputs}
+        self.join = JoinBuffer(
+            topology.producers(self.name),
+            max_pending=config.max_pending,
+            part_timeout_s=config.part_timeout_s,
+            shard=self.name,
+        )
+        self.batcher: batching.Batcher[Ready] = batching.Batcher(config.max_batch, config.max_delay_ms, config.max_queued)
+        self.drops = codec.DropCounter()
+        self.stats = _Stats()
+        self.ctx = ctx or zmq.Context.instance()
+        self.pid = os.getpid()
+        self.host = socket.gethostname()
+        self._process = psutil.Process(self.pid)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.compute = _ComputeThread(config, topology, self._wake)
+        self._in_flight: list[Ready] = []
+        self._stop_requested = False
+        self._draining = False
+        self._draining_deadline_ns = 0
+        self._next_heartbeat_ns = 0
+        self._next_sweep_ns = 0
+        self._ingress_reachable = True
+        self.pull: zmq.Socket | None = None
+        self.push: dict[str, zmq.Socket] = {}
+        self.poller = zmq.Poller()
+
+    # -------------------------------------------------------------- lifecycle
+    def request_stop(self, *_: Any) -> None:
+        """Signal handler: stop intake and drain (a second signal cuts the drain short)."""
+        if self._stop_requested:
+            self._draining_deadline_ns = 0
+        self._stop_requested = True
+        self._wake()
+
+    def serve(self) -> int:
+        """Run until stopped; return the exit status (raise a :class:`PipelineError` on a config error)."""
+        self._open()
+        self.compute.start()
+        log.info("worker_listening", shard=self.name, bind=self.config.bind, consumers=sorted(self.routes))
+        try:
+            while not self._stop_requested:
+                self._turn()
+            self._drain()
+            return EXIT_OK
+        finally:
+            self._close()
+
+    def _open(self) -> None:
+        self.pull = sockets.pull(self.ctx, self.config.bind)
+        for consumer in self.routes:
+            self.push[consumer] = sockets.push(self.ctx, self.topology.endpoint_of(consumer))
+        if topo.INGRESS not in self.push:
+            self.push[topo.INGRESS] = sockets.push(self.ctx, self.topology.ingress.results)
+        self.poller.register(self.pull, zmq.POLLIN)
+        self.poller.register(self._wake_r, zmq.POLLIN)
+
+    def _close(self) -> None:
+        for sock in [self.pull, *self.push.values()]:
+            if sock is not None and not sock.closed:
+                sock.close(linger=0)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # pipe full (a wake-up is pending anyway) or closed at exit
+            pass
+
+    # -------------------------------------------------------------- one turn
+    def _turn(self) -> None:
+        events = dict(self.poller.poll(self._poll_timeout_ms(time.time_ns())))
+        if self._wake_r in events:
+            self._drain_wake_pipe()
+        if self.compute.failure is not None:
+            raise self._load_failure()
+        self._collect_done()
+        if self.pull in events:
+            self._read_messages()
+        now = time.time_ns()
+        self._sweep(now)
+        self._dispatch(now)
+        self._maybe_heartbeat(time.time_ns())
+
+    def _poll_timeout_ms(self, now: int) -> int:
+        wait_ns = [self._next_heartbeat_ns - now, MAX_POLL_MS * 1_000_000]
+        expiry = self.join.next_expiry_ns
+        if expiry is not None:
+            wait_ns.append(expiry - now)
+        if self._compute_idle():
+            due = self.batcher.due_in_ns(now)
+            if due is not None:
+                wait_ns.append(due)
+        return max(0, -(-min(wait_ns) // 1_000_000))  # round up, so the timer has passed on waking
+
+    def _compute_idle(self) -> bool:
+        return self.compute.ready.is_set() and not self._in_flight
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _load_failure(self) -> PipelineError:
+        exc = self.compute.failure
+        log.error("worker_load_failed", shard=self.name, error=str(exc))
+        if isinstance(exc, PipelineError):
+            return exc
+        return UsageError(f"shard {self.name!r} could not be loaded: {type(exc).__name__}: {exc}")
+
+    # -------------------------------------------------------------- intake
+    def _read_messages(self) -> None:
+        assert self.pull is not None
+        for _ in range(MAX_RECV_PER_TURN):
+            try:
+                message = codec.recv(self.pull, self.drops, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.stats.messages_in += 1
+            if message is not None:
+                self._on_message(message, time.time_ns())
+
+    def _on_message(self, message: codec.Message, now: int) -> None:
+        env = message.envelope
+        if env.kind != pb.REQUEST:
+            self.drops.inc("unexpected_kind")
+            log.warning("message_dropped", reason="unexpected_kind", kind=pb.Kind.Name(env.kind), sender=env.sender)
+            return
+        rid = env.request_id
+        spans = list(env.spans)
+        if env.sent_ns:
+            spans.append(pb.Span(name=f"{env.sender or '?'}->{self.name}.hop", start_ns=env.sent_ns, end_ns=now))
+        outcome = self.join.add(
+            rid,
+            message.tensors,
+            now_ns=now,
+            deadline_ns=env.deadline_ns,
+            sender=env.sender,
+            model=env.model,
+            spans=spans,
+            attempt=env.attempt,
+        )
+        status = outcome.status
+        if status is Status.COMPLETE:
+            assert outcome.ready is not None
+            self._on_ready(outcome.ready, now)
+        elif status is Status.EXPIRED:
+            self._fail(rid, env.model, grpc.StatusCode.DEADLINE_EXCEEDED, f"shard {self.name!r}: deadline passed before the request could be computed", spans=spans)
+        elif status is Status.REFUSED:
+            self._fail(
+                rid,
+                env.model,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"shard {self.name!r}: {self.join.max_pending} requests already wait for their parts (max_pending)",
+                spans=spans,
+            )
+        elif status is Status.DUPLICATE:
+            self.drops.inc("duplicate_part")
+        elif status is Status.UNEXPECTED:
+            self.drops.inc("unexpected_tensors")
+
+    def _on_ready(self, ready: Ready, now: int) -> None:
+        try:
+            check_inputs(self.name, self.input_specs, ready.tensors)
+        except InvalidInput as exc:
+            self._fail(ready.request_id, ready.model, exc.status, exc.message, spans=ready.spans)
+            return
+        queued = self.batcher.put(
+            ready, rows=batching.rows(ready.tensors), key=batching.batch_key(ready.tensors), now_ns=now
+        )
+        if not queued:
+            self._fail(
+                ready.request_id,
+                ready.model,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"shard {self.name!r}: {self.batcher.max_queued} ready requests already wait for compute (max_queued)",
+                spans=ready.spans,
+            )
+
+    # -------------------------------------------------------------- timers
+    def _sweep(self, now: int) -> None:
+        for rid in self.join.expire(now):
+            self._fail(rid, self.model, grpc.StatusCode.DEADLINE_EXCEEDED, f"shard {self.name!r}: deadline passed while waiting for the other parts of the request")
+        if now >= self._next_sweep_ns:
+            self._next_sweep_ns = now + SWEEP_INTERVAL_NS
+            for r in self.batcher.drop(lambda r: bool(r.deadline_ns) and r.deadline_ns <= now):
+                self._fail_deadline(r)
+
+    def _fail_deadline(self, r: Ready) -> None:
+        self._fail(
+            r.request_id,
+            r.model,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"shard {self.name!r}: deadline passed before the request was computed",
+            spans=r.spans,
+        )
+
+    def _dispatch(self, now: int) -> None:
+        while self._compute_idle():
+            batch = self.batcher.take(now, force=self._draining)
+            if not batch:
+                return
+            live = []
+            for r in batch:
+                if r.deadline_ns and r.deadline_ns <= now:
+                    self._fail_deadline(r)
+                else:
+                    live.append(r)
+            if live:
+                self._in_flight = live
+                self.compute.jobs.put_nowait(live)
+                return
+
+    def _maybe_heartbeat(self, now: int) -> None:
+        if now < self._next_heartbeat_ns:
+            return
+        interval = int(self.config.heartbeat_interval_s * 1e9)
+        self._next_heartbeat_ns = max(self._next_heartbeat_ns + interval, now + interval // 2)
+        self.send_heartbeat(ready=self.compute.ready.is_set() and not self._stop_requested)
+
+    def send_heartbeat(self, *, ready: bool) -> None:
+        env = pb.Envelope(kind=pb.HEARTBEAT, model=self.model, sender=self.name)
+        hb = env.heartbeat
+        hb.process = self.name
+        hb.ready = ready
+        hb.pid = self.pid
+        hb.host = self.host
+        hb.metrics = self.spec.metrics
+        try:
+            hb.rss_bytes = self._process.memory_info().rss
+        except psutil.Error:
+            pass
+        for key, value in self.stats_snapshot().items():
+            hb.stats[key] = float(value)
+        env.sent_ns = time.time_ns()
+        try:
+            codec.send(self.push[topo.INGRESS], env, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.stats.heartbeats_undelivered += 1
+            if self._ingress_reachable:
+                log.warning("ingress_unreachable", shard=self.name, endpoint=self.topology.ingress.results)
+            self._ingress_reachable = False
+            return
+        if not self._ingress_reachable:
+            log.info("ingress_reachable", shard=self.name)
+        self._ingress_reachable = True
+
+    def stats_snapshot(self) -> dict[str, float]:
+        """Counters and gauges for heartbeats (names are stable: the ingress shows them)."""
+        s = self.stats
+        window = sorted(s.compute_ms)
+        drops = self.drops.snapshot()
+        out: dict[str, float] = {
+            "messages_in": s.messages_in,
+            "messages_out": s.messages_out,
+            "dropped": sum(drops.values()),
+            "pending_joins": len(self.join),
+            "queued": len(self.batcher),
+            "in_flight": len(self._in_flight),
+            "computed": s.computed,
+            "batches": s.batches,
+            "errors": sum(s.errors.values()),
+            "last_batch_size": s.last_batch_size,
+            "last_batch_rows": s.last_batch_rows,
+            "compute_ms_p50": _percentile(window, 0.50),
+            "compute_ms_p99": _percentile(window, 0.99),
+            "traces": self.compute.traces,
+            "join_expired": self.join.counts["swept"],
+            "join_refused": self.join.counts[Status.REFUSED.value],
+            "heartbeats_undelivered": s.heartbeats_undelivered,
+        }
+        out.update({f"dropped.{reason}": n for reason, n in drops.items()})
+        out.update({f"errors.{code}": n for code, n in s.errors.items()})
+        return out
+
+    # -------------------------------------------------------------- results
+    def _collect_done(self) -> None:
+        while True:
+            try:
+                done = self.compute.done.get_nowait()
+            except queue.Empty:
+                return
+            self._in_flight = []
+            s = self.stats
+            s.batches += 1
+            s.last_batch_size = len(done.requests)
+            s.last_batch_rows = done.rows
+            s.compute_ms.append((done.end_ns - done.start_ns) / 1e6)
+            for r, outputs, error in zip(done.requests, done.outputs, done.errors):
+                if error is not None or outputs is None:
+                    err = error or ComputeError("no outputs")
+                    self._fail(r.request_id, r.model, err.status, f"shard {self.name!r}: {err.message}", spans=r.spans)
+                    continue
+                s.computed += 1
+                self._send_outputs(r, outputs, done.start_ns, done.end_ns)
+
+    def _send_outputs(self, r: Ready, outputs: Mapping[str, Any], start_ns: int, end_ns: int) -> None:
+        spans = [
+            *r.spans,
+            pb.Span(name=f"{self.name}.queue", start_ns=r.first_ns, end_ns=start_ns),
+            pb.Span(name=f"{self.name}.compute", start_ns=start_ns, end_ns=end_ns),
+        ]
+        for consumer, names in self.routes.items():
+            kind = pb.RESULT if consumer == topo.INGRESS else pb.REQUEST
+            env = pb.Envelope(
+                kind=kind,
+                request_id=r.request_id,
+                model=r.model or self.model,
+                deadline_ns=r.deadline_ns,
+                sender=self.name,
+                attempt=r.attempt,
+            )
+            env.spans.extend(spans)
+            env.sent_ns = time.time_ns()
+            try:
+                codec.send(self.push[consumer], env, {n: outputs[n] for n in names}, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self._fail(
+                    r.request_id,
+                    r.model,
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"shard {self.name!r} cannot reach {consumer!r} at {self.topology.endpoint_of(consumer)}: "
+                    "not connected, or its queue is full",
+                    spans=spans,
+                )
+                return
+            self.stats.messages_out += 1
+
+    def _fail(
+        self, request_id: int, model: str, status: grpc.StatusCode, message: str, *, spans: Sequence[Any] = ()
+    ) -> None:
+        """Send an ERROR for one request to the ingress (never blocking) and count it."""
+        code_value, code_name = status.value
+        self.stats.errors[status.name] += 1
+        log.warning("request_failed", request_id=request_id, code=status.name, detail=message)
+        env = codec.error_envelope(request_id, model or self.model, self.name, code_value, message)
+        env.spans.extend(spans)
+        env.sent_ns = time.time_ns()
+        try:
+            codec.send(self.push[topo.INGRESS], env, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("error_undeliverable", request_id=request_id, code=status.name)
+            return
+        self.stats.messages_out += 1
+
+    # -------------------------------------------------------------- shutdown
+    def _drain(self) -> None:
+        started = time.time_ns()
+        self._draining_deadline_ns = started + int(self.config.drain_timeout_s * 1e9)
+        log.info("worker_stopping", shard=self.name, pending_joins=len(self.join), queued=len(self.batcher), in_flight=len(self._in_flight))
+        # 1. stop intake; answer what is already queued in the socket
+        refused: set[int] = set()
+        assert self.pull is not None
+        for _ in range(sockets.DEFAULT_BOUNDS.recv_hwm * 2):
+            try:
+                message = codec.recv(self.pull, self.drops, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.stats.messages_in += 1
+            if message is not None and message.envelope.kind == pb.REQUEST:
+                refused.add(message.envelope.request_id)
+        self.poller.unregister(self.pull)
+        self.pull.close(linger=0)
+        # 2. requests still waiting for parts cannot complete now
+        refused.update(self.join.clear())
+        for rid in sorted(refused):
+            self._fail(rid, self.model, grpc.StatusCode.UNAVAILABLE, f"shard {self.name!r} is stopping")
+        # 3. finish held work within the budget
+        self._draining = True
+        while (self.batcher or self._in_flight) and self.compute.ready.is_set() and time.time_ns() < self._draining_deadline_ns:
+            now = time.time_ns()
+            wait_ms = max(0, min(self._draining_deadline_ns - now, self._next_heartbeat_ns - now) // 1_000_000) + 1
+            events = dict(self.poller.poll(min(wait_ms, MAX_POLL_MS)))
+            if self._wake_r in events:
+                self._drain_wake_pipe()
+            self._collect_done()
+            self._dispatch(time.time_ns())
+            self._maybe_heartbeat(time.time_ns())
+        # 4. what is left
+        for r in [*self._in_flight, *self.batcher.clear()]:
+            self._fail(r.request_id, r.model, grpc.StatusCode.UNAVAILABLE, f"shard {self.name!r} stopped before computing it")
+        self.send_heartbeat(ready=False)
+        try:
+            self.compute.jobs.put_nowait(None)
+        except queue.Full:
+            pass
+        self.compute.join(COMPUTE_JOIN_TIMEOUT_S)
+        log.info("worker_stopped", shard=self.name, drain_ms=round((time.time_ns() - started) / 1e6, 1))
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    if not ordered:
+        return 0.0
+    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+
+
+# ----------------------------------------------------------------- command
+def run(args: argparse.Namespace) -> int:
+    """``pipeline worker``: serve one shard until SIGTERM/SIGINT; 0 on a clean stop."""
+    quiet_tensorflow()
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # unbuffered enough for honcho's interleaved output
+    config, topology = load_config(args)
+    plog.configure(config.log_level, process=config.shard)
+    worker = Worker(config, topology)
+    previous = {sig: signal.signal(sig, worker.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = worker.serve()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if worker.compute.is_alive():
+        # still inside TensorFlow (loading, or a batch past the drain budget): do not wait on it at exit
+        log.warning("worker_exit_forced", shard=config.shard)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.serving.worker DIR --shard NAME`` (same as ``pipeline worker``)."""
+    parser = argparse.ArgumentParser(prog="pipeline worker", description="run one shard worker")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except PipelineError as exc:
+        sys.stderr.write(f"pipeline worker: error: {exc.message}\n")
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Helpers for tests that run real shard workers: processes, a fake ingress, and senders.
+
+Every wait has a deadline and fails the test instead of hanging; every process
+started here is meant to be stopped by the caller in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from pipeline.pb import envelope_pb2 as pb
+from pipeline.wire import codec
+
+#: a worker's cold start imports TensorFlow; on a busy 2-core machine several at once take a while.
+WORKER_START_TIMEOUT_S = 180.0
+#: one message through a warm worker.
+REPLY_TIMEOUT_S = 10.0
+#: bound on a test's own sends, so a missing peer fails the test instead of hanging it.
+SEND_TIMEOUT_MS = 5_000
+
+
+def worker_command(directory: Path, shard: str, *extra: str) -> list[str]:
+    """``python -m pipeline.cli worker DIR --shard NAME``; falls back to the worker module if the CLI cannot load."""
+    try:
+        from pipeline import cli
+
+        cli.build_parser()
+        entry = ["-m", "pipeline.cli", "worker"]
+    except Exception:  # another command module is broken: the worker itself can still be tested
+        entry = ["-m", "pipeline.serving.worker"]
+    return [sys.executable, *entry, str(directory), "--shard", shard, *extra]
+
+
+@dataclass
+class WorkerProcess:
+    shard: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def start_worker(
+    directory: Path, shard: str, log_dir: Path, *extra: str, env: Mapping[str, str] | None = None
+) -> WorkerProcess:
+    log_path = log_dir / f"worker-{shard}-{time.monotonic_ns()}.log"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_LOG_LEVEL": "info", **(env or {})}
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            worker_command(directory, shard, *extra), stdout=out, stderr=subprocess.STDOUT, env=full_env
+        )
+    return WorkerProcess(shard, proc, log_path)
+
+
+def stop_worker(worker: WorkerProcess, timeout_s: float = 5.0) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout_s``; return the exit status."""
+    proc = worker.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+def stop_workers(workers: Sequence[WorkerProcess], timeout_s: float = 5.0) -> dict[str, int | None]:
+    """SIGTERM them all at once, then wait (SIGKILL after ``timeout_s``); return their exit statuses."""
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for worker in workers:
+        try:
+            worker.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.proc.kill()
+            worker.proc.wait(5)
+    return {w.shard: w.proc.returncode for w in workers}
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class FakeIngress:
+    """Plays the ingress (or a downstream shard): a bound PULL read by a thread into per-kind stores."""
+
+    ctx: zmq.Context
+    endpoint: str = ""
+    results: dict[int, list[codec.Message]] = field(default_factory=lambda: defaultdict(list))
+    requests: dict[int, list[codec.Message]] = field(default_factory=lambda: defaultdict(list))
+    errors: dict[int, list[codec.Message]] = field(default_factory=lambda: defaultdict(list))
+    heartbeats: dict[str, list[tuple[int, pb.Heartbeat]]] = field(default_factory=lambda: defaultdict(list))
+    _seq: int = 0
+    drops: codec.DropCounter = field(default_factory=codec.DropCounter)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self, bind: str = "tcp://127.0.0.1:0") -> FakeIngress:
+        """Bind (again, after ``close``: same endpoint) and start reading."""
+        self._stop.clear()
+        sock = self.ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(bind)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._thread = threading.Thread(target=self._loop, args=(sock,), daemon=True, name="fake-ingress")
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop reading and unbind (a peer sending here then finds nobody)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def _loop(self, sock: zmq.Socket) -> None:
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(50):
+                    continue
+                message = codec.recv(sock, self.drops)
+                if message is None:
+                    continue
+                env = message.envelope
+                with self._cond:
+                    if env.kind == pb.HEARTBEAT:
+                        self._seq += 1
+                        history = self.heartbeats[env.sender]
+                        history.append((self._seq, env.heartbeat))
+                        del history[:-10_000]
+                    elif env.kind == pb.RESULT:
+                        self.results[env.request_id].append(message)
+                    elif env.kind == pb.REQUEST:  # when it plays a shard
+                        self.requests[env.request_id].append(message)
+                    elif env.kind == pb.ERROR:
+                        self.errors[env.request_id].append(message)
+                    self._cond.notify_all()
+        finally:
+            sock.close(linger=0)
+
+    def wait(self, predicate: Callable[[], Any], timeout_s: float, what: str, *, fail: bool = True) -> Any:
+        """Wait for ``predicate`` to hold; fail the test on timeout (or return ``None`` with ``fail=False``)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if not fail:
+                        return None
+                    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+                self._cond.wait(min(left, 0.1))
+
+    def result_tensors(self, request_id: int, names: Sequence[str], timeout_s: float = REPLY_TIMEOUT_S) -> dict[str, np.ndarray]:
+        """Wait for RESULT parts carrying ``names`` for a request; fail on an ERROR for it instead."""
+
+        def gathered() -> dict[str, np.ndarray] | None:
+            if self.errors.get(request_id):
+                err = self.errors[request_id][0].envelope.error
+                pytest.fail(f"request {request_id} failed: code {err.code}: {err.message}")
+            have = {k: v for m in self.results.get(request_id, []) for k, v in m.tensors.items()}
+            return have if set(names) <= set(have) else None
+
+        return self.wait(gathered, timeout_s, f"result {list(names)} of request {request_id}")
+
+    def error(self, request_id: int, timeout_s: float = REPLY_TIMEOUT_S) -> pb.Error:
+        messages = self.wait(lambda: self.errors.get(request_id), timeout_s, f"an error for request {request_id}")
+        return messages[0].envelope.error
+
+    def heartbeat(
+        self, sender: str, predicate: Callable[[pb.Heartbeat], bool] = lambda hb: True, timeout_s: float = REPLY_TIMEOUT_S
+    ) -> pb.Heartbeat:
+        """The first heartbeat from ``sender`` that arrives from now on and satisfies ``predicate``."""
+        with self._cond:
+            seen = self._seq
+
+        def found() -> pb.Heartbeat | None:
+            return next((hb for seq, hb in self.heartbeats.get(sender, []) if seq > seen and predicate(hb)), None)
+
+        return self.wait(found, timeout_s, f"a heartbeat from {sender!r} that fits")
+
+    def latest(self, sender: str) -> pb.Heartbeat | None:
+        with self._cond:
+            history = self.heartbeats.get(sender)
+            return history[-1][1] if history else None
+
+    def history(self, sender: str) -> list[pb.Heartbeat]:
+        with self._cond:
+            return [hb for _, hb in self.heartbeats.get(sender, [])]
+
+
+def pusher(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A test's PUSH socket: queues until the worker is there, but never blocks a test for long."""
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+    sock.connect(endpoint)
+    return sock
+
+
+def send_part(
+    sock: zmq.Socket,
+    request_id: int,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    model: str,
+    sender: str = "ingress",
+    deadline_ns: int = 0,
+    spans: Sequence[tuple[str, int, int]] = (),
+) -> None:
+    env = pb.Envelope(kind=pb.REQUEST, request_id=request_id, model=model, sender=sender, deadline_ns=deadline_ns)
+    for name, start, end in spans:
+        env.spans.add(name=name, start_ns=start, end_ns=end)
+    env.sent_ns = time.time_ns()
+    try:
+        codec.send(sock, env, tensors)
+    except zmq.Again:
+        pytest.fail(f"could not send request {request_id} within {SEND_TIMEOUT_MS} ms: is the worker up?")
+
+
+def deadline_in(seconds: float) -> int:
+    return time.time_ns() + int(seconds * 1e9)
