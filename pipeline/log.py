@@ -44,4 +44,4 @@ def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger
     if not _configured:
         configure()
     # Lazy proxies: a logger made at import follows a later configure() (e.g. --log-level).
-    return structlog.get_logger(logger=name) if name else structlog.get_logger()
+    return structlog.get_logger(component=name) if name else structlog.get_logger()

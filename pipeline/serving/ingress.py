@@ -71,7 +71,7 @@ from pipeline.log import configure, get_logger
 from pipeline.pb import envelope_pb2 as pb
 from pipeline.pb import grpc_service_pb2 as kpb
 from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc
-from pipeline.serving import kserve
+from pipeline.serving import admin, kserve
 from pipeline.serving.pending import Liveness, PendingTable
 from pipeline.wire import codec, sockets
 
@@ -84,6 +84,10 @@ EXTENSIONS = ("model_configuration", "statistics", "parameters")
 MIB = 1 << 20
 
 _STATUS_BY_CODE: dict[int, grpc.StatusCode] = {s.value[0]: s for s in grpc.StatusCode}
+
+
+class ShardLost(Unavailable):
+    """A request lost because a shard died, restarted or stopped while holding it: the one kind retried."""
 
 
 # -------------------------------------------------------------------- config
@@ -109,6 +113,10 @@ class IngressConfig:
     send_hwm: int = sockets.DEFAULT_BOUNDS.send_hwm  # messages queued per entry shard
     send_wait_s: float = 0.1  # a full or reconnecting PUSH gets this long before the request fails
     recv_hwm: int = 4096  # messages queued on the results socket
+    retries: int = 1  # resends of a request lost to a shard that died (after it is up again, within the deadline)
+    record: str = ""  # replay file to record served requests into ("" -> no recording)
+    record_max_count: int = 1000  # requests recorded before the recording stops
+    record_max_bytes: int = 256 * MIB  # tensor bytes recorded before the recording stops
 
     @property
     def down_after_s(self) -> float:
@@ -150,8 +158,14 @@ class IngressConfig:
                 env_name="PIPELINE_HEARTBEAT_INTERVAL_S",  # shared with the workers, so both sides agree
             ),
             drain_s=pick("drain", float, None, d.drain_s),
+            retries=pick("retries", int, None, d.retries),
+            record=pick("record", str, None, d.record),
+            record_max_count=pick("record_max_count", int, None, d.record_max_count),
+            record_max_bytes=pick("record_max_bytes", int, None, d.record_max_bytes),
         )
-        for name in ("timeout_s", "max_inflight", "max_message_bytes", "max_batch_size", "heartbeat_interval_s"):
+        if config.retries < 0:
+            raise UsageError(f"ingress retries must be >= 0, received {config.retries}")
+        for name in ("record_max_count", "record_max_bytes", "timeout_s", "max_inflight", "max_message_bytes", "max_batch_size", "heartbeat_interval_s"):
             if getattr(config, name) <= 0:
                 raise UsageError(f"ingress {name} must be > 0, received {getattr(config, name)}")
         return config
@@ -233,6 +247,9 @@ class Ingress:
         self.output_specs = {s.name: s for s in topology.outputs}
         self.table = PendingTable(config.max_inflight)
         self.liveness = Liveness([s.name for s in topology.shards], config.down_after_s)
+        self.processes = admin.ProcessTable([s.name for s in topology.shards])  # latest heartbeats, for the admin RPC
+        self.retried = 0
+        self.recorder: Any = None  # a pipeline.soak.replay.ReplayRecorder with --record
         self.stats = Stats()
         self.drops = codec.DropCounter()
         self.port = 0
@@ -279,9 +296,11 @@ class Ingress:
         )
         kpb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        admin_service = admin.add_to_server(self, server)
         reflection.enable_server_reflection(
             (
                 kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                admin_service,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -299,6 +318,17 @@ class Ingress:
             raise UsageError(f"cannot bind the gRPC address {cfg.address!r}: {reason}")
         self._server = server
         self.port = port
+        if cfg.record:
+            from pipeline.soak.replay import ReplayRecorder
+
+            self.recorder = ReplayRecorder(
+                cfg.record,
+                self.topology.name,
+                [(t.name, t.dtype) for t in self.topology.inputs],
+                [(t.name, t.dtype) for t in self.topology.outputs],
+                max_count=cfg.record_max_count,
+                max_bytes=cfg.record_max_bytes,
+            )
         await self._set_serving(False)
         await server.start()
         self._tasks = [
@@ -336,6 +366,8 @@ class Ingress:
             except (asyncio.CancelledError, Exception):
                 pass
         self._close_sockets()
+        if self.recorder is not None:
+            self.recorder.close()
         log.info("ingress_stopped", ended_unfinished=left, stats=dict(self.stats.codes), dropped=self.drops.snapshot())
         self._stopped.set()
 
@@ -404,23 +436,20 @@ class Ingress:
             )
         timeout_s = self.config.timeout_s if time_remaining is None else max(0.0, time_remaining)
         deadline_ns = t0 + int(timeout_s * 1e9)
-        future = self.table.add(rid, self.topology.output_names, decoded.batch_size, deadline_ns)
-        try:
-            t_decoded = time.time_ns()
-            await self._send(rid, decoded, deadline_ns)
-            t_sent = time.time_ns()
-            remaining = (deadline_ns - t_sent) / 1e9
+        t_decoded = time.time_ns()
+        for attempt in itertools.count():
             try:
-                outcome = await asyncio.wait_for(future, timeout=max(0.0, remaining))
-            except TimeoutError:
-                entry = self.table.get(rid)
-                waiting = sorted(entry.expected) if entry else []
-                raise DeadlineExceeded(
-                    f"expected the outputs within the {timeout_s:.3f} s deadline; still waiting for {waiting}"
-                ) from None
-        finally:
-            self.table.discard(rid)
+                outcome, t_sent = await self._attempt(rid, decoded, deadline_ns, timeout_s)
+                break
+            except ShardLost as exc:
+                if attempt >= self.config.retries or not await self._wait_up(deadline_ns):
+                    raise
+                self.retried += 1
+                rid = next(self._ids)  # a fresh id: late parts of the lost attempt are ignored, never mixed in
+                log.info("request_retry", attempt=attempt + 1, new_request_id=rid, reason=exc.message)
         t_result = time.time_ns()
+        if self.recorder is not None:
+            self.recorder.offer(decoded.inputs, outcome.outputs)
         response = kpb.ModelInferResponse(model_name=self.topology.name, model_version=kserve.MODEL_VERSION, id=request.id)
         kserve.encode_outputs(self.topology, outcome.outputs, decoded.requested_outputs, response)
         t_encoded = time.time_ns()
@@ -435,6 +464,35 @@ class Ingress:
         self.stats.record_success(t_encoded - t0, decoded.batch_size, outcome.spans)
         log.debug("request_done", batch=decoded.batch_size, ms=round((t_encoded - t0) / 1e6, 3))
         return response
+
+    async def _attempt(
+        self, rid: int, decoded: kserve.DecodedRequest, deadline_ns: int, timeout_s: float
+    ) -> tuple[Any, int]:
+        """Send one attempt of a request and wait for its outputs; return them and the time it was sent."""
+        future = self.table.add(rid, self.topology.output_names, decoded.batch_size, deadline_ns)
+        try:
+            await self._send(rid, decoded, deadline_ns)
+            t_sent = time.time_ns()
+            remaining = (deadline_ns - t_sent) / 1e9
+            try:
+                return await asyncio.wait_for(future, timeout=max(0.0, remaining)), t_sent
+            except TimeoutError:
+                entry = self.table.get(rid)
+                waiting = sorted(entry.expected) if entry else []
+                raise DeadlineExceeded(
+                    f"expected the outputs within the {timeout_s:.3f} s deadline; still waiting for {waiting}"
+                ) from None
+        finally:
+            self.table.discard(rid)
+
+    async def _wait_up(self, deadline_ns: int) -> bool:
+        """Wait until every shard is up again; False when the deadline (or shutdown) comes first."""
+        period = min(0.05, self.config.heartbeat_interval_s / 4)
+        while not self.closing and time.time_ns() + period * 1e9 < deadline_ns:
+            if self.liveness.all_up():
+                return True
+            await asyncio.sleep(period)
+        return False
 
     async def _send(self, rid: int, decoded: kserve.DecodedRequest, deadline_ns: int) -> None:
         for shard, names in self.routes.items():
@@ -461,7 +519,7 @@ class Ingress:
                     raise ResourceExhausted(
                         f"shard {shard!r} is saturated: its queue of {self.config.send_hwm} messages is full"
                     ) from None
-                raise Unavailable(f"shard {shard!r} is not connected") from None
+                raise ShardLost(f"shard {shard!r} is not connected") from None
 
     # ------------------------------------------------------- background tasks
     async def _read_results(self) -> None:
@@ -493,9 +551,11 @@ class Ingress:
             log.debug("heartbeat_ignored", reason="unknown_process", process=shard)
             return
         old_pid = self.liveness.pid_of(shard)
-        if self.liveness.beat(shard, env.heartbeat.ready, env.heartbeat.pid):
+        restarted = self.liveness.beat(shard, env.heartbeat.ready, env.heartbeat.pid)
+        self.processes.beat(shard, env.heartbeat, restarted)
+        if restarted:
             ended = self.table.fail_all(
-                lambda: Unavailable(
+                lambda: ShardLost(
                     f"shard {shard!r} restarted (pid {old_pid} -> {env.heartbeat.pid}); requests in flight were lost"
                 )
             )
@@ -529,7 +589,9 @@ class Ingress:
         if status == grpc.StatusCode.OK:
             status = grpc.StatusCode.INTERNAL
         origin = env.error.origin or env.sender or "a shard"
-        error = PipelineError(f"{origin}: {env.error.message}")
+        # a shard answers UNAVAILABLE when it stops or cannot reach a consumer that died: retryable
+        kind = ShardLost if status == grpc.StatusCode.UNAVAILABLE else PipelineError
+        error = kind(f"{origin}: {env.error.message}")
         error.status = status
         if not self.table.finish(env.request_id, error):
             self.table.ignored["unknown_request"] += 1
@@ -542,7 +604,7 @@ class Ingress:
         if down:
             reasons = self.liveness.not_up()
             detail = ", ".join(f"{name!r} ({reasons.get(name, 'down')})" for name in down)
-            ended = self.table.fail_all(lambda: Unavailable(f"shard went down: {detail}; requests in flight were lost"))
+            ended = self.table.fail_all(lambda: ShardLost(f"shard went down: {detail}; requests in flight were lost"))
             log.warning("shard_down", shards=down, reasons=reasons, ended=ended)
         serving = self.liveness.all_up()
         if serving != self._serving and not self.closing:
@@ -676,6 +738,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-bytes", type=int, help="gRPC message size limit, both ways (default 64 MiB)")
     parser.add_argument("--max-batch-size", type=int, help="largest batch accepted and advertised (default 1024)")
     parser.add_argument("--drain", type=float, help="seconds in-flight requests get at shutdown (default 3)")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        help="resends of a request lost because a shard died or restarted, once it is up again and within the "
+        "request's deadline (default 1; 0: answer UNAVAILABLE at once)",
+    )
+    parser.add_argument("--record", metavar="FILE", help="record the requests served and their answers into a replay file")
+    parser.add_argument("--record-max-count", type=int, help="requests to record before stopping (default 1000)")
+    parser.add_argument("--record-max-bytes", type=int, help="tensor bytes to record before stopping (default 256 MiB)")
 
 
 def run(args: argparse.Namespace) -> int:

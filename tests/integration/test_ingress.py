@@ -243,7 +243,8 @@ def test_not_ready_then_ready_and_unavailable_at_once(toy: Topology) -> None:
 
 def test_in_flight_requests_end_when_a_shard_goes_down_or_restarts(toy: Topology) -> None:
     worker = FakeWorker(toy, "s0", toy_compute, mode="silent")
-    with IngressThread(toy) as ing, fake_workers(worker), ing.stub() as stub:
+    # retries=0: fail at once (the default retries once the shard is back: tests/soak/test_faults.py)
+    with IngressThread(toy, retries=0) as ing, fake_workers(worker), ing.stub() as stub:
         wait_ready(stub)
         # heartbeat lost while a request is in flight
         future = stub.ModelInfer.future(raw_request("toy", toy_inputs(1)), timeout=20)
