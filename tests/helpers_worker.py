@@ -34,15 +34,8 @@ SEND_TIMEOUT_MS = 5_000
 
 
 def worker_command(directory: Path, shard: str, *extra: str) -> list[str]:
-    """``python -m pipeline.cli worker DIR --shard NAME``; falls back to the worker module if the CLI cannot load."""
-    try:
-        from pipeline import cli
-
-        cli.build_parser()
-        entry = ["-m", "pipeline.cli", "worker"]
-    except Exception:  # another command module is broken: the worker itself can still be tested
-        entry = ["-m", "pipeline.serving.worker"]
-    return [sys.executable, *entry, str(directory), "--shard", shard, *extra]
+    """``python -m pipeline.cli worker DIR --shard NAME`` (the CLI imports only the chosen command's module)."""
+    return [sys.executable, "-m", "pipeline.cli", "worker", str(directory), "--shard", shard, *extra]
 
 
 @dataclass

@@ -468,6 +468,9 @@ class Worker:
                 wait_ns.append(due)
         return max(0, -(-min(wait_ns) // 1_000_000))  # round up, so the timer has passed on waking
 
+    def _more_waiting(self) -> bool:
+        return self.pull is not None and bool(self.pull.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
     def _compute_idle(self) -> bool:
         return self.compute.ready.is_set() and not self._in_flight
 
@@ -573,8 +576,12 @@ class Worker:
         )
 
     def _dispatch(self, now: int) -> None:
+        # Nothing more waiting on the socket: run what is ready now instead of waiting out max_delay,
+        # so a lone request pays no batching delay; under load, requests that arrive during a compute
+        # form the next batch (max_delay only bounds the wait while messages keep streaming in).
+        force = self._draining or not self._more_waiting()
         while self._compute_idle():
-            batch = self.batcher.take(now, force=self._draining)
+            batch = self.batcher.take(now, force=force)
             if not batch:
                 return
             live = []

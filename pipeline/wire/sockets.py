@@ -6,9 +6,13 @@ closed with linger 0 so a process never waits on an absent peer at exit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
+
+#: a socket set-up applied before bind/connect (CURVE keys: :mod:`pipeline.wire.security`).
+Configure = Callable[[zmq.Socket], None]
 
 
 @dataclass(frozen=True)
@@ -23,23 +27,27 @@ class SocketBounds:
 DEFAULT_BOUNDS = SocketBounds()
 
 
-def pull(ctx: zmq.Context, bind: str, bounds: SocketBounds = DEFAULT_BOUNDS) -> zmq.Socket:
-    """A bound PULL socket."""
+def pull(ctx: zmq.Context, bind: str, bounds: SocketBounds = DEFAULT_BOUNDS, configure: Configure | None = None) -> zmq.Socket:
+    """A bound PULL socket (``configure`` runs before the bind)."""
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, bounds.recv_hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, bounds.max_message_bytes)
+    if configure is not None:
+        configure(sock)
     sock.bind(bind)
     return sock
 
 
-def push(ctx: zmq.Context, endpoint: str, bounds: SocketBounds = DEFAULT_BOUNDS) -> zmq.Socket:
-    """A connected PUSH socket that queues only to live peers (``ZMQ_IMMEDIATE``)."""
+def push(ctx: zmq.Context, endpoint: str, bounds: SocketBounds = DEFAULT_BOUNDS, configure: Configure | None = None) -> zmq.Socket:
+    """A connected PUSH socket that queues only to live peers (``ZMQ_IMMEDIATE``; ``configure`` runs before the connect)."""
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, bounds.send_hwm)
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    if configure is not None:
+        configure(sock)
     sock.connect(endpoint)
     return sock
