@@ -67,7 +67,7 @@ from pipeline.serving.runtime import (
     check_inputs,
     quiet_tensorflow,
 )
-from pipeline.wire import codec, sockets
+from pipeline.wire import codec, security, sockets
 
 EXIT_OK = 0
 #: time to finish held work after SIGTERM; honcho kills at 5 s, and the process needs some to exit.
@@ -108,6 +108,8 @@ class WorkerConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     warmup_calls: int = DEFAULT_WARMUP_CALLS
     log_level: str = "info"
+    keys_dir: str = ""  # CURVE secret keys ("" -> DIR/keys); read only with security: curve
+    cpus: tuple[int, ...] = ()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +170,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup-calls", type=int, metavar="N", help=f"env PIPELINE_WARMUP_CALLS; default {DEFAULT_WARMUP_CALLS}"
     )
     parser.add_argument("--log-level", metavar="LEVEL", help="env PIPELINE_LOG_LEVEL; default info")
+    parser.add_argument(
+        "--keys-dir", metavar="PATH", help="folder of CURVE secret keys (env PIPELINE_KEYS_DIR; default DIR/keys)"
+    )
+    parser.add_argument(
+        "--cpus",
+        metavar="LIST",
+        help="pin the worker to these CPUs, e.g. 0 or 0,1 or 0-3 (env PIPELINE_CPUS; default: no pinning)",
+    )
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """``"0,2-3"`` -> ``(0, 2, 3)``; raise :class:`UsageError` naming the bad value."""
+    cpus: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo, _, hi = part.partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UsageError(f"--cpus {text!r}: expected a list of CPU numbers like 0 or 0,1 or 0-3") from None
+    available = sorted(os.sched_getaffinity(0))
+    unknown = [c for c in cpus if c not in available]
+    if unknown:
+        raise UsageError(f"--cpus {text!r}: CPUs {unknown} are not available; this machine offers {available}")
+    return tuple(cpus)
 
 
 def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> tuple[WorkerConfig, topo.Topology]:
@@ -198,6 +227,8 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         drain_timeout_s=pick("drain_timeout", "DRAIN_TIMEOUT_S", DEFAULT_DRAIN_TIMEOUT_S, float),
         warmup_calls=pick("warmup_calls", "WARMUP_CALLS", DEFAULT_WARMUP_CALLS, int),
         log_level=pick("log_level", "LOG_LEVEL", "info", str),
+        keys_dir=pick("keys_dir", "KEYS_DIR", "", str),
+        cpus=pick("cpus", "CPUS", (), parse_cpus),
     )
     checks = {
         "threads": config.threads >= 1,
@@ -394,6 +425,7 @@ class Worker:
         self._ingress_reachable = True
         self.pull: zmq.Socket | None = None
         self.push: dict[str, zmq.Socket] = {}
+        self.links: security.Links | None = None  # CURVE keys and ZAP allow-list (security: curve)
         self.poller = zmq.Poller()
 
     # -------------------------------------------------------------- lifecycle
@@ -418,11 +450,16 @@ class Worker:
             self._close()
 
     def _open(self) -> None:
-        self.pull = sockets.pull(self.ctx, self.config.bind)
-        for consumer in self.routes:
-            self.push[consumer] = sockets.push(self.ctx, self.topology.endpoint_of(consumer))
-        if topo.INGRESS not in self.push:
-            self.push[topo.INGRESS] = sockets.push(self.ctx, self.topology.ingress.results)
+        try:
+            self.links = security.open_links(self.ctx, self.topology, self.name, self.config.keys_dir or None, self.drops)
+            self.pull = sockets.pull(self.ctx, self.config.bind, configure=self.links.server)
+            for consumer in [*self.routes, *([] if topo.INGRESS in self.routes else [topo.INGRESS])]:
+                self.push[consumer] = sockets.push(
+                    self.ctx, self.topology.endpoint_of(consumer), configure=self.links.client(consumer)
+                )
+        except BaseException:
+            self._close()
+            raise
         self.poller.register(self.pull, zmq.POLLIN)
         self.poller.register(self._wake_r, zmq.POLLIN)
 
@@ -430,6 +467,9 @@ class Worker:
         for sock in [self.pull, *self.push.values()]:
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
+        if self.links is not None:
+            self.links.close()
+            self.links = None
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -493,7 +533,7 @@ class Worker:
         assert self.pull is not None
         for _ in range(MAX_RECV_PER_TURN):
             try:
-                message = codec.recv(self.pull, self.drops, flags=zmq.NOBLOCK)
+                message = codec.recv(self.pull, self.drops, flags=zmq.NOBLOCK, on_drop=self._on_drop)
             except zmq.Again:
                 return
             self.stats.messages_in += 1
@@ -538,6 +578,14 @@ class Worker:
             self.drops.inc("duplicate_part")
         elif status is Status.UNEXPECTED:
             self.drops.inc("unexpected_tensors")
+
+    def _on_drop(self, exc: PipelineError) -> None:
+        """A dropped REQUEST part whose envelope names its request: tell the ingress at once, not at the deadline."""
+        env = getattr(exc, "envelope", None)
+        if env is None or env.kind != pb.REQUEST:
+            return
+        self.join.discard(env.request_id)
+        self._fail(env.request_id, env.model, exc.status, f"shard {self.name!r} dropped a part from {env.sender or '?'!r}: {exc.message}")
 
     def _on_ready(self, ready: Ready, now: int) -> None:
         try:
@@ -785,6 +833,8 @@ def run(args: argparse.Namespace) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # unbuffered enough for honcho's interleaved output
     config, topology = load_config(args)
+    if config.cpus:
+        os.sched_setaffinity(0, config.cpus)  # before any thread starts: TensorFlow's and ZeroMQ's inherit it
     plog.configure(config.log_level, process=config.shard)
     worker = Worker(config, topology)
     previous = {sig: signal.signal(sig, worker.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}

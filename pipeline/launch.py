@@ -1,0 +1,176 @@
+"""Starting a topology's processes from Python (bench, tests): a copy on fresh ports, real processes.
+
+``relocate`` copies a topology directory (shard files linked, not copied) with
+fresh free local ports for every endpoint, so a benchmark or a test never
+collides with a pipeline already running from the same topology.
+``Cluster`` starts the ingress and the workers as real processes, waits until
+the ingress says it is ready, and stops them all (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from pipeline import topology as topo
+from pipeline.errors import Unavailable
+
+#: a cold start imports TensorFlow in every process; on a busy 2-core machine that takes a while.
+START_TIMEOUT_S = 240.0
+STOP_TIMEOUT_S = 6.0
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    sockets, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            sockets.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+def relocate(source: Path, dest: Path, host: str = "127.0.0.1") -> topo.Topology:
+    """Copy the topology in ``source`` to ``dest`` with fresh ports on ``host``; return the copy."""
+    t = topo.load(source)
+    dest.mkdir(parents=True, exist_ok=True)
+    ports = iter(free_ports(2 * len(t.shards) + 3, host))
+    shards = []
+    for s in t.shards:
+        endpoint = f"tcp://{host}:{next(ports)}"
+        shards.append(
+            dataclasses.replace(s, endpoint=endpoint, bind=endpoint, host=host, metrics=f"{host}:{next(ports)}")
+        )
+        _link(t.directory / s.file, dest / s.file)
+    results = f"tcp://{host}:{next(ports)}"
+    ingress = dataclasses.replace(
+        t.ingress, grpc=f"{host}:{next(ports)}", results=results, bind=results, host=host, metrics=f"{host}:{next(ports)}"
+    )
+    _link(t.model_path, dest / topo.MODEL_FILE)
+    keys = t.directory / "keys"
+    if keys.is_dir() and not (dest / "keys").exists():
+        (dest / "keys").symlink_to(keys.resolve())
+    copy = t.replace(shards=tuple(shards), ingress=ingress, directory=dest)
+    copy.write(dest)
+    return topo.load(dest)
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    if src.exists():
+        dst.symlink_to(src.resolve())
+
+
+class Cluster:
+    """The ingress and every worker of a topology as real processes (a context manager)."""
+
+    def __init__(
+        self,
+        topology: topo.Topology,
+        log_dir: Path,
+        *,
+        worker_args: Mapping[str, Sequence[str]] | None = None,
+        common_worker_args: Sequence[str] = (),
+        ingress_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.topology = topology
+        self.log_dir = log_dir
+        self.worker_args = dict(worker_args or {})
+        self.common_worker_args = list(common_worker_args)
+        self.ingress_args = list(ingress_args)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def target(self) -> str:
+        return self.topology.ingress.grpc
+
+    def start_process(self, name: str) -> subprocess.Popen[bytes]:
+        d = str(self.topology.directory)
+        if name == topo.INGRESS:
+            cmd = [sys.executable, "-m", "pipeline.cli", "ingress", d, *self.ingress_args]
+        else:
+            cmd = [
+                sys.executable, "-m", "pipeline.cli", "worker", d, "--shard", name,
+                *self.common_worker_args, *self.worker_args.get(name, ()),
+            ]  # fmt: skip
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> Cluster:
+        for name in self.topology.processes_on(None):
+            self.start_process(name)
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        import grpc
+
+        from pipeline.pb import grpc_service_pb2 as kpb
+        from pipeline.pb import grpc_service_pb2_grpc as kgrpc
+
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.target) as channel:
+            stub = kgrpc.GRPCInferenceServiceStub(channel)
+            while time.monotonic() < deadline:
+                dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+                if dead:
+                    raise Unavailable(f"processes exited while starting: {dead}; logs in {self.log_dir}")
+                try:
+                    if stub.ServerReady(kpb.ServerReadyRequest(), timeout=1.0).ready:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise Unavailable(f"the pipeline at {self.target} was not ready within {timeout_s:.0f} s; logs in {self.log_dir}")
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        proc = self.procs.get(name)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout_s)
+        return proc.returncode
+
+    def stop(self) -> dict[str, int | None]:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        codes: dict[str, int | None] = {}
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT_S)
+            codes[name] = proc.returncode
+        return codes
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
