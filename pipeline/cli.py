@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("pipeline.serving.worker", "run one shard worker"),
     "ingress": ("pipeline.serving.ingress", "run the KServe v2 gRPC ingress"),
     "infer": ("pipeline.serving.client", "send one inference request and print a summary"),
+    "bench": ("pipeline.bench.command", "the pipeline beside the whole model run locally: latency, throughput, hops"),
+    "keys": ("pipeline.security.keys", "make a CurveZMQ key pair per process and record the public keys in the topology"),
     "record": ("pipeline.soak.record", "write a replay file: inputs and the whole model's reference outputs"),
     "soak": ("pipeline.soak.soak", "replay a file through the ingress for a duration, check every answer, report"),
 }

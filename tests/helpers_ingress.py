@@ -369,7 +369,7 @@ def outputs_of(response: kpb.ModelInferResponse) -> dict[str, np.ndarray]:
 
 
 def _dtype_name(array: np.ndarray) -> str:
-    return kserve._dtype_name(array.dtype)
+    return codec.dtype_name(array.dtype)
 
 
 def toy_inputs(batch: int, seed: int = 0) -> dict[str, np.ndarray]:

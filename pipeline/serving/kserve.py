@@ -24,7 +24,7 @@ from pipeline.errors import InvalidInput, ModelNotFound
 from pipeline.pb import grpc_service_pb2 as kpb
 from pipeline.pb import model_config_pb2 as mcpb
 from pipeline.topology import TensorSpec, Topology
-from pipeline.wire.codec import NUMPY_DTYPES
+from pipeline.wire.codec import NUMPY_DTYPES, dtype_name
 
 #: KServe datatype name -> numpy dtype name (the topology's names).
 KSERVE_TO_NUMPY: dict[str, str] = {
@@ -263,7 +263,7 @@ _WIDE: dict[str, Any] = {
 
 def array_to_contents(array: np.ndarray) -> kpb.InferTensorContents:
     """Typed contents for an array (the inverse of :func:`contents_to_array`; used by clients and tests)."""
-    datatype = kserve_datatype(_dtype_name(array.dtype))
+    datatype = kserve_datatype(dtype_name(array.dtype))
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidInput(f"datatype {datatype} has no typed contents field; expected raw bytes")
@@ -280,7 +280,7 @@ def encode_outputs(
         array = np.ascontiguousarray(outputs[name])
         tensor = response.outputs.add()
         tensor.name = name
-        tensor.datatype = kserve_datatype(_dtype_name(array.dtype))
+        tensor.datatype = kserve_datatype(dtype_name(array.dtype))
         tensor.shape.extend(array.shape)
         response.raw_output_contents.append(array.tobytes())
 
@@ -297,7 +297,7 @@ def output_array(response: kpb.ModelInferResponse, index: int) -> np.ndarray:
 
 def check_output(spec: TensorSpec, array: np.ndarray, batch_size: int, origin: str) -> str | None:
     """A description of how a shard's output does not fit its spec and the batch, or ``None`` when it fits."""
-    if _dtype_name(array.dtype) != spec.dtype:
+    if dtype_name(array.dtype) != spec.dtype:
         return f"{origin} sent output {spec.name!r} as {array.dtype}, expected {spec.dtype}"
     if not spec.accepts(array.shape) or (array.ndim and spec.shape[0] == -1 and array.shape[0] != batch_size):
         return (
@@ -362,12 +362,6 @@ def _batch_size(topology: Topology, arrays: Mapping[str, np.ndarray], max_batch_
         raise InvalidInput(f"expected every input to have the same batch size (first axis), received {sizes}")
     batch = next(iter(sizes.values()))
     if max_batch_size and batch > max_batch_size and is_batched(topology):
-        raise InvalidInput(f"expected a batch size of at most {max_batch_size}, received {batch}")
+        raise InvalidInput(f"expected a batch size of at most {max_batch_size}, received {batch} (limit max_batch_size)")
     return batch
 
-
-def _dtype_name(dtype: np.dtype[Any]) -> str:
-    for name, candidate in NUMPY_DTYPES.items():
-        if dtype == candidate:
-            return name
-    return dtype.name

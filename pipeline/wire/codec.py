@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,12 +95,12 @@ def encode(envelope: pb.Envelope, tensors: Mapping[str, np.ndarray]) -> list[Any
     frames: list[Any] = [b""]
     for name, value in tensors.items():
         array = np.ascontiguousarray(value)
-        dtype_name = _dtype_name(array.dtype)
-        if dtype_name not in NUMPY_DTYPES:
+        name_of_dtype = dtype_name(array.dtype)
+        if name_of_dtype not in NUMPY_DTYPES:
             raise DecodeError("bad_dtype", f"tensor {name!r} has dtype {array.dtype}; expected one of {sorted(DTYPES)}")
         header = envelope.tensors.add()
         header.name = name
-        header.dtype = dtype_name
+        header.dtype = name_of_dtype
         header.shape.extend(array.shape)
         header.nbytes = array.nbytes
         frames.append(memoryview(array.reshape(-1).view(np.uint8)) if array.nbytes else b"")
@@ -109,15 +109,18 @@ def encode(envelope: pb.Envelope, tensors: Mapping[str, np.ndarray]) -> list[Any
 
 
 def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
-    """Parse and check a received multipart message; raise :class:`DecodeError` when it does not fit."""
+    """Parse and check a received multipart message; raise :class:`DecodeError` when it does not fit.
+
+    Once the envelope has parsed as a valid message, a :class:`DecodeError`
+    carries it (``exc.envelope``), so a receiver can answer the request it names.
+    """
     if not frames:
         raise DecodeError("empty", "expected at least the envelope frame, received no frames")
-    if len(frames) > limits.max_frames:
-        raise DecodeError("too_many_frames", f"expected at most {limits.max_frames} frames, received {len(frames)}")
     head = _buffer(frames[0])
     if len(head) > limits.max_envelope_bytes:
         raise DecodeError(
-            "envelope_too_large", f"expected an envelope of at most {limits.max_envelope_bytes} bytes, received {len(head)}"
+            "envelope_too_large",
+            f"expected an envelope of at most {limits.max_envelope_bytes} bytes (max_envelope_bytes), received {len(head)}",
         )
     envelope = pb.Envelope()
     try:
@@ -128,6 +131,23 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         raise DecodeError("bad_version", f"expected wire version {WIRE_VERSION}, received {envelope.version}")
     if envelope.kind == pb.KIND_UNSPECIFIED:
         raise DecodeError("bad_kind", "expected a message kind, received none")
+    if envelope.kind not in _KINDS:  # proto3 enums are open: an unknown number parses
+        raise DecodeError("bad_kind", f"expected a message kind in {sorted(pb.Kind.keys())[1:]}, received {envelope.kind}")
+    try:
+        return Message(envelope=envelope, tensors=_tensors(envelope, frames, limits))
+    except DecodeError as exc:
+        exc.envelope = envelope
+        raise
+
+
+_KINDS = frozenset(pb.Kind.values())
+
+
+def _tensors(envelope: pb.Envelope, frames: Sequence[Any], limits: Limits) -> dict[str, np.ndarray]:
+    if len(frames) > limits.max_frames:
+        raise DecodeError(
+            "too_many_frames", f"expected at most {limits.max_frames} frames (max_frames), received {len(frames)}"
+        )
     if len(envelope.tensors) != len(frames) - 1:
         raise DecodeError(
             "frame_count",
@@ -142,14 +162,17 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
             raise DecodeError("duplicate_tensor", f"tensor {header.name!r} appears twice in one message")
         shape = tuple(header.shape)
         if len(shape) > limits.max_rank or any(d < 0 for d in shape):
-            raise DecodeError("bad_shape", f"tensor {header.name!r}: shape {list(shape)} is not a valid shape")
+            raise DecodeError(
+                "bad_shape",
+                f"tensor {header.name!r}: expected a shape of at most {limits.max_rank} sizes >= 0 (max_rank), received {list(shape)}",
+            )
         count = 1
         for d in shape:
             count *= d
             if count * dtype.itemsize > limits.max_frame_bytes:
                 raise DecodeError(
                     "frame_too_large",
-                    f"tensor {header.name!r}: shape {list(shape)} exceeds the {limits.max_frame_bytes}-byte frame limit",
+                    f"tensor {header.name!r}: shape {list(shape)} exceeds the {limits.max_frame_bytes}-byte frame limit (max_frame_bytes)",
                 )
         expected = count * dtype.itemsize
         buf = _buffer(frame)
@@ -160,7 +183,7 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
             )
         array = np.frombuffer(buf, dtype=dtype, count=count).reshape(shape) if count else np.empty(shape, dtype)
         tensors[header.name] = array
-    return Message(envelope=envelope, tensors=tensors)
+    return tensors
 
 
 def send(socket: zmq.Socket, envelope: pb.Envelope, tensors: Mapping[str, np.ndarray] | None = None, flags: int = 0) -> None:
@@ -168,27 +191,53 @@ def send(socket: zmq.Socket, envelope: pb.Envelope, tensors: Mapping[str, np.nda
     socket.send_multipart(encode(envelope, tensors or {}), flags=flags, copy=False)
 
 
+#: a receiver's answer to a dropped message whose envelope names a request (``exc.envelope``).
+OnDrop = Callable[[DecodeError], None]
+
+
 def recv(
-    socket: zmq.Socket, counter: DropCounter | None = None, limits: Limits = DEFAULT_LIMITS, flags: int = 0
+    socket: zmq.Socket,
+    counter: DropCounter | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    flags: int = 0,
+    on_drop: OnDrop | None = None,
 ) -> Message | None:
     """Receive one message; a message that does not fit is logged, counted and returned as ``None``."""
     frames = socket.recv_multipart(flags=flags, copy=False)
-    return decode_or_drop(frames, counter, limits)
+    return decode_or_drop(frames, counter, limits, on_drop)
 
 
-async def arecv(socket: Any, counter: DropCounter | None = None, limits: Limits = DEFAULT_LIMITS) -> Message | None:
+async def arecv(
+    socket: Any, counter: DropCounter | None = None, limits: Limits = DEFAULT_LIMITS, on_drop: OnDrop | None = None
+) -> Message | None:
     """``recv`` for a ``zmq.asyncio`` socket."""
     frames = await socket.recv_multipart(copy=False)
-    return decode_or_drop(frames, counter, limits)
+    return decode_or_drop(frames, counter, limits, on_drop)
 
 
-def decode_or_drop(frames: Sequence[Any], counter: DropCounter | None, limits: Limits = DEFAULT_LIMITS) -> Message | None:
+def decode_or_drop(
+    frames: Sequence[Any], counter: DropCounter | None, limits: Limits = DEFAULT_LIMITS, on_drop: OnDrop | None = None
+) -> Message | None:
+    """``decode``, or log and count the drop (and pass it to ``on_drop``); never raises for a bad message."""
     try:
         return decode(frames, limits)
     except DecodeError as exc:
         if counter is not None:
             counter.inc(exc.reason)
-        log.warning("message_dropped", reason=exc.reason, detail=exc.message, frames=len(frames))
+        env = exc.envelope
+        log.warning(
+            "message_dropped",
+            reason=exc.reason,
+            detail=exc.message,
+            frames=len(frames),
+            request_id=env.request_id if env is not None else None,
+            sender=env.sender if env is not None else None,
+        )
+        if on_drop is not None and env is not None:
+            try:
+                on_drop(exc)
+            except Exception:  # the receive loop must go on whatever the answer does
+                log.exception("drop_answer_failed", reason=exc.reason)
         return None
 
 
@@ -207,7 +256,7 @@ def _buffer(frame: Any) -> memoryview:
     return memoryview(frame)
 
 
-def _dtype_name(dtype: np.dtype[Any]) -> str:
+def dtype_name(dtype: np.dtype[Any]) -> str:
     if dtype == ml_dtypes.bfloat16:
         return "bfloat16"
     return dtype.name

@@ -14,6 +14,7 @@ from pipeline.errors import InvalidInput, ModelNotFound
 from pipeline.pb import grpc_service_pb2 as kpb
 from pipeline.pb import model_config_pb2 as mcpb
 from pipeline.serving import kserve
+from pipeline.wire import codec
 from pipeline.serving.pending import Liveness, Outcome, PendingTable
 from pipeline.topology import Batching, IngressSpec, ShardOutput, ShardSpec, TensorSpec, Topology
 
@@ -60,7 +61,7 @@ def _sample(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
 def _raw(model: str, arrays: dict[str, np.ndarray]) -> kpb.ModelInferRequest:
     request = kpb.ModelInferRequest(model_name=model)
     for name, array in arrays.items():
-        request.inputs.add(name=name, datatype=kserve.kserve_datatype(kserve._dtype_name(array.dtype)), shape=list(array.shape))
+        request.inputs.add(name=name, datatype=kserve.kserve_datatype(codec.dtype_name(array.dtype)), shape=list(array.shape))
         request.raw_input_contents.append(array.tobytes())
     return request
 
