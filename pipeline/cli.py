@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("pipeline.security.keys", "make a CurveZMQ key pair per process and record the public keys in the topology"),
     "record": ("pipeline.soak.record", "write a replay file: inputs and the whole model's reference outputs"),
     "soak": ("pipeline.soak.soak", "replay a file through the ingress for a duration, check every answer, report"),
+    "top": ("pipeline.top", "a live view of a running pipeline: each shard's state, rates, batches, compute times"),
 }
 
 

@@ -7,6 +7,8 @@ line exits with one lookup, never an if-chain.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 
@@ -68,11 +70,22 @@ class ComputeError(PipelineError):
     status = grpc.StatusCode.INTERNAL
 
 
+#: drop reasons that are a size limit reached (answered RESOURCE_EXHAUSTED; any other drop is INTERNAL).
+LIMIT_DROP_REASONS = frozenset({"too_many_frames", "frame_too_large", "envelope_too_large"})
+
+
 class DecodeError(PipelineError):
-    """A ZeroMQ message that does not match its envelope; ``reason`` is a short counter label."""
+    """A ZeroMQ message that does not match its envelope; ``reason`` is a short counter label.
+
+    ``envelope`` is the parsed envelope when the message got that far, so the
+    request it names can be answered with this error's status.
+    """
 
     status = grpc.StatusCode.INTERNAL
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+        self.envelope: Any = None
+        if reason in LIMIT_DROP_REASONS:
+            self.status = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 
 from pipeline.errors import UsageError
+from pipeline.security import tls
 from pipeline.pb import grpc_service_pb2 as kpb
 from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc
 from pipeline.serving import kserve
@@ -49,6 +50,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
     parser.add_argument("--timing", action="store_true", help="ask for the pipeline's timing spans and print them")
     parser.add_argument("--seed", type=int, default=0, help="seed of random inputs (default 0)")
+    env = os.environ.get
+    parser.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's roots unless --tls-ca")
+    parser.add_argument(
+        "--tls-ca", metavar="PEM", default=env("PIPELINE_INFER_TLS_CA"), help="trust this CA (implies --tls; env PIPELINE_INFER_TLS_CA)"
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        default=env("PIPELINE_INFER_TLS_CERT"),
+        help="client certificate for mutual TLS (implies --tls; env PIPELINE_INFER_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key", metavar="PEM", default=env("PIPELINE_INFER_TLS_KEY"), help="private key of --tls-cert (env PIPELINE_INFER_TLS_KEY)"
+    )
+    parser.add_argument(
+        "--tls-server-name", metavar="NAME", help="name to check the server certificate against (default: the target's host)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +76,16 @@ def run(args: argparse.Namespace) -> int:
         ("grpc.max_send_message_length", DEFAULT_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", DEFAULT_MESSAGE_BYTES),
     ]
-    with grpc.insecure_channel(args.target, options=options) as channel:
+    channel = tls.open_channel(
+        args.target,
+        options,
+        tls=getattr(args, "tls", False),
+        ca=getattr(args, "tls_ca", None),
+        cert=getattr(args, "tls_cert", None),
+        key=getattr(args, "tls_key", None),
+        server_name=getattr(args, "tls_server_name", None),
+    )
+    with channel:
         stub = kpb_grpc.GRPCInferenceServiceStub(channel)
         try:
             return infer(stub, args, sys.stdout)

@@ -1,0 +1,165 @@
+"""Property test of a worker's receive loop (decoder, join buffer, error answers) with socket doubles.
+
+Any bytes in: every message is either a decoded part handed to the join
+buffer, or a counted drop (answered with an ERROR when its envelope names a
+request); nothing raises out of the loop, the buffer keeps its bound, and it
+empties once the deadlines pass. ``tests/unit/test_join.py`` checks the join
+buffer's own bookkeeping against a model; this checks what reaches it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline import topology as topo
+from pipeline.errors import DecodeError
+from pipeline.pb import envelope_pb2 as pb
+from pipeline.serving.join import Status
+from pipeline.serving.worker import Worker, WorkerConfig
+from pipeline.topology import IngressSpec, ShardOutput, ShardSpec, TensorSpec, Topology
+from pipeline.wire import codec
+
+MAX_PENDING = 3
+#: drop labels the worker adds on top of the decoder's (not decode failures).
+WORKER_LABELS = {"unexpected_kind", "duplicate_part", "unexpected_tensors"}
+
+
+def join_topology() -> Topology:
+    """``x`` -> p -> ``a`` and ``x`` -> q -> ``b``; the join ``j`` takes (a, b) and makes ``y``."""
+    specs = {
+        "x": TensorSpec("x", "float32", (-1, 2)),
+        "a": TensorSpec("a", "float32", (-1, 2)),
+        "b": TensorSpec("b", "int32", (-1, 3)),
+        "y": TensorSpec("y", "float32", (-1, 1)),
+    }
+
+    def shard(name: str, inputs: tuple[str, ...], outputs: dict[str, tuple[str, ...]]) -> ShardSpec:
+        endpoint = f"ipc:///nonexistent/{name}"
+        return ShardSpec(name, f"{name}.keras", inputs, tuple(ShardOutput(o, c) for o, c in outputs.items()), endpoint, "127.0.0.1", endpoint)
+
+    return Topology(
+        name="fuzz",
+        inputs=(specs["x"],),
+        outputs=(specs["y"],),
+        tensors=specs,
+        shards=(shard("p", ("x",), {"a": ("j",)}), shard("q", ("x",), {"b": ("j",)}), shard("j", ("a", "b"), {"y": (topo.INGRESS,)})),
+        ingress=IngressSpec("127.0.0.1:0", "ipc:///nonexistent/ingress", "127.0.0.1", "ipc:///nonexistent/ingress"),
+    )
+
+
+class FakePull:
+    """Hands out queued multipart messages, then ``zmq.Again`` (as a non-blocking PULL does)."""
+
+    def __init__(self) -> None:
+        self.queue: deque[list[bytes]] = deque()
+        self.closed = False
+
+    def recv_multipart(self, flags: int = 0, copy: bool = True) -> list[bytes]:
+        if not self.queue:
+            raise zmq.Again()
+        return self.queue.popleft()
+
+    def close(self, linger: int | None = None) -> None:
+        self.closed = True
+
+
+class FakePush:
+    """Keeps every message sent (as bytes), like a peer that is always there."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+        self.closed = False
+
+    def send_multipart(self, frames: list[Any], flags: int = 0, copy: bool = True) -> None:
+        self.sent.append([bytes(f) for f in frames])
+
+    def close(self, linger: int | None = None) -> None:
+        self.closed = True
+
+
+def part(sender: str, rid: int, deadline_ns: int, good: bool) -> list[bytes]:
+    env = pb.Envelope(kind=pb.REQUEST, request_id=rid, model="fuzz", sender=sender, deadline_ns=deadline_ns)
+    if sender == "p":
+        tensors = {"a": np.ones((2, 2), np.float32) if good else np.ones((2, 5), np.float64)}
+    else:
+        tensors = {"b": np.ones((2, 3), np.int32) if good else np.ones((4,), np.int32)}
+    return [bytes(f) for f in codec.encode(env, tensors)]
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> list[bytes]:
+    kind = draw(st.sampled_from(["part", "part", "part", "raw", "mutated", "other_kind"]))
+    if kind == "raw":
+        return draw(st.lists(st.binary(max_size=64), max_size=4))
+    now = time.time_ns()
+    deadline = draw(st.sampled_from([0, now - 1_000_000, now + 60_000_000_000]))
+    frames = part(draw(st.sampled_from(["p", "q"])), draw(st.integers(0, 6)), deadline, draw(st.booleans()))
+    if kind == "other_kind":
+        env = pb.Envelope.FromString(frames[0])
+        env.kind = draw(st.sampled_from([pb.RESULT, pb.ERROR, pb.HEARTBEAT, 77]))
+        frames[0] = env.SerializeToString()
+    elif kind == "mutated":
+        how = draw(st.sampled_from(["cut", "extra", "flip", "drop"]))
+        if how == "cut":
+            frames[1] = frames[1][: draw(st.integers(0, len(frames[1]) - 1))]
+        elif how == "extra":
+            frames.append(draw(st.binary(max_size=16)))
+        elif how == "drop":
+            frames.pop()
+        else:
+            head = bytearray(frames[0])
+            head[draw(st.integers(0, len(head) - 1))] ^= draw(st.integers(1, 255))
+            frames[0] = bytes(head)
+    return frames
+
+
+def decode_failure(frames: list[bytes]) -> DecodeError | None:
+    try:
+        codec.decode(frames)
+    except DecodeError as exc:
+        return exc
+    return None
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(st.lists(messages(), max_size=8), max_size=8))
+def test_any_messages_are_joined_or_counted_and_the_loop_never_raises(turns: list[list[list[bytes]]]) -> None:
+    t = join_topology()
+    worker = Worker(WorkerConfig(directory=Path("."), shard="j", bind="inproc://unused", max_pending=MAX_PENDING, max_queued=4), t)
+    pull, ingress = FakePull(), FakePush()
+    worker.pull, worker.push = pull, {topo.INGRESS: ingress}  # type: ignore[assignment]
+    fed = 0
+    must_answer: set[int] = set()  # requests named by a part the decoder dropped
+    try:
+        for batch in turns:
+            pull.queue.extend(batch)
+            fed += len(batch)
+            for frames in batch:
+                exc = decode_failure(frames)
+                if exc is not None and exc.envelope is not None and exc.envelope.kind == pb.REQUEST:
+                    must_answer.add(exc.envelope.request_id)
+            worker._read_messages()  # the loop body under test: must not raise
+            worker._sweep(time.time_ns())
+            assert len(worker.join) <= MAX_PENDING
+        assert not pull.queue
+        assert worker.stats.messages_in == fed
+        drops = worker.drops.snapshot()
+        decoder_drops = sum(n for reason, n in drops.items() if reason not in WORKER_LABELS)
+        joined = sum(worker.join.counts[s.value] for s in Status)
+        assert decoder_drops + drops.get("unexpected_kind", 0) + joined == fed, (drops, worker.join.counts)
+        answers = [codec.decode(m) for m in ingress.sent]
+        assert all(a.envelope.kind == pb.ERROR and a.envelope.error.code for a in answers)
+        assert must_answer <= {a.envelope.request_id for a in answers}
+        # nothing is held past the deadlines (the latest drawn is 60 s away; without one, part_timeout_s)
+        worker._sweep(time.time_ns() + int(max(worker.config.part_timeout_s, 61.0) * 1e9))
+        assert len(worker.join) == 0
+    finally:
+        worker._close()
