@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,17 +29,52 @@ START_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 6.0
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    sockets, ports = [], []
+#: lowest port ``free_ports`` hands out; it picks below the kernel's ephemeral range (see there).
+PORT_FLOOR = 20000
+#: the Linux default, when /proc does not say.
+DEFAULT_EPHEMERAL = (32768, 60999)
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections."""
     try:
-        for _ in range(count):
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+        return lo, hi
+    except (OSError, ValueError):
+        return DEFAULT_EPHEMERAL
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free on ``host`` now, for processes that bind them a little later.
+
+    They are drawn at random from below the ephemeral range: a port the kernel
+    handed out with ``bind(0)`` is an ephemeral one, which any outgoing
+    connection (a ZeroMQ or gRPC client, a scrape) may take between this call
+    and the bind, and which a second run picking at the same moment would get
+    too. Port 0 binds make up the rest when that range is too small.
+    """
+    lo, _ = ephemeral_range()
+    pool = list(range(PORT_FLOOR, lo)) if lo - PORT_FLOOR >= 8 * count else []
+    random.SystemRandom().shuffle(pool)
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        for candidate in [*pool[: 32 * count], *[0] * count]:
+            if len(ports) == count:
+                break
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            sockets.append(s)
+            try:
+                s.bind((host, candidate))  # without SO_REUSEADDR: a port in TIME_WAIT is refused too
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
             ports.append(s.getsockname()[1])
     finally:
-        for s in sockets:
+        for s in held:
             s.close()
+    if len(ports) < count:
+        raise Unavailable(f"expected {count} free ports on {host}, found {len(ports)}")
     return ports
 
 

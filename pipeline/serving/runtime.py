@@ -185,11 +185,22 @@ class ShardRuntime:
             )
         return outputs
 
-    def warm_up(self, calls: int = DEFAULT_WARMUP_CALLS) -> None:
-        """Trace and run the function on zeros so that the first request pays no compile cost."""
+    def warm_up(self, calls: int = DEFAULT_WARMUP_CALLS, max_batch: int = 1) -> None:
+        """Trace and run the function on zeros so that the first request pays no compile cost.
+
+        The ``None`` batch axis of the signature means one trace serves every batch size; each
+        power-of-two batch size up to ``max_batch`` is still run once, so that the kernels' own
+        per-shape set-up (oneDNN primitives) happens here and not on a request.
+        """
         hints = {getattr(t, "name", None): tuple(t.shape) for t in (getattr(self.model, "inputs", None) or [])}
-        zeros = {n: zeros_like_spec(s, hint=hints.get(n)) for n, s in self.input_specs.items()}
-        for _ in range(max(calls, 1)):
+        sizes = [1]
+        while sizes[-1] * 2 <= max_batch:
+            sizes.append(sizes[-1] * 2)
+        if sizes[-1] != max_batch and max_batch > 1:
+            sizes.append(max_batch)
+        runs = [1] * max(calls - 1, 0) + sizes
+        for batch in runs:
+            zeros = {n: zeros_like_spec(s, batch=batch, hint=hints.get(n)) for n, s in self.input_specs.items()}
             try:
                 self(zeros)
             except ComputeError as exc:

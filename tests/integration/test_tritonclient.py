@@ -36,6 +36,7 @@ meta = client.get_model_metadata("toy", as_json=True)
 report["inputs"] = [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]]
 report["outputs"] = [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["outputs"]]
 config = client.get_model_config("toy", as_json=True)["config"]
+report["backend"] = config.get("backend")
 report["config"] = {
     "name": config["name"], "platform": config.get("platform"), "max_batch_size": config.get("max_batch_size"),
     "input": [(i["name"], i["data_type"], [int(d) for d in i["dims"]]) for i in config["input"]],
@@ -54,13 +55,37 @@ try:
     client.infer("nope", inputs)
 except tc.InferenceServerException as exc:
     report["error"] = [exc.status(), exc.message()]
+# more traffic, counted by the caller: batches of 1..4 rows, and requests the ingress refuses
+for rows in (1, 2, 4, 1):
+    more = [tc.InferInput("x", [rows, 4], "FP32"), tc.InferInput("ids", [rows, 2], "INT64")]
+    more[0].set_data_from_numpy(np.ones((rows, 4), np.float32))
+    more[1].set_data_from_numpy(np.ones((rows, 2), np.int64))
+    client.infer("toy", more)
+for _ in range(2):
+    bad = [tc.InferInput("x", [1, 5], "FP32"), tc.InferInput("ids", [1, 2], "INT64")]
+    bad[0].set_data_from_numpy(np.ones((1, 5), np.float32))
+    bad[1].set_data_from_numpy(np.ones((1, 2), np.int64))
+    try:
+        client.infer("toy", bad)
+    except tc.InferenceServerException as exc:
+        report.setdefault("bad", []).append(exc.status())
 stats = client.get_inference_statistics("toy", as_json=True)["model_stats"][0]
+everything = client.get_inference_statistics("", as_json=True)["model_stats"]
 report["stats"] = {
+    "name": stats["name"],
+    "models": [m["name"] for m in everything],
     "inference_count": int(stats.get("inference_count", 0)),
     "execution_count": int(stats.get("execution_count", 0)),
-    "success": int(stats["inference_stats"]["success"].get("count", 0)),
-    "success_ns": int(stats["inference_stats"]["success"].get("ns", 0)),
+    "last_inference": int(stats.get("last_inference", 0)),
+    **{
+        f"{key}_{part}": int(stats["inference_stats"].get(key, {}).get(part, 0))
+        for key in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+        for part in ("count", "ns")
+    },
+    "batch_sizes": sorted(int(b["batch_size"]) for b in stats.get("batch_stats", [])),
+    "batch_counts": sum(int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])),
 }
+report["dynamic_batching"] = config.get("dynamic_batching", {})
 print(json.dumps(report))
 """
 
@@ -97,5 +122,19 @@ def test_tritonclient_against_the_ingress(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.array(report["y"], np.float32), toy_compute({"x": x, "ids": ids})["y"])
     assert report["y_dtype"] == "float32" and report["id"] == "r-1"
     assert report["error"][0] == "StatusCode.NOT_FOUND" and "'nope'" in report["error"][1]
-    assert report["stats"]["inference_count"] == 3 and report["stats"]["execution_count"] == 1
-    assert report["stats"]["success"] == 1 and report["stats"]["success_ns"] > 0
+    assert report["backend"] == "keras_pipeline"
+    assert report["dynamic_batching"]["preferred_batch_size"] == [8]  # the shard's max_batch
+    assert int(report["dynamic_batching"]["max_queue_delay_microseconds"]) == 2000
+    assert report["bad"] == ["StatusCode.INVALID_ARGUMENT"] * 2
+
+    # the statistics count exactly the traffic sent: 5 successes (3 + 1 + 2 + 4 + 1 rows), 2 failures
+    # (the request for "nope" named another model), real times for every part
+    stats = report["stats"]
+    assert stats["name"] == "toy" and stats["models"] == ["toy"]
+    assert stats["inference_count"] == 11 and stats["execution_count"] == 5
+    assert stats["success_count"] == 5 and stats["fail_count"] == 2
+    for key in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert stats[f"{key}_count"] == 5 and stats[f"{key}_ns"] > 0, key
+    assert stats["success_ns"] > stats["compute_input_ns"] + stats["compute_infer_ns"] + stats["compute_output_ns"]
+    assert stats["fail_ns"] > 0 and stats["last_inference"] > 0
+    assert stats["batch_sizes"] == [1, 2, 3, 4] and stats["batch_counts"] == 5
