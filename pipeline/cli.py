@@ -1,4 +1,4 @@
-"""The ``pipeline`` command line.
+"""pipeline: split a Keras model into shards and serve them as a ZeroMQ pipeline behind a KServe v2 gRPC ingress.
 
 Each sub-command lives in its own module, which exposes ``add_arguments(parser)``
 and ``run(args) -> int``. Command modules import TensorFlow and Keras inside
