@@ -72,8 +72,10 @@ from pipeline.pb import envelope_pb2 as pb
 from pipeline.pb import grpc_service_pb2 as kpb
 from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc
 from pipeline.serving import admin, kserve
+from pipeline.serving import metrics as prom
 from pipeline.serving.pending import Liveness, PendingTable
-from pipeline.wire import codec, sockets
+from pipeline.security import tls
+from pipeline.wire import codec, security, sockets
 
 log = get_logger("pipeline.ingress")
 
@@ -117,6 +119,11 @@ class IngressConfig:
     record: str = ""  # replay file to record served requests into ("" -> no recording)
     record_max_count: int = 1000  # requests recorded before the recording stops
     record_max_bytes: int = 256 * MIB  # tensor bytes recorded before the recording stops
+    keys_dir: str = ""  # CURVE secret keys (PIPELINE_KEYS_DIR; "" -> DIR/keys), read with security: curve
+    tls_cert: str = ""  # PEM certificate chain: serve gRPC over TLS ("" -> plaintext)
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA bundle: require client certificates signed by it (mutual TLS)
+    metrics: str = ""  # Prometheus endpoint host:port ("" or none: off)
 
     @property
     def down_after_s(self) -> float:
@@ -162,7 +169,13 @@ class IngressConfig:
             record=pick("record", str, None, d.record),
             record_max_count=pick("record_max_count", int, None, d.record_max_count),
             record_max_bytes=pick("record_max_bytes", int, None, d.record_max_bytes),
+            keys_dir=pick("keys_dir", str, None, d.keys_dir, env_name=security.ENV_KEYS_DIR),
+            tls_cert=pick("tls_cert", str, None, d.tls_cert),
+            tls_key=pick("tls_key", str, None, d.tls_key),
+            tls_client_ca=pick("tls_client_ca", str, None, d.tls_client_ca),
+            metrics=pick("metrics", str, topology.ingress.metrics, d.metrics),
         )
+        prom.parse_address(config.metrics)  # a bad address fails here, at start
         if config.retries < 0:
             raise UsageError(f"ingress retries must be >= 0, received {config.retries}")
         for name in ("record_max_count", "record_max_bytes", "timeout_s", "max_inflight", "max_message_bytes", "max_batch_size", "heartbeat_interval_s"):
@@ -186,31 +199,54 @@ class _Duration:
 
 
 @dataclass
+class _BatchStats:
+    compute_input: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    compute_output: _Duration = field(default_factory=_Duration)
+
+
+@dataclass
 class Stats:
-    """Cumulative counts and times, reported through ``ModelStatistics``."""
+    """Cumulative counts and times of the served model, reported through ``ModelStatistics``.
+
+    Triton's fields, measured in the pipeline: ``success``/``fail`` the
+    end-to-end time of each request; ``queue`` the sum of the shards'
+    ``.queue`` spans (join and batching wait); ``compute_infer`` the sum of the
+    shards' ``.compute`` spans; ``compute_input`` the ingress decoding and
+    sending the inputs; ``compute_output`` the ingress encoding the response.
+    Hops and the ingress's wait are what perf_analyzer shows as overhead.
+    """
 
     success: _Duration = field(default_factory=_Duration)
     fail: _Duration = field(default_factory=_Duration)
     queue: _Duration = field(default_factory=_Duration)
+    compute_input: _Duration = field(default_factory=_Duration)
     compute_infer: _Duration = field(default_factory=_Duration)
+    compute_output: _Duration = field(default_factory=_Duration)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
-    batch: dict[int, _Duration] = field(default_factory=dict)
+    batch: dict[int, _BatchStats] = field(default_factory=dict)
     codes: Counter[str] = field(default_factory=Counter)
 
-    def record_success(self, duration_ns: int, batch_size: int, spans: list[pb.Span]) -> None:
+    def record_success(
+        self, duration_ns: int, batch_size: int, spans: list[pb.Span], *, input_ns: int = 0, output_ns: int = 0
+    ) -> None:
         self.success.add(duration_ns)
         self.inference_count += batch_size
         self.execution_count += 1
         self.last_inference_ms = time.time_ns() // 1_000_000
         queue = sum(s.end_ns - s.start_ns for s in spans if s.name.endswith(".queue"))
         compute = sum(s.end_ns - s.start_ns for s in spans if s.name.endswith(".compute"))
-        if any(s.name.endswith(".queue") for s in spans):
-            self.queue.add(queue)
-        if any(s.name.endswith(".compute") for s in spans):
-            self.compute_infer.add(compute)
-            self.batch.setdefault(batch_size, _Duration()).add(compute)
+        by_size = self.batch.setdefault(batch_size, _BatchStats())
+        self.queue.add(queue)
+        for total, one, ns in (
+            (self.compute_input, by_size.compute_input, input_ns),
+            (self.compute_infer, by_size.compute_infer, compute),
+            (self.compute_output, by_size.compute_output, output_ns),
+        ):
+            total.add(ns)
+            one.add(ns)
         self.codes["OK"] += 1
 
     def record_failure(self, duration_ns: int, code: grpc.StatusCode) -> None:
@@ -227,12 +263,16 @@ class Stats:
             execution_count=self.execution_count,
         )
         s = stats.inference_stats
-        s.success.CopyFrom(self.success.pb())
-        s.fail.CopyFrom(self.fail.pb())
-        s.queue.CopyFrom(self.queue.pb())
-        s.compute_infer.CopyFrom(self.compute_infer.pb())
+        for key in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+            getattr(s, key).CopyFrom(getattr(self, key).pb())
         for size in sorted(self.batch):
-            stats.batch_stats.add(batch_size=size, compute_infer=self.batch[size].pb())
+            b = self.batch[size]
+            stats.batch_stats.add(
+                batch_size=size,
+                compute_input=b.compute_input.pb(),
+                compute_infer=b.compute_infer.pb(),
+                compute_output=b.compute_output.pb(),
+            )
         return stats
 
 
@@ -251,6 +291,7 @@ class Ingress:
         self.retried = 0
         self.recorder: Any = None  # a pipeline.soak.replay.ReplayRecorder with --record
         self.stats = Stats()
+        self.metrics = prom.IngressMetrics(self)
         self.drops = codec.DropCounter()
         self.port = 0
         self.results_endpoint = ""
@@ -259,6 +300,7 @@ class Ingress:
         self._ctx: zmq.asyncio.Context | None = None
         self._pull: Any = None
         self._push: dict[str, Any] = {}
+        self.links: security.Links | None = None  # CURVE keys and ZAP allow-list (security: curve)
         self._monitors: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._server: grpc.aio.Server | None = None
@@ -270,16 +312,19 @@ class Ingress:
     async def start(self) -> int:
         """Bind the sockets and the gRPC port, start the background tasks; return the bound port."""
         cfg = self.config
+        credentials = tls.server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         self._ctx = zmq.asyncio.Context(zmq.Context.instance())
+        self.links = security.open_links(self._ctx, self.topology, topo.INGRESS, cfg.keys_dir or None, self.drops)
         bounds = sockets.SocketBounds(send_hwm=cfg.send_hwm, recv_hwm=cfg.recv_hwm)
         try:
-            self._pull = sockets.pull(self._ctx, cfg.results_bind, bounds)
+            self._pull = sockets.pull(self._ctx, cfg.results_bind, bounds, configure=self.links.server)
         except zmq.ZMQError as exc:
+            self._close_sockets()
             raise UsageError(f"cannot bind the results endpoint {cfg.results_bind!r}: {exc}") from None
         self.results_endpoint = self._pull.getsockopt(zmq.LAST_ENDPOINT).decode()
         for shard in self.routes:
             endpoint = self.topology.shard(shard).endpoint
-            push = self._push[shard] = sockets.push(self._ctx, endpoint, bounds)
+            push = self._push[shard] = sockets.push(self._ctx, endpoint, bounds, configure=self.links.client(shard))
             self.liveness.set_connected(shard, False)
             self._monitors[shard] = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
             # the factory connects at once; connect again now that the monitor is attached, so the
@@ -307,7 +352,7 @@ class Ingress:
             server,
         )
         try:
-            port = server.add_insecure_port(cfg.address)
+            port = tls.add_port(server, cfg.address, credentials)
         except RuntimeError as exc:
             port = 0
             reason = str(exc)
@@ -329,6 +374,7 @@ class Ingress:
                 max_count=cfg.record_max_count,
                 max_bytes=cfg.record_max_bytes,
             )
+        self.metrics.start(cfg.metrics)
         await self._set_serving(False)
         await server.start()
         self._tasks = [
@@ -366,8 +412,9 @@ class Ingress:
             except (asyncio.CancelledError, Exception):
                 pass
         self._close_sockets()
+        self.metrics.close()
         if self.recorder is not None:
-            self.recorder.close()
+            self.recorder.close(timeout_s=2.0)  # within honcho's 5 s budget
         log.info("ingress_stopped", ended_unfinished=left, stats=dict(self.stats.codes), dropped=self.drops.snapshot())
         self._stopped.set()
 
@@ -384,6 +431,9 @@ class Ingress:
         self._pull = None
         self._push = {}
         self._monitors = {}
+        if self.links is not None:
+            self.links.close()
+            self.links = None
 
     # ------------------------------------------------------------- readiness
     def ready(self) -> bool:
@@ -403,18 +453,26 @@ class Ingress:
         """Run one request through the pipeline; raise a :class:`PipelineError` for every failure."""
         t0 = time.time_ns()
         rid = next(self._ids)
+        code = grpc.StatusCode.INTERNAL  # until it ends otherwise (for the metrics)
+        self.metrics.request_started(request.model_name)
         with bound_contextvars(request_id=rid):
             try:
                 decoded = kserve.decode_request(self.topology, request, self.config.max_batch_size)
-                return await self._run(rid, request, decoded, t0, time_remaining)
+                response = await self._run(rid, request, decoded, t0, time_remaining)
+                code = grpc.StatusCode.OK
+                return response
             except PipelineError as exc:
+                code = exc.status
                 if request.model_name == self.topology.name:
                     self.stats.record_failure(time.time_ns() - t0, exc.status)
                 log.info("request_failed", code=exc.status.name, detail=exc.message)
                 raise
             except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
                 log.debug("request_cancelled")
                 raise
+            finally:
+                self.metrics.request_ended(request.model_name, code, time.time_ns() - t0)
 
     async def _run(
         self,
@@ -461,7 +519,9 @@ class Ingress:
                 ("ingress.encode", t_result, t_encoded),
             ]
             _put_timing(response, spans, t_encoded - t0)
-        self.stats.record_success(t_encoded - t0, decoded.batch_size, outcome.spans)
+        self.stats.record_success(
+            t_encoded - t0, decoded.batch_size, outcome.spans, input_ns=t_sent - t0, output_ns=t_encoded - t_result
+        )
         log.debug("request_done", batch=decoded.batch_size, ms=round((t_encoded - t0) / 1e6, 3))
         return response
 
@@ -524,7 +584,7 @@ class Ingress:
     # ------------------------------------------------------- background tasks
     async def _read_results(self) -> None:
         while True:
-            message = await codec.arecv(self._pull, self.drops)
+            message = await codec.arecv(self._pull, self.drops, on_drop=self._on_dropped_result)
             if message is None:
                 continue
             try:
@@ -534,6 +594,7 @@ class Ingress:
 
     def _handle(self, message: codec.Message) -> None:
         env = message.envelope
+        self.metrics.received(env)
         if env.kind == pb.HEARTBEAT:
             self._on_heartbeat(env)
         elif env.kind == pb.RESULT:
@@ -543,6 +604,15 @@ class Ingress:
         else:
             self.drops.inc("unexpected_kind")
             log.debug("message_ignored", reason="unexpected_kind", kind=pb.Kind.Name(env.kind), sender=env.sender)
+
+    def _on_dropped_result(self, exc: PipelineError) -> None:
+        """A result part dropped by the decoder: end the request it names now, rather than at its deadline."""
+        env = getattr(exc, "envelope", None)
+        if env is None or env.kind not in (pb.RESULT, pb.ERROR) or env.model != self.topology.name:
+            return
+        error = PipelineError(f"{env.sender or 'a shard'} sent a result the ingress could not accept: {exc.message}")
+        error.status = exc.status
+        self.table.finish(env.request_id, error)
 
     def _on_heartbeat(self, env: pb.Envelope) -> None:
         shard = env.heartbeat.process or env.sender
@@ -747,6 +817,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--record", metavar="FILE", help="record the requests served and their answers into a replay file")
     parser.add_argument("--record-max-count", type=int, help="requests to record before stopping (default 1000)")
     parser.add_argument("--record-max-bytes", type=int, help="tensor bytes to record before stopping (default 256 MiB)")
+    parser.add_argument("--keys-dir", help="folder of CURVE secret keys (env PIPELINE_KEYS_DIR; default DIR/keys)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate chain (env PIPELINE_INGRESS_TLS_CERT)")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert (env PIPELINE_INGRESS_TLS_KEY)")
+    parser.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require client certificates signed by this CA: mutual TLS (env PIPELINE_INGRESS_TLS_CLIENT_CA)",
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics here (env PIPELINE_INGRESS_METRICS; default: the topology's ingress.metrics; '' or none: off)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

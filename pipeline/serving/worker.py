@@ -59,6 +59,7 @@ from pipeline import topology as topo
 from pipeline.errors import ComputeError, InvalidInput, PipelineError, UsageError
 from pipeline.pb import envelope_pb2 as pb
 from pipeline.serving import batcher as batching
+from pipeline.serving import metrics as prom
 from pipeline.serving.join import DEFAULT_MAX_PENDING, DEFAULT_PART_TIMEOUT_S, JoinBuffer, Ready, Status
 from pipeline.serving.runtime import (
     DEFAULT_INTER_OP_THREADS,
@@ -110,6 +111,7 @@ class WorkerConfig:
     log_level: str = "info"
     keys_dir: str = ""  # CURVE secret keys ("" -> DIR/keys); read only with security: curve
     cpus: tuple[int, ...] = ()
+    metrics: str = ""  # Prometheus endpoint host:port ("" or none: off)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,6 +180,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="pin the worker to these CPUs, e.g. 0 or 0,1 or 0-3 (env PIPELINE_CPUS; default: no pinning)",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics here (env PIPELINE_METRICS; default: the topology's shards[].metrics; '' or none: off)",
+    )
 
 
 def parse_cpus(text: str) -> tuple[int, ...]:
@@ -229,7 +236,9 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         log_level=pick("log_level", "LOG_LEVEL", "info", str),
         keys_dir=pick("keys_dir", "KEYS_DIR", "", str),
         cpus=pick("cpus", "CPUS", (), parse_cpus),
+        metrics=pick("metrics", "METRICS", spec.metrics, str),
     )
+    prom.parse_address(config.metrics)  # a bad address fails here, at start
     checks = {
         "threads": config.threads >= 1,
         "inter_threads": config.inter_threads >= 1,
@@ -312,7 +321,7 @@ class _ComputeThread(threading.Thread):
             configure_tensorflow(self.config.threads, self.config.inter_threads)
             self.runtime = ShardRuntime.load(self.topology, self.config.shard, unsafe=self.config.unsafe)
             loaded = time.monotonic()
-            self.runtime.warm_up(self.config.warmup_calls)
+            self.runtime.warm_up(self.config.warmup_calls, self.config.max_batch)
         except BaseException as exc:  # reported by the network loop, which exits with the error's code
             self.failure = exc
             self.wake()
@@ -408,6 +417,7 @@ class Worker:
         self.batcher: batching.Batcher[Ready] = batching.Batcher(config.max_batch, config.max_delay_ms, config.max_queued)
         self.drops = codec.DropCounter()
         self.stats = _Stats()
+        self.metrics = prom.WorkerMetrics(self)
         self.ctx = ctx or zmq.Context.instance()
         self.pid = os.getpid()
         self.host = socket.gethostname()
@@ -439,6 +449,7 @@ class Worker:
     def serve(self) -> int:
         """Run until stopped; return the exit status (raise a :class:`PipelineError` on a config error)."""
         self._open()
+        self.metrics.start(self.config.metrics)
         self.compute.start()
         log.info("worker_listening", shard=self.name, bind=self.config.bind, consumers=sorted(self.routes))
         try:
@@ -464,6 +475,7 @@ class Worker:
         self.poller.register(self._wake_r, zmq.POLLIN)
 
     def _close(self) -> None:
+        self.metrics.close()
         for sock in [self.pull, *self.push.values()]:
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
@@ -550,6 +562,7 @@ class Worker:
         spans = list(env.spans)
         if env.sent_ns:
             spans.append(pb.Span(name=f"{env.sender or '?'}->{self.name}.hop", start_ns=env.sent_ns, end_ns=now))
+            self.metrics.hopped(env.sender, now - env.sent_ns)
         outcome = self.join.add(
             rid,
             message.tensors,
@@ -657,7 +670,7 @@ class Worker:
         hb.ready = ready
         hb.pid = self.pid
         hb.host = self.host
-        hb.metrics = self.spec.metrics
+        hb.metrics = self.metrics.server.address  # the address bound ("" when off)
         try:
             hb.rss_bytes = self._process.memory_info().rss
         except psutil.Error:
@@ -703,6 +716,7 @@ class Worker:
         }
         out.update({f"dropped.{reason}": n for reason, n in drops.items()})
         out.update({f"errors.{code}": n for code, n in s.errors.items()})
+        out.update(self.metrics.heartbeat_stats())
         return out
 
     # -------------------------------------------------------------- results
@@ -718,6 +732,7 @@ class Worker:
             s.last_batch_size = len(done.requests)
             s.last_batch_rows = done.rows
             s.compute_ms.append((done.end_ns - done.start_ns) / 1e6)
+            self.metrics.computed(done)
             for r, outputs, error in zip(done.requests, done.outputs, done.errors):
                 if error is not None or outputs is None:
                     err = error or ComputeError("no outputs")
