@@ -56,12 +56,11 @@ def _time_bare(push: zmq.Socket, pull: zmq.Socket, array: np.ndarray, n: int) ->
     return out
 
 
-def bench_hops(curve: bool = True) -> list[dict[str, Any]]:
-    """Median microseconds per hop for each size; with ``curve``, also the CurveZMQ-encrypted hop if available."""
+def bench_hops() -> list[dict[str, Any]]:
+    """Median microseconds per hop for each size, through the codec and bare."""
     ctx = zmq.Context.instance()
     push, pull = _pair(ctx)
     rows = []
-    curve_fn = _curve_hop() if curve else None
     try:
         for nbytes, label, n in SIZES:
             array = np.random.default_rng(0).standard_normal(nbytes // 4).astype(np.float32)
@@ -77,19 +76,9 @@ def bench_hops(curve: bool = True) -> list[dict[str, Any]]:
                 "bare_us": float(np.median(b) * 1e6),
             }
             row["ratio"] = row["codec_us"] / row["bare_us"]
-            if curve_fn is not None:
-                row["curve_us"] = curve_fn(array, n)
             rows.append(row)
     finally:
         push.close(linger=0)
         pull.close(linger=0)
     return rows
 
-
-def _curve_hop() -> Any:
-    """The encrypted hop, if the security module offers a benchmark (``pipeline.wire.security.bench_curve_hop``)."""
-    try:
-        from pipeline.wire import security
-    except ImportError:
-        return None
-    return getattr(security, "bench_curve_hop", None)
