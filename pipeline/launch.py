@@ -151,9 +151,14 @@ class Cluster:
         return proc
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> Cluster:
-        for name in self.topology.processes_on(None):
-            self.start_process(name)
-        self.wait_ready(timeout_s)
+        """Start every process and wait until the pipeline is ready; on failure, stop what started."""
+        try:
+            for name in self.topology.processes_on(None):
+                self.start_process(name)
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:

@@ -177,6 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cpus",
+        type=parse_cpus,
         metavar="LIST",
         help="pin the worker to these CPUs, e.g. 0 or 0,1 or 0-3 (env PIPELINE_CPUS; default: no pinning)",
     )

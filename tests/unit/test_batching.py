@@ -96,3 +96,4 @@ def test_split_refuses_outputs_whose_batch_axis_does_not_match() -> None:
         split({"mean": np.zeros((1, 4))}, [1, 2])
     single = {"mean": np.zeros((1, 4))}
     assert split(single, [2])[0]["mean"] is single["mean"]
+
