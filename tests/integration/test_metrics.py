@@ -91,7 +91,7 @@ def wait_for(predicate, timeout_s: float = WAIT_S, what: str = "a condition"):  
 # ------------------------------------------------------------------ unit
 def test_metrics_addresses() -> None:
     assert prom.parse_address("") is None and prom.parse_address("none") is None and prom.parse_address(" off ") is None
-    assert prom.parse_address("127.0.0.1:9100") == ("127.0.0.1", 9100)
+    assert prom.parse_address("127.0.0.1:0") == ("127.0.0.1", 0)  # loopback stays loopback
     assert prom.parse_address("10.0.0.5:9100") == ("0.0.0.0", 9100)  # a scraper on another host must reach it
     assert prom.parse_address(":0") == ("0.0.0.0", 0)
     for bad in ("9100", "host:port", "h:70000"):

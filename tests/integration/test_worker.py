@@ -108,7 +108,7 @@ def build_tiny(directory: Path, sockets: Path, results: str) -> Topology:
             shard("s3", ("x",), {"d": ("s4",)}),
             shard("s4", ("a", "c:0", "d"), {"out": (INGRESS,)}),
         ),
-        ingress=IngressSpec(grpc="127.0.0.1:8001", results=results, host="127.0.0.1", bind=results),
+        ingress=IngressSpec(grpc="127.0.0.1:0", results=results, host="127.0.0.1", bind=results),
         directory=directory,
         heartbeat_interval_s=HEARTBEAT_S,
     )
@@ -150,7 +150,7 @@ def build_edge(directory: Path, sockets: Path, results: str) -> Topology:
             # played by the test; its file only has to exist
             ShardSpec(name="sink", file="w.keras", inputs=("z",), outputs=(), endpoint=sink_end, host="127.0.0.1", bind=sink_end),
         ),
-        ingress=IngressSpec(grpc="127.0.0.1:8001", results=results, host="127.0.0.1", bind=results),
+        ingress=IngressSpec(grpc="127.0.0.1:0", results=results, host="127.0.0.1", bind=results),
         directory=directory,
         heartbeat_interval_s=HEARTBEAT_S,
     )
@@ -202,7 +202,7 @@ def build_solo(directory: Path, sockets: Path, results: str) -> Topology:
         outputs=(tensors["y1"], tensors["y2"], tensors["slow"]),
         tensors=tensors,
         shards=shards,
-        ingress=IngressSpec(grpc="127.0.0.1:8001", results=results, host="127.0.0.1", bind=results),
+        ingress=IngressSpec(grpc="127.0.0.1:0", results=results, host="127.0.0.1", bind=results),
         directory=directory,
         heartbeat_interval_s=HEARTBEAT_S,
     )
