@@ -198,13 +198,18 @@ def memory_growth(
     The start is the median of the samples in a window just after the
     warm-up, the end the median of a window at the end (each a tenth of the
     measured span, at least three intervals), both of the pid alive at the
-    end (a restarted process is measured from its restart on). ``None`` when
-    there are too few samples.
+    end (a restarted process is measured from the end of its own warm-up,
+    as long again as the soak's, after its first sample). ``None`` when there
+    are too few samples.
     """
     if not samples:
         return None
     pid = samples[-1][1]
-    mine = [(t, rss) for t, p, rss in samples if p == pid and t >= warmup_s and rss > 0]
+    begin = warmup_s
+    born = min(t for t, p, _ in samples if p == pid)
+    if born > samples[0][0]:  # restarted during the soak: it loads and warms up again, so skip its own warm-up
+        begin = max(warmup_s, born + warmup_s)
+    mine = [(t, rss) for t, p, rss in samples if p == pid and t >= begin and rss > 0]
     if len(mine) < 2:
         return None
     first_t, last_t = mine[0][0], mine[-1][0]

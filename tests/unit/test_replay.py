@@ -216,6 +216,14 @@ def test_memory_growth_uses_windows_after_the_warm_up_and_the_last_pid() -> None
     restarted = [(t, 7 if t < 30 else 8, (900 if t < 30 else 400) * mib) for t in range(0, 60)]
     g = soak_mod.memory_growth(restarted, warmup_s=10, end_s=60, interval_s=1)
     assert g is not None and g["pid"] == 8 and g["growth_bytes"] == 0
+    # a worker restarted at t=30 ramps up while it loads and warms up again (as after a SIGKILL):
+    # that ramp is its warm-up, not a leak; a leak after it still counts
+    ramp = [(t, 7 if t < 30 else 8, (600 if t < 30 else min(520 + 10 * (t - 30), 600)) * mib) for t in range(0, 60)]
+    g = soak_mod.memory_growth(ramp, warmup_s=10, end_s=60, interval_s=1)
+    assert g is not None and g["pid"] == 8 and g["growth_bytes"] == 0
+    leak_after = [(t, 7 if t < 30 else 8, (600 if t < 30 else 600 + 5 * max(0, t - 40)) * mib) for t in range(0, 60)]
+    g = soak_mod.memory_growth(leak_after, warmup_s=10, end_s=60, interval_s=1)
+    assert g is not None and g["growth_bytes"] > 30 * mib
     assert soak_mod.memory_growth([(1, 7, 5)], warmup_s=10, end_s=60, interval_s=1) is None
 
 
