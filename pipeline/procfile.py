@@ -2,7 +2,9 @@
 
 One line for the ingress and one per shard; with ``--host H``, only the
 processes that the topology places on host H, so the same topology file
-starts the right processes on each machine.
+starts the right processes on each machine. Each line ``exec``s the command,
+so the process honcho signals is the pipeline process itself (not a shell
+around it): SIGTERM reaches it directly and its own exit status is reported.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ def lines(topology: Topology, directory: str, host: str | None = None, command: 
     out = []
     for name in names:
         if name == INGRESS:
-            out.append(f"{INGRESS}: {command} ingress {d}")
+            out.append(f"{INGRESS}: exec {command} ingress {d}")
         else:
-            out.append(f"{name}: {command} worker {d} --shard {shlex.quote(name)}")
+            out.append(f"{name}: exec {command} worker {d} --shard {shlex.quote(name)}")
     return out
 
 

@@ -91,5 +91,7 @@ def test_honcho_start_serves_exact_answers(tmp_path: Path) -> None:
             honcho.wait(10)
         log.close()
     text = (tmp_path / "honcho.log").read_text()
-    # every process stopped on its own within honcho's budget (none had to be killed)
+    # every process stopped on its own within honcho's budget (none had to be killed), with status 0
     assert "SIGKILL" not in text, text[-3000:]
+    for name in ("ingress", "shard0", "shard1", "shard2", "shard3"):
+        assert f"{name}.1 stopped (rc=0)" in text, text[-3000:]
