@@ -71,7 +71,7 @@ from pipeline.log import configure, get_logger
 from pipeline.pb import envelope_pb2 as pb
 from pipeline.pb import grpc_service_pb2 as kpb
 from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc
-from pipeline.serving import admin, kserve
+from pipeline.serving import admin, kserve, parse_guard
 from pipeline.serving import metrics as prom
 from pipeline.serving.pending import Liveness, PendingTable
 from pipeline.security import tls
@@ -339,7 +339,7 @@ class Ingress:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), server)
+        parse_guard.add_guarded(kpb_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         admin_service = admin.add_to_server(self, server)
         reflection.enable_server_reflection(
