@@ -130,7 +130,7 @@ def bench_pipeline(
     sections: set[str],
 ) -> dict[str, Any]:
     from pipeline.bench import local
-    from pipeline.bench.load import infer_request, run_load, timing_of
+    from pipeline.bench.load import infer_request, run_load
     from pipeline.launch import Cluster, relocate
 
     out: dict[str, Any] = {}

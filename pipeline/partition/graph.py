@@ -97,7 +97,6 @@ def functional_of(model: Any) -> Any:
 
 def build_graph(model: Any) -> Graph:
     """Walk the model's graph once into :class:`Graph` records (nested models inlined)."""
-    from keras.src.models.sequential import Sequential
 
     fn = functional_of(model)
     walker = _Walker()
