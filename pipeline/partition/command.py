@@ -254,23 +254,15 @@ def _spec(t: Any) -> TensorSpec:
 
 
 def _allocate(host: str, base_port: int | None, count: int) -> list[int]:
-    """``count`` ports: consecutive from ``base_port``, or free ones the OS hands out on ``host``."""
+    """``count`` ports: consecutive from ``base_port``, or free ones on ``host`` (on loopback when ``host``
+    is another machine's address: the ports are only a starting point for a multi-host topology)."""
+    from pipeline.launch import free_ports
+
     if base_port is not None:
         if not 0 < base_port <= 65535 - count:
             raise UsageError(f"--base-port {base_port}: expected a port between 1 and {65535 - count}")
         return list(range(base_port, base_port + count))
-    bind_host = host if _can_bind(host) else "127.0.0.1"
-    sockets, ports = [], []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((bind_host, 0))
-            sockets.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in sockets:
-            s.close()
-    return ports
+    return free_ports(count, host if _can_bind(host) else "127.0.0.1")
 
 
 def _can_bind(host: str) -> bool:
