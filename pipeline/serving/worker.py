@@ -347,10 +347,11 @@ class _ComputeThread(threading.Thread):
             job = self.jobs.get()
             if job is None:
                 return
-            self.done.put(self._compute(job))
+            self.done.put(self.run_batch(job))
             self.wake()
 
-    def _compute(self, requests: list[Ready]) -> _Done:
+    def run_batch(self, requests: list[Ready]) -> _Done:
+        """Compute one batch; the network loop calls this itself for short batches (see _inline_ok)."""
         sizes = [batching.rows(r.tensors) for r in requests]
         start = time.time_ns()
         outputs: list[dict[str, Any] | None]
@@ -670,7 +671,7 @@ class Worker:
                 if self._inline_ok():
                     # Short batches run right here: no hand-off to the compute thread and back (two thread
                     # wake-ups, a few hundred microseconds a shard). Heartbeats wait at most one batch.
-                    self.compute.done.put(self.compute._compute(live))
+                    self.compute.done.put(self.compute.run_batch(live))
                     self._collect_done()
                     continue
                 self.compute.jobs.put_nowait(live)
