@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import topology as topo
+from pipeline.serving import kserve
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -130,7 +131,7 @@ def bench_pipeline(
     sections: set[str],
 ) -> dict[str, Any]:
     from pipeline.bench import local
-    from pipeline.bench.load import infer_request, run_load
+    from pipeline.bench.load import run_load
     from pipeline.launch import Cluster, relocate
 
     out: dict[str, Any] = {}
@@ -146,7 +147,7 @@ def bench_pipeline(
     copy = relocate(source.directory, work / "pipeline")
     worker_args = ["--threads", str(threads)] if threads else []
     with Cluster(copy, logs, common_worker_args=worker_args) as cluster:
-        req1 = infer_request(copy.name, x1)
+        req1 = kserve.infer_request(copy.name, x1)
         asyncio.run(run_load(cluster.target, [req1], total=20, concurrency=1))  # warm the path
         if "latency" in sections:
             res = asyncio.run(run_load(cluster.target, [req1], total=requests, concurrency=1))
@@ -156,7 +157,7 @@ def bench_pipeline(
         if "throughput" in sections:
             rows = {}
             for c in concurrencies:
-                reqs = [infer_request(copy.name, local.sample_inputs(t, 1, seed=i)) for i in range(8)]
+                reqs = [kserve.infer_request(copy.name, local.sample_inputs(t, 1, seed=i)) for i in range(8)]
                 asyncio.run(run_load(cluster.target, reqs, total=max(c * 2, 16), concurrency=c))
                 res = asyncio.run(run_load(cluster.target, reqs, total=max(requests, c * 8), concurrency=c))
                 rows[str(c)] = {"rate": res.rate, **_stats(res.latencies_s), "errors": dict(res.errors)}
@@ -170,10 +171,10 @@ def spans_of_one_request(target: str, model: str, inputs: dict[str, np.ndarray],
     """Median milliseconds per span name over ``repeat`` sequential requests that ask for timing."""
     import grpc
 
-    from pipeline.bench.load import infer_request, timing_of
+    from pipeline.bench.load import timing_of
     from pipeline.pb import grpc_service_pb2_grpc as kgrpc
 
-    req = infer_request(model, inputs, timing=True)
+    req = kserve.infer_request(model, inputs, timing=True)
     samples: dict[str, list[float]] = {}
     totals = []
     with grpc.insecure_channel(target) as channel:
@@ -192,7 +193,7 @@ def spans_of_one_request(target: str, model: str, inputs: dict[str, np.ndarray],
 def bench_parallel(source: topo.Topology, work: Path, logs: Path, requests: int) -> dict[str, Any]:
     """2 shards pinned to a core each with one thread, against the whole model on one core, one thread."""
     from pipeline.bench import local
-    from pipeline.bench.load import infer_request, run_load
+    from pipeline.bench.load import run_load
     from pipeline.launch import Cluster, relocate
 
     cpus = sorted(os.sched_getaffinity(0))
@@ -217,7 +218,7 @@ def bench_parallel(source: topo.Topology, work: Path, logs: Path, requests: int)
     ref_rate = max(ref["throughput"].values())
     copy = relocate(two, work / "two-run")
     fn, t = local.compiled_whole(source.directory)
-    reqs = [infer_request(copy.name, local.sample_inputs(t, 1, seed=i)) for i in range(8)]
+    reqs = [kserve.infer_request(copy.name, local.sample_inputs(t, 1, seed=i)) for i in range(8)]
     worker_args = {s.name: ["--cpus", str(cpus[i % len(cpus)])] for i, s in enumerate(copy.shards)}
     with Cluster(copy, logs / "parallel", worker_args=worker_args, common_worker_args=["--threads", "1"]) as cluster:
         asyncio.run(run_load(cluster.target, reqs, total=32, concurrency=8))

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,19 +31,6 @@ class LoadResult:
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_s, q)) if self.latencies_s else float("nan")
-
-
-def infer_request(model: str, inputs: Mapping[str, np.ndarray], *, timing: bool = False) -> kpb.ModelInferRequest:
-    from pipeline.serving.kserve import kserve_datatype
-    from pipeline.wire.codec import dtype_name
-
-    req = kpb.ModelInferRequest(model_name=model)
-    for name, value in inputs.items():
-        req.inputs.add(name=name, datatype=kserve_datatype(dtype_name(value.dtype)), shape=list(value.shape))
-        req.raw_input_contents.append(np.ascontiguousarray(value).tobytes())
-    if timing:
-        req.parameters["timing"].bool_param = True
-    return req
 
 
 async def run_load(

@@ -102,13 +102,12 @@ def infer(stub: kpb_grpc.GRPCInferenceServiceStub, args: argparse.Namespace, out
         arrays = load_inputs(args.input, meta)
     else:
         arrays = random_inputs(meta, args.batch, args.seed)
-    request = kpb.ModelInferRequest(model_name=meta.name)
-    for spec in meta.inputs:
-        array = np.ascontiguousarray(arrays[spec.name])
-        request.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(array.shape))
-        request.raw_input_contents.append(array.tobytes())
-    if args.timing:
-        request.parameters["timing"].bool_param = True
+    request = kserve.infer_request(
+        meta.name,
+        {spec.name: arrays[spec.name] for spec in meta.inputs},
+        datatypes={spec.name: spec.datatype for spec in meta.inputs},
+        timing=args.timing,
+    )
     started = time.perf_counter()
     response = stub.ModelInfer(request, timeout=args.timeout)
     latency_ms = (time.perf_counter() - started) * 1e3

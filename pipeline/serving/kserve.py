@@ -103,6 +103,29 @@ def numpy_dtype(datatype: str) -> np.dtype[Any]:
     return NUMPY_DTYPES[name]
 
 
+def infer_request(
+    model: str,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    datatypes: Mapping[str, str] | None = None,
+    timing: bool = False,
+) -> kpb.ModelInferRequest:
+    """A ``ModelInferRequest`` carrying ``arrays`` in ``raw_input_contents`` (the client side of decode_request).
+
+    ``datatypes`` overrides the KServe datatype per input (default: from each array's dtype);
+    ``timing`` asks the ingress for the per-shard and per-hop spans.
+    """
+    request = kpb.ModelInferRequest(model_name=model)
+    for name, value in arrays.items():
+        array = np.ascontiguousarray(value)
+        datatype = (datatypes or {}).get(name) or kserve_datatype(dtype_name(array.dtype))
+        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        request.raw_input_contents.append(array.tobytes())
+    if timing:
+        request.parameters["timing"].bool_param = True
+    return request
+
+
 def check_model(topology: Topology, name: str, version: str = "") -> None:
     """:class:`ModelNotFound` unless ``name``/``version`` is the served model."""
     if name != topology.name:

@@ -23,6 +23,7 @@ import numpy as np
 from pipeline import topology as topo
 from pipeline.errors import UsageError
 from pipeline.soak import replay
+from pipeline.wire.codec import dtype_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _as_dtype(array: Any, spec: topo.TensorSpec) -> np.ndarray:
     array = np.asarray(array)
-    if replay.dtype_name(array.dtype) != spec.dtype:
+    if dtype_name(array.dtype) != spec.dtype:
         raise UsageError(f"model output {spec.name!r} is {array.dtype}; the topology declares {spec.dtype}")
     return array
 

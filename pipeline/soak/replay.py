@@ -51,6 +51,7 @@ import numpy as np
 
 from pipeline.errors import UsageError
 from pipeline.log import get_logger
+from pipeline.wire.codec import dtype_name
 
 FORMAT = "keras-pipeline-replay"
 FORMAT_VERSION = 1
@@ -99,11 +100,6 @@ class Replay:
 
 
 # ----------------------------------------------------------------- dtypes
-def dtype_name(dtype: np.dtype[Any]) -> str:
-    """The topology's name for a numpy dtype (``bfloat16`` for ml_dtypes' type)."""
-    return "bfloat16" if dtype.name == "bfloat16" else dtype.name
-
-
 def _to_storable(array: np.ndarray) -> np.ndarray:
     array = np.ascontiguousarray(array)
     return array.view(np.uint16) if dtype_name(array.dtype) == "bfloat16" else array

@@ -55,6 +55,7 @@ from pipeline.pb import grpc_service_pb2 as kpb
 from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc
 from pipeline.serving import kserve
 from pipeline.soak import replay as replay_mod
+from pipeline.wire.codec import dtype_name
 from pipeline.topology import DEFAULT_GRPC_ADDRESS
 
 REPORT_FORMAT = "keras-pipeline-soak-report"
@@ -147,10 +148,10 @@ def compare(
 
 def compare_arrays(want: np.ndarray, got: np.ndarray, tolerance: float = 0.0) -> tuple[bool, dict[str, Any] | None]:
     """Bitwise (``tolerance`` 0) or within an absolute tolerance; NaN matches NaN in the same place."""
-    if want.shape != got.shape or replay_mod.dtype_name(want.dtype) != replay_mod.dtype_name(got.dtype):
+    if want.shape != got.shape or dtype_name(want.dtype) != dtype_name(got.dtype):
         return False, {
-            "problem": f"expected {replay_mod.dtype_name(want.dtype)}{list(want.shape)}, "
-            f"received {replay_mod.dtype_name(got.dtype)}{list(got.shape)}"
+            "problem": f"expected {dtype_name(want.dtype)}{list(want.shape)}, "
+            f"received {dtype_name(got.dtype)}{list(got.shape)}"
         }
     if np.ascontiguousarray(want).tobytes() == np.ascontiguousarray(got).tobytes():
         return True, None
@@ -257,13 +258,10 @@ class Soak:
         outputs = {t.name for t in meta.outputs}
         if not set(self.replay.output_names) <= outputs:
             raise UsageError(f"the replay's outputs {list(self.replay.output_names)} are not all served (served: {sorted(outputs)})")
+        datatypes = {name: served[name].datatype for name in self.replay.input_names}
         for r in self.replay.requests:
-            request = kpb.ModelInferRequest(model_name=meta.name)
-            for name in self.replay.input_names:
-                array = np.ascontiguousarray(r.inputs[name])
-                request.inputs.add(name=name, datatype=served[name].datatype, shape=list(array.shape))
-                request.raw_input_contents.append(array.tobytes())
-            self.requests.append(request)
+            arrays = {name: r.inputs[name] for name in self.replay.input_names}
+            self.requests.append(kserve.infer_request(meta.name, arrays, datatypes=datatypes))
 
     # ---------------------------------------------------------------- run
     async def run(self) -> dict[str, Any]:

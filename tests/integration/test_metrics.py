@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import helpers_ingress  # noqa: E402
+import helpers_worker  # noqa: E402
 from helpers_ingress import (  # noqa: E402
     FakeWorker,
     IngressThread,
@@ -78,14 +79,7 @@ class Scrape:
 
 
 def wait_for(predicate, timeout_s: float = WAIT_S, what: str = "a condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
+    return helpers_worker.wait_until(predicate, timeout_s, what, interval_s=0.05)
 
 
 # ------------------------------------------------------------------ unit
