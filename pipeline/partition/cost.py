@@ -125,10 +125,9 @@ def _op_cost(op: Op, graph: Graph, shapes: dict[int, tuple[int, ...]]) -> OpCost
         a, b = (shapes[t] for t in op.inputs)
         if a and b:
             flops += 2.0 * _numel(a) * (b[-1] if len(b) > 1 else 1)
-    params = int(sum(_numel(tuple(w.shape)) for w in weights))
     # weights are read on every call too: this dominates dense heads at small spatial size
     weight_bytes = sum(_numel(tuple(w.shape)) * _itemsize(str(getattr(w, "dtype", "float32"))) for w in weights)
-    return OpCost(flops=flops, bytes=float((in_elems + out_elems) * itemsize + weight_bytes), params=params)
+    return OpCost(flops=flops, bytes=float((in_elems + out_elems) * itemsize + weight_bytes), params=op.params)
 
 
 def tensor_bytes(graph: Graph, shapes: dict[int, tuple[int, ...]], tid: int) -> int:

@@ -63,13 +63,6 @@ class Graph:
     outputs: list[int]  # model output tensor ids, in model order
     input_names: list[str]
     output_names: list[str]
-    input_structure: str  # "single", "list" or "dict": how the whole model takes its inputs
-
-    def op_by_name(self) -> dict[str, Op]:
-        return {op.name: op for op in self.ops}
-
-    def tensor_by_name(self) -> dict[str, Tensor]:
-        return {t.name: t for t in self.tensors}
 
 
 def functional_of(model: Any) -> Any:
@@ -122,10 +115,7 @@ def build_graph(model: Any) -> Graph:
             raise PartitionError(
                 f"model output {name!r} is a model input passed straight through; there is nothing for a shard to compute"
             )
-    struct = fn._inputs_struct
-    input_structure = "dict" if isinstance(struct, dict) else "list" if isinstance(struct, (list, tuple)) else "single"
-    graph = _finish(walker, fn, input_tids, output_tids, input_names, output_names, input_structure, model.name)
-    return graph
+    return _finish(walker, input_tids, output_tids, input_names, output_names, model.name)
 
 
 def model_output_names(model: Any) -> list[str]:
@@ -267,12 +257,10 @@ def _size(shape: Any) -> int:
 
 def _finish(
     walker: _Walker,
-    fn: Any,
     input_tids: list[int],
     output_tids: list[int],
     input_names: list[str],
     output_names: list[str],
-    input_structure: str,
     name: str,
 ) -> Graph:
     """Order the ops topologically (depth first from the outputs, so branches stay together) and name tensors."""
@@ -313,7 +301,6 @@ def _finish(
         outputs=output_tids,
         input_names=input_names,
         output_names=output_names,
-        input_structure=input_structure,
     )
 
 
