@@ -235,8 +235,11 @@ def send_part(
     sender: str = "ingress",
     deadline_ns: int = 0,
     spans: Sequence[tuple[str, int, int]] = (),
+    followers: int = 0,
 ) -> None:
-    env = pb.Envelope(kind=pb.REQUEST, request_id=request_id, model=model, sender=sender, deadline_ns=deadline_ns)
+    env = pb.Envelope(
+        kind=pb.REQUEST, request_id=request_id, model=model, sender=sender, deadline_ns=deadline_ns, followers=followers
+    )
     for name, start, end in spans:
         env.spans.add(name=name, start_ns=start, end_ns=end)
     env.sent_ns = time.time_ns()

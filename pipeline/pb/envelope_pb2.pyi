@@ -78,7 +78,7 @@ class Heartbeat(_message.Message):
     def __init__(self, process: _Optional[str] = ..., ready: _Optional[bool] = ..., pid: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., host: _Optional[str] = ..., stats: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("version", "kind", "request_id", "model", "deadline_ns", "sender", "tensors", "error", "spans", "heartbeat", "sent_ns", "attempt")
+    __slots__ = ("version", "kind", "request_id", "model", "deadline_ns", "sender", "tensors", "error", "spans", "heartbeat", "sent_ns", "attempt", "followers")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Envelope(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     SENT_NS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWERS_FIELD_NUMBER: _ClassVar[int]
     version: int
     kind: Kind
     request_id: int
@@ -103,4 +104,5 @@ class Envelope(_message.Message):
     heartbeat: Heartbeat
     sent_ns: int
     attempt: int
-    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., request_id: _Optional[int] = ..., model: _Optional[str] = ..., deadline_ns: _Optional[int] = ..., sender: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., sent_ns: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+    followers: int
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., request_id: _Optional[int] = ..., model: _Optional[str] = ..., deadline_ns: _Optional[int] = ..., sender: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., sent_ns: _Optional[int] = ..., attempt: _Optional[int] = ..., followers: _Optional[int] = ...) -> None: ...

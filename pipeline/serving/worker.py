@@ -438,6 +438,8 @@ class Worker:
         self._stop_requested = False
         self._draining = False
         self._draining_deadline_ns = 0
+        # sender -> (messages of its last computed batch still to come, until when to expect them)
+        self._followers: dict[str, tuple[int, int]] = {}
         self._next_heartbeat_ns = 0
         self._next_sweep_ns = 0
         self._ingress_reachable = True
@@ -535,8 +537,11 @@ class Worker:
             return False
         return max(itertools.islice(reversed(recent), 16)) < INLINE_COMPUTE_FRACTION * self.config.heartbeat_interval_s * 1e3
 
-    def _more_waiting(self) -> bool:
-        return self.pull is not None and bool(self.pull.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+    def _more_waiting(self, now: int) -> bool:
+        """Messages wait on the socket, or an upstream shard said more of its batch is on the way."""
+        if self.pull is not None and self.pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return True
+        return any(n > 0 and until > now for n, until in self._followers.values())
 
     def _compute_idle(self) -> bool:
         return self.compute.ready.is_set() and not self._in_flight
@@ -575,6 +580,9 @@ class Worker:
             return
         rid = env.request_id
         spans = list(env.spans)
+        if env.followers or env.sender in self._followers:
+            # the latest message from a sender says how many more of its batch follow (bounded wait)
+            self._followers[env.sender] = (min(env.followers, self.batcher.max_batch), now + self.batcher.max_delay_ns)
         if env.sent_ns:
             spans.append(pb.Span(name=f"{env.sender or '?'}->{self.name}.hop", start_ns=env.sent_ns, end_ns=now))
             self.metrics.hopped(env.sender, now - env.sent_ns)
@@ -655,7 +663,7 @@ class Worker:
         # Nothing more waiting on the socket: run what is ready now instead of waiting out max_delay,
         # so a lone request pays no batching delay; under load, requests that arrive during a compute
         # form the next batch (max_delay only bounds the wait while messages keep streaming in).
-        force = self._draining or not self._more_waiting()
+        force = self._draining or not self._more_waiting(now)
         while self._compute_idle():
             batch = self.batcher.take(now, force=force)
             if not batch:
@@ -754,15 +762,20 @@ class Worker:
             s.last_batch_rows = done.rows
             s.compute_ms.append((done.end_ns - done.start_ns) / 1e6)
             self.metrics.computed(done)
+            ok = []
             for r, outputs, error in zip(done.requests, done.outputs, done.errors):
                 if error is not None or outputs is None:
                     err = error or ComputeError("no outputs")
                     self._fail(r.request_id, r.model, err.status, f"shard {self.name!r}: {err.message}", spans=r.spans)
                     continue
+                ok.append((r, outputs))
+            for i, (r, outputs) in enumerate(ok):
                 s.computed += 1
-                self._send_outputs(r, outputs, done.start_ns, done.end_ns)
+                self._send_outputs(r, outputs, done.start_ns, done.end_ns, followers=len(ok) - 1 - i)
 
-    def _send_outputs(self, r: Ready, outputs: Mapping[str, Any], start_ns: int, end_ns: int) -> None:
+    def _send_outputs(
+        self, r: Ready, outputs: Mapping[str, Any], start_ns: int, end_ns: int, *, followers: int = 0
+    ) -> None:
         spans = [
             *r.spans,
             pb.Span(name=f"{self.name}.queue", start_ns=r.first_ns, end_ns=start_ns),
@@ -777,6 +790,7 @@ class Worker:
                 deadline_ns=r.deadline_ns,
                 sender=self.name,
                 attempt=r.attempt,
+                followers=followers if kind == pb.REQUEST else 0,
             )
             env.spans.extend(spans)
             env.sent_ns = time.time_ns()

@@ -50,6 +50,7 @@ from pipeline.pb import envelope_pb2 as pb  # noqa: E402
 from pipeline.topology import INGRESS, Batching, IngressSpec, ShardOutput, ShardSpec, TensorSpec, Topology  # noqa: E402
 
 HEARTBEAT_S = 0.2
+EDGE_MAX_DELAY_MS = 100.0
 S4_MAX_PENDING = 40
 SLOW_N, SLOW_MATMULS = 1024, 60
 KERNEL = (np.arange(8, dtype=np.float32).reshape(4, 2) - 3.5) / 4
@@ -145,7 +146,7 @@ def build_edge(directory: Path, sockets: Path, results: str) -> Topology:
                 endpoint=w_end,
                 host="127.0.0.1",
                 bind=w_end,
-                batching=Batching(max_batch=16, max_delay_ms=30.0),
+                batching=Batching(max_batch=16, max_delay_ms=EDGE_MAX_DELAY_MS),
             ),
             # played by the test; its file only has to exist
             ShardSpec(name="sink", file="w.keras", inputs=("z",), outputs=(), endpoint=sink_end, host="127.0.0.1", bind=sink_end),
@@ -352,6 +353,28 @@ def test_batched_and_concurrent_requests_each_get_their_own_answer_without_retra
     stats = fleet.stats("edge", "w", lambda s: s["computed"] >= 12)
     assert stats["batches"] < stats["computed"], stats  # some requests shared a call
     assert stats["traces"] == 1, stats
+
+
+def test_a_batch_announced_by_the_upstream_shard_is_computed_together(fleet: Fleet) -> None:
+    # An upstream shard sends the rows of one computed batch as separate messages, each saying how many
+    # more follow. Spaced 5 ms apart (w computes one in well under that), w waits for the announced ones
+    # (within its max_delay) and computes them in one call; unannounced, each is computed on arrival.
+    def send_spaced(followers: bool) -> tuple[float, float]:
+        before = fleet.stats("edge", "w")  # a heartbeat sent after every earlier request was answered
+        rng = np.random.default_rng(7)
+        sent = {next(ids): rng.standard_normal((1, 4)).astype(np.float32) for _ in range(4)}
+        for i, (rid, x) in enumerate(sent.items()):
+            send_part(fleet.push("edge", "w"), rid, {"x": x}, model="edge", sender="up", followers=3 - i if followers else 0)
+            time.sleep(0.005)
+        for rid, x in sent.items():
+            np.testing.assert_allclose(fleet.ingress["edge"].result_tensors(rid, ["y"])["y"], x @ KERNEL + BIAS, rtol=1e-5, atol=1e-6)
+            fleet.sink.wait(lambda: fleet.sink.requests.get(rid), REPLY_TIMEOUT_S, f"z of request {rid} at the sink")
+        after = fleet.stats("edge", "w", lambda s: s["computed"] >= before["computed"] + 4)
+        return after["batches"] - before["batches"], after["computed"] - before["computed"]
+
+    assert send_spaced(followers=True) == (1, 4)
+    batches, computed = send_spaced(followers=False)
+    assert computed == 4 and batches >= 2
 
 
 def test_compute_failures_become_errors_and_the_worker_goes_on(fleet: Fleet) -> None:
