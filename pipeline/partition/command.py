@@ -49,6 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-address", default=None, help=f"ingress gRPC address (default {DEFAULT_GRPC_ADDRESS})")
     p.add_argument("--max-batch", type=int, default=Batching.max_batch, help="dynamic batching: largest batch per shard")
     p.add_argument("--max-delay-ms", type=float, default=Batching.max_delay_ms, help="dynamic batching: gather window")
+    p.add_argument(
+        "--plan-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="balance the shards for batches of N rows (default: --max-batch, the batch size under load; "
+        "1 balances for one request at a time)",
+    )
     p.add_argument("--slack", type=float, default=DEFAULT_SLACK, help="balance slack the planner may trade for fewer bytes")
     p.add_argument("--unsafe", action="store_true", help="allow models that need unsafe deserialization (Lambda layers)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -96,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         base_port=args.base_port,
         grpc_address=args.grpc_address,
         batching=Batching(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms),
+        plan_batch=args.plan_batch,
         slack=args.slack,
         force=args.force,
         verify=not args.no_verify,
@@ -132,6 +141,7 @@ def partition(
     base_port: int | None = None,
     grpc_address: str | None = None,
     batching: Batching = Batching(),
+    plan_batch: int | None = None,
     slack: float = DEFAULT_SLACK,
     force: bool = False,
     verify: bool = True,
@@ -160,14 +170,18 @@ def partition(
         t = graph.tensors[tid]
         if t.dtype not in DTYPES:
             raise PartitionError(f"model output {t.name!r} has dtype {t.dtype}; the pipeline carries {sorted(DTYPES)}")
+    plan_batch = batching.max_batch if plan_batch is None else plan_batch
+    if plan_batch < 1:
+        raise UsageError(f"--plan-batch must be at least 1, received {plan_batch}")
     shapes = cost.concrete_shapes(graph, input_shapes)
     costs = cost.op_costs(graph, shapes)
+    seconds = [c.seconds(plan_batch) for c in costs]
     tbytes = [cost.tensor_bytes(graph, shapes, t.id) if t.id in shapes else 0 for t in graph.tensors]
     cross = planner.crossings(graph, tbytes)
     if cuts:
         boundaries = planner.boundaries_for_cuts(graph, cuts, cross)
     else:
-        boundaries = planner.plan_balanced([c.seconds for c in costs], cross, shards or 1, slack)
+        boundaries = planner.plan_balanced(seconds, cross, shards or 1, slack)
     plans = split(graph, boundaries)
 
     endpoints = _allocate(host, base_port, 2 * len(plans) + 2)
@@ -203,7 +217,7 @@ def partition(
                 )
             )
         results = f"tcp://{host}:{endpoints[0]}"
-        rows = plan_rows(graph, plans, costs, tbytes)
+        rows = plan_rows(graph, plans, costs, tbytes, seconds)
         topology = Topology(
             name=name,
             inputs=tuple(_spec(graph.tensors[t]) for t in graph.inputs),
@@ -224,6 +238,7 @@ def partition(
                 "plan": {
                     "method": "cuts" if cuts else "balanced",
                     "cost_model": "estimated FLOPs and bytes (pipeline/partition/cost.py)",
+                    "batch": plan_batch,
                     "operations": len(graph.ops),
                     "shards": rows,
                 },
@@ -245,7 +260,7 @@ def partition(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     topology = topology.replace(directory=out)
-    table = plan_table(rows, name=name, operations=len(graph.ops))
+    table = plan_table(rows, name=name, operations=len(graph.ops), batch=plan_batch)
     return PartitionResult(topology=topology, table=table, seconds=time.perf_counter() - start)
 
 

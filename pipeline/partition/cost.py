@@ -4,19 +4,28 @@ Why an estimate and not a measurement: timing each operation alone measures
 mostly the per-call overhead of eager execution (tens of microseconds), which
 a compiled shard does not pay, and it would make partitioning slow and noisy
 on a shared machine. FLOPs and bytes are exact for a given input shape, and
-the three rates below turn them into time:
+four rates turn them into time:
 
-- ``flops / FLOP_RATE``: the arithmetic of convolutions, dense layers,
-  recurrent cells, attention projections and matrix products;
-- ``bytes / BYTE_RATE``: reading the inputs and writing the outputs, which
-  dominates element-wise operations, normalisation and depthwise convolutions;
-- ``OP_OVERHEAD_S``: a fixed cost per operation in a compiled function.
+- ``flops / flop``: the arithmetic of convolutions, dense layers, recurrent
+  cells, attention projections and matrix products;
+- ``activation bytes / activation_byte``: reading the inputs and writing the
+  outputs, which dominates element-wise operations, normalisation and
+  depthwise convolutions; it grows with the batch;
+- ``weight bytes / weight_byte``: the weights, read (and laid out for the
+  kernels) once per call whatever the batch; they dominate dense heads and
+  late, narrow layers at batch 1;
+- ``op_overhead_s``: a fixed cost per operation and call.
 
-The three rates were fitted (least squares) to the measured compiled time of
-the 12 shards of MobileNetV3Large on this project's reference machine (2
-cores, TensorFlow 2.21 on CPU, batch 1, one thread); only the ratios between
-operations matter for the balance of a plan. The bytes include the weights,
-which are read on every call and dominate dense heads at small spatial sizes. FLOPs of an operation with weights are estimated
+The batch changes which parts of a model are expensive: the early layers, on
+large activations, cost as much per sample at batch 8 as at batch 1, while the
+late layers, dominated by their weights, get 2× cheaper per sample. So a plan
+balanced for batch 1 is unbalanced under load, when the workers batch. The
+rates were fitted (least squares) twice, at batch 1 and at batch 8, to the
+measured compiled times of the 15 shards of MobileNetV3Large split into 2, 3,
+4 and 6 (the project's reference machine: 2 cores, TensorFlow 2.21 on CPU,
+one thread; within ±10 % for most shards); between the two the estimate is
+interpolated on log2 of the batch. Only the ratios between operations matter
+for the balance of a plan. FLOPs of an operation with weights are estimated
 generically as ``2 × output elements × (weights of rank ≥ 2) / output
 channels``, which is exact for Conv*, DepthwiseConv*, Dense/EinsumDense
 projections and recurrent cells, so the model needs no table of layer types.
@@ -32,20 +41,40 @@ import numpy as np
 from pipeline.errors import PartitionError
 from pipeline.partition.graph import Graph, Op
 
-FLOP_RATE = 34e9  # FLOP/s
-BYTE_RATE = 26e9  # B/s
-OP_OVERHEAD_S = 6e-6
+@dataclass(frozen=True)
+class Rates:
+    flop: float  # FLOP/s
+    activation_byte: float  # B/s
+    weight_byte: float  # B/s, once per call
+    op_overhead_s: float  # per operation and call
+
+
+#: fitted at batch 1 and at batch 8 (see above).
+RATES_BATCH_1 = Rates(flop=75e9, activation_byte=26.8e9, weight_byte=9.0e9, op_overhead_s=5.5e-6)
+RATES_BATCH_8 = Rates(flop=170e9, activation_byte=18.2e9, weight_byte=2.76e9, op_overhead_s=5.5e-6)
 
 
 @dataclass(frozen=True)
 class OpCost:
-    flops: float
-    bytes: float
+    flops: float  # per sample
+    activation_bytes: float  # per sample: inputs and outputs
+    weight_bytes: float  # per call
     params: int
 
-    @property
-    def seconds(self) -> float:
-        return self.flops / FLOP_RATE + self.bytes / BYTE_RATE + OP_OVERHEAD_S
+    def call_seconds(self, batch: int, rates: Rates) -> float:
+        """Estimated time of one call on ``batch`` rows with ``rates``."""
+        return (
+            batch * (self.flops / rates.flop + self.activation_bytes / rates.activation_byte)
+            + self.weight_bytes / rates.weight_byte
+            + rates.op_overhead_s
+        )
+
+    def seconds(self, batch: int = 1) -> float:
+        """Estimated time per sample when the shard runs batches of ``batch`` rows."""
+        one = self.call_seconds(1, RATES_BATCH_1)
+        eight = self.call_seconds(8, RATES_BATCH_8) / 8
+        w = min(max(np.log2(max(batch, 1)) / 3.0, 0.0), 1.0)
+        return float(one + (eight - one) * w)
 
 
 def concrete_shapes(graph: Graph, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[int, tuple[int, ...]]:
@@ -127,7 +156,9 @@ def _op_cost(op: Op, graph: Graph, shapes: dict[int, tuple[int, ...]]) -> OpCost
             flops += 2.0 * _numel(a) * (b[-1] if len(b) > 1 else 1)
     # weights are read on every call too: this dominates dense heads at small spatial size
     weight_bytes = sum(_numel(tuple(w.shape)) * _itemsize(str(getattr(w, "dtype", "float32"))) for w in weights)
-    return OpCost(flops=flops, bytes=float((in_elems + out_elems) * itemsize + weight_bytes), params=op.params)
+    return OpCost(
+        flops=flops, activation_bytes=float((in_elems + out_elems) * itemsize), weight_bytes=float(weight_bytes), params=op.params
+    )
 
 
 def tensor_bytes(graph: Graph, shapes: dict[int, tuple[int, ...]], tid: int) -> int:

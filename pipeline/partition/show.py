@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     topology = topo.load(args.directory, check_files=False)
     if args.format == "table":
         plan = topology.extra.get("plan") or {}
-        text = plan_table(plan.get("shards", []), name=topology.name, operations=plan.get("operations"))
+        text = plan_table(plan.get("shards", []), name=topology.name, operations=plan.get("operations"), batch=plan.get("batch"))
     elif args.format == "dot":
         text = to_dot(topology)
     else:
@@ -33,12 +33,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_rows(graph: Any, plans: list[Any], costs: list[Any], tensor_bytes: list[int]) -> list[dict[str, Any]]:
-    """One row per shard: operations, parameters, compute share, bytes out per sample, crossing tensors."""
-    total = sum(c.seconds for c in costs) or 1.0
+def plan_rows(
+    graph: Any, plans: list[Any], costs: list[Any], tensor_bytes: list[int], seconds_per_op: list[float]
+) -> list[dict[str, Any]]:
+    """One row per shard: operations, parameters, compute share, bytes out per sample, crossing tensors.
+
+    ``seconds_per_op`` is the cost model's estimate per sample at the batch the plan balanced for.
+    """
+    total = sum(seconds_per_op) or 1.0
     rows = []
     for plan in plans:
-        seconds = sum(costs[i].seconds for i in plan.ops)
+        seconds = sum(seconds_per_op[i] for i in plan.ops)
         params = sum(costs[i].params for i in plan.ops)
         sent = [graph.tensors[t].name for t in plan.outputs]
         bytes_out = sum(tensor_bytes[t] * len(plan.consumers[t]) for t in plan.outputs)
@@ -58,12 +63,16 @@ def plan_rows(graph: Any, plans: list[Any], costs: list[Any], tensor_bytes: list
     return rows
 
 
-def plan_table(rows: list[dict[str, Any]], *, name: str, operations: int | None = None) -> str:
+def plan_table(rows: list[dict[str, Any]], *, name: str, operations: int | None = None, batch: int | None = None) -> str:
+    """The plan as a table; ``est ms`` is the estimated compute per sample in batches of ``batch`` rows."""
     if not rows:
         return f"{name}: no plan recorded in topology.yaml"
     k = len(rows)
     header = f"{'shard':<8} {'ops':>5} {'params':>11} {'compute':>8} {'est ms':>8} {'bytes out':>11}  tensors sent (first op .. last op)"
-    lines = [f"plan for {name}: {k} shard(s)" + (f", {operations} operations" if operations else ""), header, "-" * len(header)]
+    title = f"plan for {name}: {k} shard(s)" + (f", {operations} operations" if operations else "")
+    if batch:
+        title += f", balanced for batches of {batch} (est ms: per sample)"
+    lines = [title, header, "-" * len(header)]
     for r in rows:
         lines.append(
             f"{r['shard']:<8} {r['operations']:>5} {r['params']:>11,} {r['share'] * 100:>7.1f}% {r['estimated_ms']:>8.2f} "

@@ -104,6 +104,7 @@ def test_shard_count_out_of_range(residual_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     _assert_usage_error(pipeline("partition", str(residual_file), "--shards", "0", "--out", str(out)), "at least 1", "received 0")
     _assert_usage_error(pipeline("partition", str(residual_file), "--shards", "50", "--out", str(out)), "--shards 50", "between 1 and")
+    _assert_usage_error(pipeline("partition", str(residual_file), "--shards", "2", "--plan-batch", "0", "--out", str(out)), "--plan-batch", "received 0")
     assert not out.exists()
 
 

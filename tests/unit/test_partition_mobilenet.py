@@ -37,6 +37,18 @@ def test_balanced_k_shards_are_exact(mobilenet, k: int, tmp_path: Path) -> None:
     assert all(r.bitwise for r in report.rows)
 
 
+def test_plan_balances_for_the_batch_it_will_run(mobilenet, tmp_path: Path) -> None:
+    # batched, the early layers (large activations) cost as much per sample as alone and the late ones
+    # (weights) less: balanced for batches of 8 (the default, --max-batch), the first shard ends earlier
+    loaded = partition(mobilenet, name="m", out=tmp_path / "b8", shards=2, verify=False)
+    alone = partition(mobilenet, name="m", out=tmp_path / "b1", shards=2, plan_batch=1, verify=False)
+    assert loaded.topology.extra["plan"]["batch"] == 8 and alone.topology.extra["plan"]["batch"] == 1
+    ops_8 = loaded.topology.extra["plan"]["shards"][0]["operations"]
+    ops_1 = alone.topology.extra["plan"]["shards"][0]["operations"]
+    assert ops_8 < ops_1
+    assert "balanced for batches of 8" in loaded.table and "balanced for batches of 1" in alone.table
+
+
 def test_named_cuts_after_non_layer_ops_and_inside_squeeze_excite(mobilenet, tmp_path: Path) -> None:
     # `add` and `multiply` are the keras.ops nodes of hard_sigmoid (x + 3.0, * 1/6) that model.layers
     # does not list; a cut after `add` falls inside the squeeze-excite block: the next shard holds the
