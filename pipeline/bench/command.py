@@ -207,40 +207,55 @@ def bench_parallel(source: topo.Topology, work: Path, logs: Path, requests: int)
     )  # fmt: skip
     if r.returncode != 0:
         return {"skipped": f"partition into 2 shards failed: {r.stderr[-500:]}"}
-    single = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench.local", str(source.directory), "--threads", "1", "--cpus", str(cpus[0]),
-         "--requests", "30", "--batch-sizes", "1,8", "--seconds", "3"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if single.returncode != 0:
-        return {"skipped": f"single-core reference failed: {single.stderr[-500:]}"}
-    ref = json.loads(single.stdout.strip().splitlines()[-1])
-    best_batch = max(ref["throughput"], key=ref["throughput"].get)
-    ref_rate = ref["throughput"][best_batch]
+
+    def single_core() -> dict[str, float] | str:
+        r = subprocess.run(
+            [sys.executable, "-m", "pipeline.bench.local", str(source.directory), "--threads", "1", "--cpus", str(cpus[0]),
+             "--requests", "30", "--batch-sizes", "1,8", "--seconds", "3"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if r.returncode != 0:
+            return f"single-core reference failed: {r.stderr[-500:]}"
+        return json.loads(r.stdout.strip().splitlines()[-1])["throughput"]
+
+    before = single_core()
+    if isinstance(before, str):
+        return {"skipped": before}
+    b = int(max(before, key=before.get))  # the reference's best batch: the size of the batched requests
+    out: dict[str, Any] = {"best_batch": b}
     copy = relocate(two, work / "two-run")
     fn, t = local.compiled_whole(source.directory)
     worker_args = {s.name: ["--cpus", str(cpus[i % len(cpus)])] for i, s in enumerate(copy.shards)}
-    out: dict[str, Any] = {"single_core_rate": ref_rate, "single_core_by_batch": ref["throughput"], "best_batch": int(best_batch)}
     with Cluster(copy, logs / "parallel", worker_args=worker_args, common_worker_args=["--threads", "1"]) as cluster:
         # clients send one sample per request and the workers batch them ...
         reqs = [kserve.infer_request(copy.name, local.sample_inputs(t, 1, seed=i)) for i in range(8)]
         asyncio.run(run_load(cluster.target, reqs, total=32, concurrency=8))
-        res = asyncio.run(run_load(cluster.target, reqs, total=max(requests, 100), concurrency=16))
-        out.update(pipeline_rate=res.rate, speedup=res.rate / ref_rate if ref_rate else float("nan"), errors=dict(res.errors))
+        res = asyncio.run(run_load(cluster.target, reqs, total=max(2 * requests, 200), concurrency=16))
+        out.update(pipeline_rate=res.rate, errors=dict(res.errors))
         # ... and, like the reference at its best batch, requests of that many samples each, so that the
         # gRPC client and the ingress (which share these two cores) cost per request, not per sample
-        b = int(best_batch)
         if b > 1:
             reqs = [kserve.infer_request(copy.name, local.sample_inputs(t, b, seed=i)) for i in range(4)]
             asyncio.run(run_load(cluster.target, reqs, total=8, concurrency=4, samples_per_request=b))
             res = asyncio.run(
-                run_load(cluster.target, reqs, total=max(requests // b, 40), concurrency=4, samples_per_request=b)
+                run_load(cluster.target, reqs, total=max(requests // 2, 60), concurrency=4, samples_per_request=b)
             )
-            out.update(
-                batched_rate=res.rate,
-                batched_speedup=res.rate / ref_rate if ref_rate else float("nan"),
-                batched_errors=dict(res.errors),
-            )
+            out.update(batched_rate=res.rate, batched_errors=dict(res.errors))
+    # the reference again, after the pipeline, and the faster of the two: the machine drifts, and the
+    # ratio should not flatter the pipeline with a slow minute of the reference
+    after = single_core()
+    by_batch = {k: max(v, after.get(k, 0.0)) if isinstance(after, dict) else v for k, v in before.items()}
+    reference_batch = max(by_batch, key=by_batch.get)
+    ref_rate = by_batch[reference_batch]
+    out.update(
+        single_core_rate=ref_rate,
+        single_core_batch=int(reference_batch),
+        single_core_by_batch=by_batch,
+        single_core_runs=[before, after],
+    )
+    out["speedup"] = out["pipeline_rate"] / ref_rate if ref_rate else float("nan")
+    if "batched_rate" in out:
+        out["batched_speedup"] = out["batched_rate"] / ref_rate if ref_rate else float("nan")
     return out
 
 
@@ -279,7 +294,7 @@ def render(r: dict[str, Any]) -> str:
         else:
             lines += [
                 "pipeline parallelism (1 thread per process)   samples/s",
-                f"  whole model, one core, batch {p.get('best_batch', '?'):>2}            {p['single_core_rate']:8.1f}",
+                f"  whole model, one core, batch {p.get('single_core_batch', '?'):>2} (best of 2) {p['single_core_rate']:8.1f}",
                 f"  2 shards, one core each, 1 sample/request  {p['pipeline_rate']:8.1f}   x{p['speedup']:.2f} (goal >= 1.8)",
             ]
             if "batched_rate" in p:
