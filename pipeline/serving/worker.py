@@ -581,7 +581,10 @@ class Worker:
         rid = env.request_id
         spans = list(env.spans)
         if env.followers or env.sender in self._followers:
-            # the latest message from a sender says how many more of its batch follow (bounded wait)
+            # the latest message from a sender says how many more of its batch follow (bounded wait); a new
+            # sender first drops the expired entries, so messages naming ever new senders cannot grow the table
+            if env.sender not in self._followers:
+                self._followers = {k: v for k, v in self._followers.items() if v[1] > now}
             self._followers[env.sender] = (min(env.followers, self.batcher.max_batch), now + self.batcher.max_delay_ns)
         if env.sent_ns:
             spans.append(pb.Span(name=f"{env.sender or '?'}->{self.name}.hop", start_ns=env.sent_ns, end_ns=now))

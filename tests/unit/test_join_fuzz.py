@@ -67,6 +67,10 @@ class FakePull:
             raise zmq.Again()
         return self.queue.popleft()
 
+    def getsockopt(self, option: int) -> int:
+        assert option == zmq.EVENTS
+        return zmq.POLLIN if self.queue else 0
+
     def close(self, linger: int | None = None) -> None:
         self.closed = True
 
@@ -162,5 +166,30 @@ def test_any_messages_are_joined_or_counted_and_the_loop_never_raises(turns: lis
         # the int64 limit (a drawn one is 60 s away; without one, part_timeout_s applies)
         worker._sweep(2**63 - 1)
         assert len(worker.join) == 0
+    finally:
+        worker._close()
+
+
+def test_batch_announcements_wait_at_most_max_delay_and_any_sender_names_cannot_grow_the_table() -> None:
+    t = join_topology()
+    worker = Worker(WorkerConfig(directory=Path("."), shard="j", bind="inproc://unused", max_delay_ms=1.0), t)
+    worker.pull, worker.push = FakePull(), {topo.INGRESS: FakePush()}  # type: ignore[assignment]
+    delay = worker.batcher.max_delay_ns
+    try:
+        now = time.time_ns()
+
+        def announce(sender: str, followers: int, at: int) -> None:
+            env = pb.Envelope(kind=pb.REQUEST, request_id=at, model="fuzz", sender=sender, followers=followers)
+            message = codec.decode([bytes(f) for f in codec.encode(env, {"a": np.ones((1, 2), np.float32)})])
+            worker._on_message(message, at)
+
+        announce("p", 2, now)
+        assert worker._more_waiting(now)  # two more of p's batch are on the way
+        assert not worker._more_waiting(now + delay + 1)  # ... but not waited for past max_delay
+        announce("p", 0, now + 10)
+        assert not worker._more_waiting(now + 10)  # the last of the batch: nothing more to wait for
+        for i in range(500):  # ever new sender names, each announcing more, 2 ms apart
+            announce(f"sender-{i}", 5, now + (i + 1) * 2 * delay)
+        assert len(worker._followers) <= 2
     finally:
         worker._close()
