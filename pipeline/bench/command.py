@@ -224,18 +224,17 @@ def bench_parallel(source: topo.Topology, work: Path, logs: Path, requests: int)
     b = int(max(before, key=before.get))  # the reference's best batch: the size of the batched requests
     out: dict[str, Any] = {"best_batch": b}
     copy = relocate(two, work / "two-run")
-    fn, t = local.compiled_whole(source.directory)
     worker_args = {s.name: ["--cpus", str(cpus[i % len(cpus)])] for i, s in enumerate(copy.shards)}
     with Cluster(copy, logs / "parallel", worker_args=worker_args, common_worker_args=["--threads", "1"]) as cluster:
         # clients send one sample per request and the workers batch them ...
-        reqs = [kserve.infer_request(copy.name, local.sample_inputs(t, 1, seed=i)) for i in range(8)]
+        reqs = [kserve.infer_request(copy.name, local.sample_inputs(source, 1, seed=i)) for i in range(8)]
         asyncio.run(run_load(cluster.target, reqs, total=32, concurrency=8))
         res = asyncio.run(run_load(cluster.target, reqs, total=max(2 * requests, 200), concurrency=16))
         out.update(pipeline_rate=res.rate, errors=dict(res.errors))
         # ... and, like the reference at its best batch, requests of that many samples each, so that the
         # gRPC client and the ingress (which share these two cores) cost per request, not per sample
         if b > 1:
-            reqs = [kserve.infer_request(copy.name, local.sample_inputs(t, b, seed=i)) for i in range(4)]
+            reqs = [kserve.infer_request(copy.name, local.sample_inputs(source, b, seed=i)) for i in range(4)]
             asyncio.run(run_load(cluster.target, reqs, total=8, concurrency=4, samples_per_request=b))
             res = asyncio.run(
                 run_load(cluster.target, reqs, total=max(requests // 2, 60), concurrency=4, samples_per_request=b)
