@@ -155,6 +155,9 @@ def partition(
 
     start = time.perf_counter()
     out = Path(out)
+    plan_batch = batching.max_batch if plan_batch is None else plan_batch
+    if plan_batch < 1:
+        raise UsageError(f"--plan-batch must be at least 1, received {plan_batch}")
     if out.exists() and not force:
         raise UsageError(f"output directory {str(out)!r} already exists; pass --force to replace it, or choose another --out")
     graph = build_graph(model)
@@ -170,9 +173,6 @@ def partition(
         t = graph.tensors[tid]
         if t.dtype not in DTYPES:
             raise PartitionError(f"model output {t.name!r} has dtype {t.dtype}; the pipeline carries {sorted(DTYPES)}")
-    plan_batch = batching.max_batch if plan_batch is None else plan_batch
-    if plan_batch < 1:
-        raise UsageError(f"--plan-batch must be at least 1, received {plan_batch}")
     shapes = cost.concrete_shapes(graph, input_shapes)
     costs = cost.op_costs(graph, shapes)
     seconds = [c.seconds(plan_batch) for c in costs]

@@ -41,6 +41,7 @@ import numpy as np
 from pipeline.errors import PartitionError
 from pipeline.partition.graph import Graph, Op
 
+
 @dataclass(frozen=True)
 class Rates:
     flop: float  # FLOP/s
