@@ -80,6 +80,11 @@ MAX_RECV_PER_TURN = 256
 MAX_POLL_MS = 100
 #: how often queued (ready, not yet computed) requests are checked against their deadlines.
 SWEEP_INTERVAL_NS = 10_000_000
+#: ERRORs waiting for room in the queue toward the ingress (a burst of expiries can pass its high-water
+#: mark while the I/O thread is starved); beyond this many, an error is dropped and logged.
+MAX_ERROR_BACKLOG = 8192
+#: while ERRORs wait for room, the loop tries again this often.
+BACKLOG_RETRY_MS = 1
 #: compute times kept for the p50/p99 in heartbeats.
 STATS_WINDOW = 256
 #: wait for the compute thread to end after the drain.
@@ -438,6 +443,7 @@ class Worker:
         self._stop_requested = False
         self._draining = False
         self._draining_deadline_ns = 0
+        self._error_backlog: deque[list[Any]] = deque()  # encoded ERRORs, oldest first
         # sender -> (messages of its last computed batch still to come, until when to expect them)
         self._followers: dict[str, tuple[int, int]] = {}
         self._next_heartbeat_ns = 0
@@ -511,6 +517,7 @@ class Worker:
             self._drain_wake_pipe()
         if self.compute.failure is not None:
             raise self._load_failure()
+        self._flush_errors()
         self._collect_done()
         if self.pull in events:
             self._read_messages()
@@ -520,7 +527,7 @@ class Worker:
         self._maybe_heartbeat(time.time_ns())
 
     def _poll_timeout_ms(self, now: int) -> int:
-        wait_ns = [self._next_heartbeat_ns - now, MAX_POLL_MS * 1_000_000]
+        wait_ns = [self._next_heartbeat_ns - now, (BACKLOG_RETRY_MS if self._error_backlog else MAX_POLL_MS) * 1_000_000]
         expiry = self.join.next_expiry_ns
         if expiry is not None:
             wait_ns.append(expiry - now)
@@ -732,6 +739,7 @@ class Worker:
             "messages_out": s.messages_out,
             "dropped": sum(drops.values()),
             "pending_joins": len(self.join),
+            "error_backlog": len(self._error_backlog),
             "queued": len(self.batcher),
             "in_flight": len(self._in_flight),
             "computed": s.computed,
@@ -821,12 +829,22 @@ class Worker:
         env = codec.error_envelope(request_id, model or self.model, self.name, code_value, message)
         env.spans.extend(spans)
         env.sent_ns = time.time_ns()
-        try:
-            codec.send(self.push[topo.INGRESS], env, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("error_undeliverable", request_id=request_id, code=status.name)
+        if len(self._error_backlog) >= MAX_ERROR_BACKLOG:
+            log.warning("error_undeliverable", request_id=request_id, code=status.name, backlog=len(self._error_backlog))
             return
-        self.stats.messages_out += 1
+        self._error_backlog.append(codec.encode(env, {}))
+        self._flush_errors()
+
+    def _flush_errors(self) -> None:
+        """Send the ERRORs that wait for room toward the ingress, in order, without blocking."""
+        sock = self.push[topo.INGRESS]
+        while self._error_backlog:
+            try:
+                sock.send_multipart(self._error_backlog[0], flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._error_backlog.popleft()
+            self.stats.messages_out += 1
 
     # -------------------------------------------------------------- shutdown
     def _drain(self) -> None:
@@ -864,6 +882,11 @@ class Worker:
         # 4. what is left
         for r in [*self._in_flight, *self.batcher.clear()]:
             self._fail(r.request_id, r.model, grpc.StatusCode.UNAVAILABLE, f"shard {self.name!r} stopped before computing it")
+        while self._error_backlog and time.time_ns() < self._draining_deadline_ns:
+            time.sleep(BACKLOG_RETRY_MS / 1000)
+            self._flush_errors()
+        if self._error_backlog:
+            log.warning("errors_undeliverable", count=len(self._error_backlog))
         self.send_heartbeat(ready=False)
         try:
             self.compute.jobs.put_nowait(None)

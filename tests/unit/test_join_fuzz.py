@@ -14,6 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import zmq
 from hypothesis import HealthCheck, given, settings
@@ -191,5 +192,43 @@ def test_batch_announcements_wait_at_most_max_delay_and_any_sender_names_cannot_
         for i in range(500):  # ever new sender names, each announcing more, 2 ms apart
             announce(f"sender-{i}", 5, now + (i + 1) * 2 * delay)
         assert len(worker._followers) <= 2
+    finally:
+        worker._close()
+
+
+class CloggedPush(FakePush):
+    """A queue toward the ingress that is full (``zmq.Again``) until ``clogged`` is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clogged = True
+
+    def send_multipart(self, frames: list[Any], flags: int = 0, copy: bool = True) -> None:
+        if self.clogged:
+            raise zmq.Again()
+        super().send_multipart(frames, flags, copy)
+
+
+def test_errors_wait_in_order_for_room_toward_the_ingress_and_the_wait_is_bounded(monkeypatch) -> None:
+    # A burst of expiries can pass the send high-water mark while ZeroMQ's I/O thread is starved:
+    # the ERRORs wait (bounded) and leave in order once there is room, instead of being dropped.
+    from pipeline.serving import worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "MAX_ERROR_BACKLOG", 30)
+    t = join_topology()
+    worker = Worker(WorkerConfig(directory=Path("."), shard="j", bind="inproc://unused"), t)
+    ingress = CloggedPush()
+    worker.pull, worker.push = FakePull(), {topo.INGRESS: ingress}  # type: ignore[assignment]
+    try:
+        for rid in range(35):
+            worker._fail(rid, "fuzz", grpc.StatusCode.DEADLINE_EXCEEDED, f"expired {rid}")
+        assert not ingress.sent and worker.stats_snapshot()["error_backlog"] == 30  # 5 beyond the bound dropped
+        assert worker._poll_timeout_ms(time.time_ns()) <= worker_mod.BACKLOG_RETRY_MS  # the loop comes back soon
+        ingress.clogged = False
+        worker._flush_errors()
+        answers = [codec.decode(m).envelope for m in ingress.sent]
+        assert [a.request_id for a in answers] == list(range(30))
+        assert {a.kind for a in answers} == {pb.ERROR} and answers[0].error.message == "expired 0"
+        assert worker.stats_snapshot()["error_backlog"] == 0
     finally:
         worker._close()
