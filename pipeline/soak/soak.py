@@ -40,7 +40,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -283,7 +283,8 @@ class Soak:
                 if cfg.rate > 0:
                     await self._open_loop(infer)
                 else:
-                    await asyncio.gather(*(self._closed_loop(infer, k) for k in range(cfg.concurrency)))
+                    order = itertools.count()  # one order for all clients: the replay's mix whatever their speeds
+                    await asyncio.gather(*(self._closed_loop(infer, order) for _ in range(cfg.concurrency)))
                 # the requests still in flight end by their own deadline plus grace
                 if self._inflight:
                     await asyncio.wait(set(self._inflight), timeout=cfg.timeout_s + cfg.grace_s + 1)
@@ -315,10 +316,9 @@ class Soak:
     def _due(self) -> bool:
         return time.monotonic() - self.started < self.config.duration_s
 
-    async def _closed_loop(self, infer: kpb_grpc.GRPCInferenceServiceStub, k: int) -> None:
-        index = itertools.count(k, self.config.concurrency)
+    async def _closed_loop(self, infer: kpb_grpc.GRPCInferenceServiceStub, order: Iterator[int]) -> None:
         while self._due():
-            await self._one(infer, next(index) % len(self.requests))
+            await self._one(infer, next(order) % len(self.requests))
 
     async def _open_loop(self, infer: kpb_grpc.GRPCInferenceServiceStub) -> None:
         period = 1.0 / self.config.rate
