@@ -80,6 +80,12 @@ from pipeline.wire import codec, security, sockets
 log = get_logger("pipeline.ingress")
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+#: health service that is SERVING while this process serves gRPC (whatever the shards' state), NOT_SERVING
+#: from the start of a graceful shutdown: what a supervisor's readiness and liveness probes ask
+#: (``""`` and SERVICE_NAME say whether the whole pipeline is ready).
+PROCESS_SERVICE = "pipeline.ingress"
+#: ``/live`` on the metrics port fails when the event loop has not run the liveness task for this long.
+LIVE_STALL_S = 10.0
 SERVER_NAME = "keras-pipeline"
 PLATFORM = "keras_pipeline"
 EXTENSIONS = ("model_configuration", "statistics", "parameters")
@@ -307,6 +313,7 @@ class Ingress:
         self._health = health.aio.HealthServicer()
         self._serving: bool | None = None
         self._stopped = asyncio.Event()
+        self._loop_turned = time.monotonic()  # the liveness task's last run, for ``/live``
 
     # ------------------------------------------------------------- lifecycle
     async def start(self) -> int:
@@ -376,6 +383,7 @@ class Ingress:
             )
         self.metrics.start(cfg.metrics)
         await self._set_serving(False)
+        await self._health.set(PROCESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._tasks = [
             asyncio.create_task(self._read_results(), name="ingress-results"),
@@ -438,6 +446,21 @@ class Ingress:
     # ------------------------------------------------------------- readiness
     def ready(self) -> bool:
         return not self.closing and self.liveness.all_up()
+
+    def probe_ready(self) -> tuple[bool, str]:
+        """``/ready`` on the metrics port: this process serves gRPC (the pipeline may still be starting)."""
+        if self.closing:
+            return False, "the ingress is stopping"
+        if self._server is None:
+            return False, "the ingress is starting"
+        return True, "the ingress serves gRPC" + ("" if self.ready() else f"; shards not up: {self.liveness.not_up()}")
+
+    def probe_live(self) -> tuple[bool, str]:
+        """``/live`` on the metrics port: the event loop runs."""
+        idle = time.monotonic() - self._loop_turned
+        if idle > LIVE_STALL_S:
+            return False, f"the ingress's event loop has not run for {idle:.1f} s"
+        return True, "the ingress is live"
 
     async def _set_serving(self, serving: bool) -> None:
         if serving == self._serving or self.closing:
@@ -693,6 +716,7 @@ class Ingress:
     async def _watch_liveness(self) -> None:
         period = min(0.1, self.config.heartbeat_interval_s / 2)
         while True:
+            self._loop_turned = time.monotonic()
             self._check_liveness()
             await asyncio.sleep(period)
 

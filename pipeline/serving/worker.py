@@ -87,6 +87,8 @@ MAX_ERROR_BACKLOG = 8192
 BACKLOG_RETRY_MS = 1
 #: compute times kept for the p50/p99 in heartbeats.
 STATS_WINDOW = 256
+#: ``/live`` fails when the network loop has not turned for this long (it turns at least every MAX_POLL_MS).
+LIVE_STALL_S = 10.0
 #: wait for the compute thread to end after the drain.
 COMPUTE_JOIN_TIMEOUT_S = 0.3
 
@@ -448,6 +450,7 @@ class Worker:
         self._followers: dict[str, tuple[int, int]] = {}
         self._next_heartbeat_ns = 0
         self._next_sweep_ns = 0
+        self._last_turn = time.monotonic()  # for the liveness probe
         self._ingress_reachable = True
         self.pull: zmq.Socket | None = None
         self.push: dict[str, zmq.Socket] = {}
@@ -511,7 +514,25 @@ class Worker:
             pass
 
     # -------------------------------------------------------------- one turn
+    def probe_ready(self) -> tuple[bool, str]:
+        """``/ready``: true only once the shard is loaded and warm, and until a stop is requested."""
+        if self._stop_requested:
+            return False, f"shard {self.name!r} is stopping"
+        if self.compute.failure is not None:
+            return False, f"shard {self.name!r} failed to load"
+        if not self.compute.ready.is_set():
+            return False, f"shard {self.name!r} is loading or warming up"
+        return True, f"shard {self.name!r} is ready"
+
+    def probe_live(self) -> tuple[bool, str]:
+        """``/live``: true while the network loop turns (it wakes at least every MAX_POLL_MS)."""
+        idle = time.monotonic() - self._last_turn
+        if idle > LIVE_STALL_S:
+            return False, f"shard {self.name!r}: the network loop has not turned for {idle:.1f} s"
+        return True, f"shard {self.name!r} is live"
+
     def _turn(self) -> None:
+        self._last_turn = time.monotonic()
         events = dict(self.poller.poll(self._poll_timeout_ms(time.time_ns())))
         if self._wake_r in events:
             self._drain_wake_pipe()
@@ -871,6 +892,7 @@ class Worker:
         # 3. finish held work within the budget
         self._draining = True
         while (self.batcher or self._in_flight) and self.compute.ready.is_set() and time.time_ns() < self._draining_deadline_ns:
+            self._last_turn = time.monotonic()
             now = time.time_ns()
             wait_ms = max(0, min(self._draining_deadline_ns - now, self._next_heartbeat_ns - now) // 1_000_000) + 1
             events = dict(self.poller.poll(min(wait_ms, MAX_POLL_MS)))
