@@ -232,7 +232,7 @@ def resources(topology: Topology, process: str, options: KubeOptions) -> dict[st
         n = len(topology.shards)
         share = shares.get(process) or 1.0 / n
         total = options.cpu_total if options.cpu_total is not None else float(n)
-        cpu_milli = max(MIN_WORKER_CPU_MILLI, int(round(share * total * 1000)))
+        cpu_milli = max(MIN_WORKER_CPU_MILLI, round(share * total * 1000))
     return {
         "requests": {"cpu": f"{cpu_milli}m", "memory": _mib(memory)},
         "limits": {"memory": _mib(memory * MEMORY_LIMIT_FACTOR)},  # no CPU limit: throttling adds latency
