@@ -643,6 +643,9 @@ class Ingress:
             self.drops.inc("unknown_process")
             log.debug("heartbeat_ignored", reason="unknown_process", process=shard)
             return
+        if not self.liveness.admit(shard, env.heartbeat.host, env.heartbeat.pid, env.heartbeat.ready):
+            log.debug("heartbeat_standby", shard=shard, host=env.heartbeat.host, pid=env.heartbeat.pid, ready=env.heartbeat.ready)
+            return  # another instance (a rolling update's new pod) while the followed one is up
         old_pid = self.liveness.pid_of(shard)
         restarted = self.liveness.beat(shard, env.heartbeat.ready, env.heartbeat.pid)
         self.processes.beat(shard, env.heartbeat, restarted)

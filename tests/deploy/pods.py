@@ -7,9 +7,11 @@ containers, run to completion first; the image's files from the generated
 Containerfile's ``COPY`` lines. A pod's file system is a folder: every
 absolute path in the command, the args and the env is taken inside it (what
 a container's own root does). The image's ``pipeline`` entry point is the
-project's ``python -m pipeline.cli``. Services become names in every
-namespace's hosts file: the Service's DNS name to the address of the one
-pod its selector picks (a Service port must equal its target port here,
+project's ``python -m pipeline.cli``. Each pod has a hostname of its own
+(a UTS namespace, as a container has), which is what the ingress sees as a
+heartbeat's host. Services become names in every namespace's hosts file:
+the Service's DNS name to the address of the one pod its selector picks
+(``retarget`` moves a Service to another pod, for a rolling update) (a Service port must equal its target port here,
 since nothing translates ports). Probes are asked like a kubelet asks them:
 HTTP GET or the gRPC health check to the pod's address, from the host.
 """
@@ -56,6 +58,7 @@ class Pod:
     deployment: Obj
     root: Path
     namespace: str  # the lab's name for it
+    hostname: str = ""
     address: str = ""
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -87,32 +90,63 @@ class PodRunner:
         self.lab = lab
         self.root = root
         self.image = image
+        self.extra: list[Pod] = []  # replicas made by `replica`
         self.pods: dict[str, Pod] = {}
+        self.client = "client"
+        self.targets: dict[str, Pod] = {}  # process -> the pod its Services lead to
         for d in (o for o in objects if o["kind"] == "Deployment"):
             process = d["spec"]["template"]["metadata"]["labels"][k8s.PROCESS_LABEL]
-            self.pods[process] = Pod(process, d, root / "pods" / process, namespace=f"pod-{process}")
+            pod = Pod(process, d, root / "pods" / process, namespace=f"pod-{process}", hostname=f"{d['metadata']['name']}-a")
+            self.pods[process] = self.targets[process] = pod
 
     # ------------------------------------------------------------ set-up
-    def create(self, client: str = "client") -> None:
+    def create(self) -> None:
         """Namespaces, hosts files (every Service name), pod folders with image files, volumes, init containers."""
         for pod in self.pods.values():
             pod.address = self.lab.add(pod.namespace)
-        self.lab.add(client)
-        names = self.service_names()
-        for name in [*(p.namespace for p in self.pods.values()), client]:
-            self.lab.hosts(name, names)
+        self.lab.add(self.client)
+        self.write_hosts()
         for pod in self.pods.values():
-            self._filesystem(pod)
-            for init in pod.spec.get("initContainers", []):
-                code, log = self._run_to_end(pod, init)
-                assert code == 0, f"init container {init['name']} of {pod.process} failed ({code}): {log}"
+            self._prepare(pod)
+
+    def _prepare(self, pod: Pod) -> None:
+        self._filesystem(pod)
+        for init in pod.spec.get("initContainers", []):
+            code, log = self._run_to_end(pod, init)
+            assert code == 0, f"init container {init['name']} of {pod.process} failed ({code}): {log}"
+
+    def _namespaces(self) -> list[str]:
+        return [*(p.namespace for p in self.pods.values()), *(p.namespace for p in self.extra), self.client]
+
+    def write_hosts(self) -> None:
+        """(Re)write every namespace's hosts file in place (a process reads it again at its next lookup)."""
+        names = self.service_names()
+        for name in self._namespaces():
+            self.lab.hosts(name, names)
+
+    def replica(self, process: str, suffix: str) -> Pod:
+        """A second pod of ``process`` (a rolling update's new pod): own namespace, hostname, files, init containers."""
+        old = self.pods[process]
+        pod = Pod(process, old.deployment, self.root / "pods" / f"{process}-{suffix}", namespace=f"pod-{process}-{suffix}",
+                  hostname=f"{old.deployment['metadata']['name']}-{suffix}")  # fmt: skip
+        pod.address = self.lab.add(pod.namespace)
+        self.extra.append(pod)
+        self.write_hosts()
+        self._prepare(pod)
+        return pod
+
+    def retarget(self, process: str, pod: Pod) -> None:
+        """Point the Services of ``process`` at ``pod`` (new connections go there; established ones stay)."""
+        self.targets[process] = pod
+        self.write_hosts()
 
     def service_names(self) -> dict[str, str]:
         """Every Service's DNS names -> the address of the pod it selects."""
         names = {}
         for svc in (o for o in self.objects if o["kind"] == "Service"):
             meta, spec = svc["metadata"], svc["spec"]
-            (pod,) = [p for p in self.pods.values() if all(p.labels.get(k) == v for k, v in spec["selector"].items())]
+            (process,) = [n for n, p in self.pods.items() if all(p.labels.get(k) == v for k, v in spec["selector"].items())]
+            pod = self.targets[process]
             ports = {p["name"]: p["containerPort"] for p in pod.spec["containers"][0]["ports"]}
             for port in spec["ports"]:
                 target = port.get("targetPort", port["port"])
@@ -185,53 +219,73 @@ class PodRunner:
         self._mount(pod, container)
         try:
             argv, env = self._argv_env(pod, container)
-            result = subprocess.run(self.lab.command(pod.namespace, argv), env=env, capture_output=True, text=True, timeout=60)
+            result = subprocess.run(self.lab.command(pod.namespace, _with_hostname(pod, argv)), env=env, capture_output=True, text=True, timeout=60)
             return result.returncode, result.stdout + result.stderr
         finally:
             self._unmount(pod, container)
 
     # ----------------------------------------------------------- processes
-    def start(self, process: str) -> Pod:
+    def start(self, process: str, pod: Pod | None = None) -> Pod:
         """Start (or restart) the main container of a pod; its volumes persist, as in a container restart."""
-        pod = self.pods[process]
+        pod = pod or self.pods[process]
         container = pod.spec["containers"][0]
         self._unmount(pod, container)
         self._mount(pod, container)
         argv, env = self._argv_env(pod, container)
-        log = self.root / "logs" / f"{process}-{pod.starts}.log"
+        log = self.root / "logs" / f"{pod.hostname}-{pod.starts}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         pod.logs.append(log)
-        pod.proc = self.lab.popen(pod.namespace, argv, env=env, log=log)
+        pod.proc = self.lab.popen(pod.namespace, _with_hostname(pod, argv), env=env, log=log)
         pod.starts += 1
         return pod
 
-    def kill(self, process: str, sig: int = signal.SIGKILL, timeout_s: float = 30.0) -> int | None:
-        pod = self.pods[process]
+    def kill(self, process: str, sig: int = signal.SIGKILL, timeout_s: float = 30.0, pod: Pod | None = None) -> int | None:
+        pod = pod or self.pods[process]
         assert pod.proc is not None
         os.killpg(pod.proc.pid, sig)
         return pod.proc.wait(timeout_s)
 
     def stop_all(self, timeout_s: float = 40.0) -> dict[str, int | None]:
         """SIGTERM every pod's process (as a kubelet would after preStop) and wait; SIGKILL after ``timeout_s``."""
-        for pod in self.pods.values():
+        pods = [*self.pods.values(), *self.extra]
+        for pod in pods:
             if pod.proc is not None and pod.proc.poll() is None:
                 os.killpg(pod.proc.pid, signal.SIGTERM)
         codes = {}
         deadline = time.monotonic() + timeout_s
-        for pod in self.pods.values():
+        for pod in pods:
             if pod.proc is None:
                 continue
             try:
-                codes[pod.process] = pod.proc.wait(max(0.1, deadline - time.monotonic()))
+                codes[pod.hostname] = pod.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(pod.proc.pid, signal.SIGKILL)
-                codes[pod.process] = pod.proc.wait(10)
+                codes[pod.hostname] = pod.proc.wait(10)
         return codes
 
+    def terminate(self, pod: Pod) -> tuple[int | None, float]:
+        """Terminate a pod as a kubelet does: the preStop pause, SIGTERM, SIGKILL at the grace period's end.
+
+        Returns the exit status and the seconds from SIGTERM to exit."""
+        container = pod.spec["containers"][0]
+        grace = pod.spec["terminationGracePeriodSeconds"]
+        started = time.monotonic()
+        pause = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        time.sleep(pause)
+        assert pod.proc is not None
+        os.killpg(pod.proc.pid, signal.SIGTERM)
+        term = time.monotonic()
+        try:
+            code = pod.proc.wait(max(0.1, grace - (term - started)))
+        except subprocess.TimeoutExpired:
+            os.killpg(pod.proc.pid, signal.SIGKILL)
+            code = pod.proc.wait(10)
+        return code, time.monotonic() - term
+
     # -------------------------------------------------------------- probes
-    def probe(self, process: str, kind: str) -> tuple[bool, str]:
+    def probe(self, process: str, kind: str, pod: Pod | None = None) -> tuple[bool, str]:
         """Ask one of the pod's probes (``startupProbe``, ``readinessProbe``, ``livenessProbe``) as a kubelet does."""
-        pod = self.pods[process]
+        pod = pod or self.pods[process]
         container = pod.spec["containers"][0]
         probe = container[kind]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -259,21 +313,26 @@ class PodRunner:
                 return response.status == health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         raise AssertionError(f"{process}: probe {probe} is neither httpGet nor grpc")
 
-    def wait_ready(self, process: str, timeout_s: float | None = None) -> None:
+    def wait_ready(self, process: str, timeout_s: float | None = None, pod: Pod | None = None) -> None:
         """Wait as the startup probe allows (its period x failure threshold), then the readiness probe must pass."""
-        pod = self.pods[process]
+        pod = pod or self.pods[process]
         startup = pod.spec["containers"][0]["startupProbe"]
         budget = timeout_s or startup["periodSeconds"] * startup["failureThreshold"]
         deadline = time.monotonic() + budget
         said = ""
         while time.monotonic() < deadline:
             assert pod.proc is not None and pod.proc.poll() is None, f"{process} exited ({pod.proc and pod.proc.returncode}):\n{pod.tail()}"
-            ok, said = self.probe(process, "startupProbe")
+            ok, said = self.probe(process, "startupProbe", pod)
             if ok:
-                ready, said = self.probe(process, "readinessProbe")
+                ready, said = self.probe(process, "readinessProbe", pod)
                 assert ready, f"{process}: the startup probe passed, the readiness probe did not: {said}"
-                live, said = self.probe(process, "livenessProbe")
+                live, said = self.probe(process, "livenessProbe", pod)
                 assert live, f"{process}: not live: {said}"
                 return
             time.sleep(0.5)
         raise AssertionError(f"{process} was not ready within {budget:.0f} s (last probe: {said}):\n{pod.tail()}")
+
+
+def _with_hostname(pod: Pod, argv: list[str]) -> list[str]:
+    """Run ``argv`` in a UTS namespace of its own whose hostname is the pod's (as in a container)."""
+    return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', pod.hostname, *argv]
