@@ -245,9 +245,12 @@ class PodRunner:
         os.killpg(pod.proc.pid, sig)
         return pod.proc.wait(timeout_s)
 
-    def stop_all(self, timeout_s: float = 40.0) -> dict[str, int | None]:
-        """SIGTERM every pod's process (as a kubelet would after preStop) and wait; SIGKILL after ``timeout_s``."""
+    def stop_all(self) -> dict[str, int | None]:
+        """SIGTERM every pod's process (as a kubelet would after preStop); SIGKILL at the end of its grace period.
+
+        A process that had to be killed shows as -9: the drain did not fit in terminationGracePeriodSeconds."""
         pods = [*self.pods.values(), *self.extra]
+        timeout_s = max(p.spec["terminationGracePeriodSeconds"] for p in pods)
         for pod in pods:
             if pod.proc is not None and pod.proc.poll() is None:
                 os.killpg(pod.proc.pid, signal.SIGTERM)
