@@ -233,12 +233,13 @@ def send_part(
     *,
     model: str,
     sender: str = "ingress",
-    deadline_ns: int = 0,
+    budget_ns: int = 0,
     spans: Sequence[tuple[str, int, int]] = (),
     followers: int = 0,
 ) -> None:
+    """Send one REQUEST part; ``budget_ns`` is the time left for it (0: no deadline, negative: spent)."""
     env = pb.Envelope(
-        kind=pb.REQUEST, request_id=request_id, model=model, sender=sender, deadline_ns=deadline_ns, followers=followers
+        kind=pb.REQUEST, request_id=request_id, model=model, sender=sender, budget_ns=budget_ns, followers=followers
     )
     for name, start, end in spans:
         env.spans.add(name=name, start_ns=start, end_ns=end)
@@ -249,5 +250,6 @@ def send_part(
         pytest.fail(f"could not send request {request_id} within {SEND_TIMEOUT_MS} ms: is the worker up?")
 
 
-def deadline_in(seconds: float) -> int:
-    return time.time_ns() + int(seconds * 1e9)
+def budget_of(seconds: float) -> int:
+    """The ``budget_ns`` of a request with ``seconds`` left."""
+    return int(seconds * 1e9)
