@@ -550,7 +550,7 @@ def test_signal_stops_the_worker_cleanly_within_3_s(fleet: Fleet, shard: str, si
     last = fleet.ingress["solo"].wait(lambda: fleet.ingress["solo"].latest(shard), 1, "a heartbeat")
     fleet.ingress["solo"].wait(lambda: not fleet.ingress["solo"].latest(shard).ready, 2, f"a last heartbeat from {shard} with ready=false")
     assert last is not None
-    assert "worker_stopped" in worker.log_text()
+    assert "worker_stopped" in worker.text()
 
 
 # ------------------------------------------------------------------- runtime, in process
