@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline import process
 from pipeline import topology as topo
-from pipeline.launch import PORT_FLOOR, Cluster
+from pipeline.launch import PORT_FLOOR, Cluster, ephemeral_range
 from tests.netns import Network
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +53,8 @@ def place_on_hosts(directory: Path, placement: Mapping[str, str], *, seed: int |
     missing = sorted(set(t.processes_on(None)) - set(placement))
     if missing:
         raise ValueError(f"expected a host for every process, none given for {missing}")
-    ports = iter(random.Random(seed).sample(range(PORT_FLOOR, PORT_FLOOR + 20000), 3 * len(placement) + 4))
+    # below the ephemeral range: an outgoing connection from the same namespace cannot hold one of them
+    ports = iter(random.Random(seed).sample(range(PORT_FLOOR, ephemeral_range()[0]), 3 * len(placement) + 4))
 
     def where(name: str) -> tuple[str, int]:
         return placement[name], next(ports)
