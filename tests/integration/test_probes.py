@@ -115,7 +115,7 @@ def test_a_warm_worker_is_ready(residual_topology: Path, tmp_path: Path) -> None
         assert get(address, "/live")[0] == 200
         status, text = get(address, "/metrics")
         assert status == 200 and 'pipeline_shard_ready{shard="shard0"} 1.0' in text
-        assert "worker_ready" in worker.log_text()  # the probe agrees with the worker's own log
+        assert "worker_ready" in worker.text()  # the probe agrees with the worker's own log
     finally:
         code = stop_worker(worker)
     assert code == 0, worker.tail()
