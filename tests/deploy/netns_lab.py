@@ -1,128 +1,118 @@
-"""A minimal network-namespace lab for the deploy tests: one namespace per "pod" on a bridge of its own.
+"""Pods' network namespaces for the deploy tests, on the shared fixture (tests/netns.py, an isolated bridge).
 
-Addresses come from the benchmarking range 198.18.0.0/15 (never routed);
-each lab takes a /24 of 198.19.0.0/16 nobody on this machine uses, a bridge
-whose host side is ``.1``, and a veth pair per namespace. Names carry a
-unique prefix (``kd`` + 4 hex digits), and everything made (namespaces,
-links, ``/etc/netns/NAME`` folders, processes started in them) is removed in
-``close()``, which the context manager calls also when a test fails.
-
-A colleague's shared fixture (``tests/netns.py``, branch ``netns``) was not
-there when these tests were written; this one does only what they need.
+:class:`NetnsLab` hands out the hosts of one :class:`netns.Network` by name
+(a pod, the client, the ``kubelet``), writes each namespace's hosts file
+(``/etc/netns/NAME/hosts``, which ``ip netns exec`` bind-mounts over
+/etc/hosts), runs processes in them, and lets the test itself act from the
+``kubelet`` namespace (:meth:`call`: a thread that joins that namespace; the
+bridge lives in a namespace of its own, so the test's own namespace cannot
+reach the pods). ``close()`` stops every process started here, removes the
+hosts files and destroys the network, also when a test fails.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import ctypes
 import os
-import random
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from netns import Host, Network, unavailable_reason  # noqa: E402
+
 NETNS_ETC = Path("/etc/netns")
-IP_TIMEOUT_S = 20.0
+NETNS_RUN = Path("/var/run/netns")
+CLONE_NEWNET = 0x40000000
 STOP_TIMEOUT_S = 25.0
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT_S, check=check)
+KUBELET = "kubelet"
+T = TypeVar("T")
 
 
 def skip_unless_possible() -> None:
-    """Skip (with the reason) where namespaces cannot be made: not root, no ``ip``, no permission."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root (the tests and CI run as root)")
-    if shutil.which("ip") is None:
-        pytest.skip("the `ip` command (iproute2) is not installed")
-    name = f"kdprobe{os.getpid() % 100000}"
-    try:
-        _ip("netns", "add", name)
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot make a network namespace here: {exc.stderr.strip()}")
-    finally:
-        _ip("netns", "del", name, check=False)
+    """Skip (with the reason) where namespaces cannot be made: not root, no iproute2, no permission."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
 
 
-def _free_subnet() -> ipaddress.IPv4Network:
-    used = _ip("-4", "-o", "addr", "show").stdout
-    candidates = list(range(100, 250))
-    random.SystemRandom().shuffle(candidates)
-    for third in candidates:
-        net = ipaddress.IPv4Network(f"198.19.{third}.0/24")
-        if f"198.19.{third}." not in used:
-            return net
-    raise RuntimeError("no free /24 in 198.19.100.0-198.19.249.0 for the lab")
-
-
-@dataclass
 class NetnsLab:
-    """Namespaces on one bridge; ``add`` one, ``hosts`` writes its hosts file, ``popen`` runs in it."""
+    """Named hosts of one isolated network (``capacity`` namespaces, the ``kubelet`` among them)."""
 
-    prefix: str = field(default_factory=lambda: f"kd{random.SystemRandom().randrange(16**4):04x}")
-    subnet: ipaddress.IPv4Network = field(default_factory=_free_subnet)
-    namespaces: dict[str, str] = field(default_factory=dict)  # name -> address
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    _links: list[str] = field(default_factory=list)
-    _bridge: str = ""
-
-    @property
-    def host_address(self) -> str:
-        return str(self.subnet.network_address + 1)
+    def __init__(self, capacity: int = 8) -> None:
+        self.network = Network(capacity)
+        self.assigned: dict[str, Host] = {}
+        self.procs: list[subprocess.Popen[bytes]] = []
 
     def open(self) -> NetnsLab:
-        self._bridge = f"{self.prefix}br"
-        _ip("link", "add", self._bridge, "type", "bridge")
-        self._links.append(self._bridge)
-        _ip("addr", "add", f"{self.host_address}/{self.subnet.prefixlen}", "dev", self._bridge)
-        _ip("link", "set", self._bridge, "up")
+        self.network.create()
+        self.add(KUBELET)
         return self
 
-    def ns(self, name: str) -> str:
-        return f"{self.prefix}-{name}"
-
     def add(self, name: str) -> str:
-        """A namespace for ``name`` on the bridge; return its address."""
-        index = len(self.namespaces)
-        ns = self.ns(name)
-        address = str(self.subnet.network_address + 10 + index)
-        _ip("netns", "add", ns)
-        self.namespaces[name] = address
-        outside, inside = f"{self.prefix}{index}h", f"{self.prefix}{index}p"
-        _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
-        self._links.append(outside)
-        _ip("link", "set", inside, "netns", ns)
-        _ip("link", "set", outside, "master", self._bridge)
-        _ip("link", "set", outside, "up")
-        _ip("-n", ns, "addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", inside)
-        _ip("-n", ns, "link", "set", inside, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        return address
+        """The next free host, for ``name``; return its address."""
+        if len(self.assigned) >= len(self.network.hosts):
+            raise RuntimeError(f"the lab has {len(self.network.hosts)} hosts, all taken: {sorted(self.assigned)}")
+        host = self.network.hosts[len(self.assigned)]
+        self.assigned[name] = host
+        return host.address
+
+    def ns(self, name: str) -> str:
+        return self.assigned[name].netns
 
     def hosts(self, name: str, entries: Mapping[str, str]) -> Path:
-        """Write ``/etc/netns/NS/hosts`` (``ip netns exec`` bind-mounts it over /etc/hosts): name -> address."""
+        """Write (in place) the hosts file of ``name``'s namespace: host name -> address."""
         folder = NETNS_ETC / self.ns(name)
         folder.mkdir(parents=True, exist_ok=True)
         lines = ["127.0.0.1 localhost"] + [f"{address} {host}" for host, address in sorted(entries.items())]
-        (folder / "hosts").write_text("\n".join(lines) + "\n")
+        with open(folder / "hosts", "w") as f:  # the same inode: a running process reads the new names at its next lookup
+            f.write("\n".join(lines) + "\n")
         return folder / "hosts"
 
     def command(self, name: str, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(name), *argv]
+        return [*self.assigned[name].exec_prefix(), *argv]
 
-    def popen(self, name: str, argv: Sequence[str], *, env: Mapping[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    def popen(self, name: str, argv: Sequence[str], *, env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                self.command(name, argv), stdout=out, stderr=subprocess.STDOUT, env=dict(env), cwd=cwd, start_new_session=True
-            )
+            proc = subprocess.Popen(self.command(name, argv), stdout=out, stderr=subprocess.STDOUT, env=dict(env), start_new_session=True)
         self.procs.append(proc)
         return proc
+
+    def call(self, name: str, fn: Callable[[], T], timeout_s: float = 30.0) -> T:
+        """Run ``fn`` in a thread that has joined ``name``'s network namespace (sockets it opens live there)."""
+        out: list[Any] = []
+
+        def body() -> None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(NETNS_RUN / self.ns(name), os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {self.ns(name)} failed")
+            finally:
+                os.close(fd)
+            try:
+                out.append((True, fn()))
+            except BaseException as exc:  # handed to the caller
+                out.append((False, exc))
+
+        thread = threading.Thread(target=body, name=f"in-{name}", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+        if not out:
+            raise TimeoutError(f"a call in namespace {name} did not return within {timeout_s} s")
+        ok, value = out[0]
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
 
     def close(self) -> None:
         for proc in self.procs:
@@ -136,13 +126,10 @@ class NetnsLab:
                 proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 pass
-        for name in list(self.namespaces):
-            _ip("netns", "del", self.ns(name), check=False)
-            shutil.rmtree(NETNS_ETC / self.ns(name), ignore_errors=True)
-        for link in reversed(self._links):
-            _ip("link", "del", link, check=False)
-        leftovers = [ln for ln in _ip("-o", "link", "show", check=False).stdout.splitlines() if f" {self.prefix}" in ln]
-        assert not leftovers, f"links left behind: {leftovers}"
+        for host in self.network.hosts:
+            shutil.rmtree(NETNS_ETC / host.netns, ignore_errors=True)
+        left = self.network.destroy()
+        assert not left, f"namespaces left behind: {left}"
 
     def __enter__(self) -> NetnsLab:
         try:

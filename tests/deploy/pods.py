@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netns_lab import NetnsLab
+from netns_lab import KUBELET, NetnsLab
 
 from pipeline.deploy import kubernetes as k8s
 
@@ -294,7 +294,15 @@ class PodRunner:
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         if "httpGet" in probe:
             port = ports.get(probe["httpGet"]["port"], probe["httpGet"]["port"])
-            url = f"http://{pod.address}:{port}{probe['httpGet']['path']}"
+            return self.http_get(f"http://{pod.address}:{port}{probe['httpGet']['path']}")
+        if "grpc" in probe:
+            return self.grpc_health(f"{pod.address}:{probe['grpc']['port']}", probe["grpc"].get("service", ""))
+        raise AssertionError(f"{process}: probe {probe} is neither httpGet nor grpc")
+
+    def http_get(self, url: str) -> tuple[bool, str]:
+        """GET from the kubelet's namespace: (2xx or 3xx, body or reason)."""
+
+        def get() -> tuple[bool, str]:
             try:
                 with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as response:
                     return 200 <= response.status < 400, response.read().decode()
@@ -302,19 +310,16 @@ class PodRunner:
                 return False, f"{exc.code} {exc.read().decode()}"
             except OSError as exc:
                 return False, str(exc)
-        if "grpc" in probe:
-            import grpc
-            from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            with grpc.insecure_channel(f"{pod.address}:{probe['grpc']['port']}") as channel:
-                try:
-                    response = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(service=probe["grpc"].get("service", "")), timeout=PROBE_TIMEOUT_S
-                    )
-                except grpc.RpcError as exc:
-                    return False, f"{exc.code().name}: {exc.details()}"
-                return response.status == health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-        raise AssertionError(f"{process}: probe {probe} is neither httpGet nor grpc")
+        return self.lab.call(KUBELET, get)
+
+    def grpc_health(self, target: str, service: str) -> tuple[bool, str]:
+        """The gRPC health check from the kubelet's namespace (a process there: gRPC opens its sockets in threads
+        of its own, which a namespace joined by one thread would not cover)."""
+        argv = [sys.executable, "-c", _GRPC_HEALTH, target, service, str(PROBE_TIMEOUT_S)]
+        result = subprocess.run(self.lab.command(KUBELET, argv), capture_output=True, text=True, timeout=60, env=BASE_ENV)
+        said = (result.stdout + result.stderr).strip()
+        return result.returncode == 0 and said == "SERVING", said
 
     def wait_ready(self, process: str, timeout_s: float | None = None, pod: Pod | None = None) -> None:
         """Wait as the startup probe allows (its period x failure threshold), then the readiness probe must pass."""
@@ -334,6 +339,19 @@ class PodRunner:
                 return
             time.sleep(0.5)
         raise AssertionError(f"{process} was not ready within {budget:.0f} s (last probe: {said}):\n{pod.tail()}")
+
+
+_GRPC_HEALTH = """
+import sys, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+target, service, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+with grpc.insecure_channel(target) as channel:
+    try:
+        r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        print(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+    except grpc.RpcError as exc:
+        print(f"{exc.code().name}: {exc.details()}")
+"""
 
 
 def _with_hostname(pod: Pod, argv: list[str]) -> list[str]:

@@ -121,20 +121,13 @@ def start_pipeline(runner: PodRunner) -> str:
 
 
 def wait_pipeline_ready(runner: PodRunner, timeout_s: float = READY_TIMEOUT_S) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+    """Until the ingress's overall health (every shard up) says SERVING."""
     ingress = runner.pods[INGRESS]
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"{ingress.address}:{kubernetes.GRPC_PORT}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
+    while time.monotonic() < deadline:
+        if runner.grpc_health(f"{ingress.address}:{kubernetes.GRPC_PORT}", "")[0]:
+            return
+        time.sleep(0.5)
     raise AssertionError(f"the pipeline was not ready within {timeout_s} s:\n" + "\n".join(p.tail(15) for p in runner.pods.values()))
 
 
@@ -303,13 +296,11 @@ def test_a_rolling_update_of_a_shard(context: Path, reference: Any, lab: NetnsLa
 
 def ingress_metric(runner: PodRunner, series: str) -> float:
     """One sample of the ingress pod's metrics (0 when absent), read at its address as Prometheus would."""
-    import urllib.request
-
     from prometheus_client.parser import text_string_to_metric_families
 
     pod = runner.pods[INGRESS]
-    with urllib.request.urlopen(f"http://{pod.address}:{kubernetes.METRICS_PORT}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    ok, text = runner.http_get(f"http://{pod.address}:{kubernetes.METRICS_PORT}/metrics")
+    assert ok, text
     name, _, labels = series.partition("{")
     want = dict(kv.split("=") for kv in labels.rstrip("}").split(",")) if labels else {}
     want = {k: v.strip('"') for k, v in want.items()}
