@@ -156,8 +156,24 @@ def fqdn(service: str, options: KubeOptions) -> str:
 
 
 # -------------------------------------------------------------- placement
-def placed_host(host: str) -> str | None:
-    """The host name a process is placed on, or ``None`` when the topology has no placement (an address)."""
+#: the topology section where ``pipeline partition --cluster`` records the cluster file (hosts with name and address).
+CLUSTER_KEY = "cluster"
+
+
+def placed_host(topology: Topology, process: str) -> str | None:
+    """The name of the host a process is placed on, or ``None`` when the topology has no placement.
+
+    A topology placed with a cluster file records the cluster (``cluster.hosts``: name and address) and
+    gives every process its host's address: the address is looked up there. A host that is a name rather
+    than an address (a hand-placed topology) is taken as it is. Addresses alone (one machine, or a topology
+    edited by hand with addresses) mean no placement.
+    """
+    host = topology.ingress.host if process == INGRESS else topology.shard(process).host
+    cluster = topology.extra.get(CLUSTER_KEY)
+    entries = (cluster.get("hosts") or []) if isinstance(cluster, Mapping) else []
+    for entry in entries:
+        if isinstance(entry, Mapping) and host in (entry.get("name"), entry.get("address")) and entry.get("name"):
+            return str(entry["name"])
     if not host or host == "localhost":
         return None
     try:
@@ -165,10 +181,6 @@ def placed_host(host: str) -> str | None:
     except ValueError:
         return host
     return None
-
-
-def _host_of(topology: Topology, process: str) -> str:
-    return topology.ingress.host if process == INGRESS else topology.shard(process).host
 
 
 # ------------------------------------------------------- rewritten topology
@@ -352,7 +364,7 @@ def deployment(topology: Topology, process: str, options: KubeOptions, names: Na
         "containers": [container],
         "volumes": volumes,
     }
-    host = placed_host(_host_of(topology, process))
+    host = placed_host(topology, process)
     if host is not None:
         pod_spec["nodeSelector"] = {options.host_label: host}
     return {

@@ -260,6 +260,19 @@ def test_curve_secrets_and_placement(residual: Topology, tmp_path: Path) -> None
     assert deployment(objects, "shard1")["spec"]["template"]["spec"]["nodeSelector"] == {"example.com/host": "cloud"}
     assert deployment(objects, INGRESS)["spec"]["template"]["spec"]["nodeSelector"] == {"example.com/host": "edge"}
 
+    # placed with a cluster file: every process has its host's address, the cluster section names the hosts
+    cluster = {"version": 1, "ingress": "edge", "hosts": [{"name": "edge", "address": "198.18.0.1"}, {"name": "cloud", "address": "198.18.0.2"}]}
+    by_cluster = copy_topology(
+        residual, tmp_path / "cluster",
+        shards=tuple(dataclasses.replace(s, host=a) for s, a in zip(residual.shards, ("198.18.0.1", "198.18.0.2"))),
+        ingress=dataclasses.replace(residual.ingress, host="198.18.0.1"),
+        extra={**residual.extra, "cluster": cluster},
+    )  # fmt: skip
+    objects = kubernetes.manifests(by_cluster, kubernetes.KubeOptions())
+    selectors = {p: deployment(objects, p)["spec"]["template"]["spec"].get("nodeSelector") for p in by_cluster.processes_on(None)}
+    assert selectors == {INGRESS: {"keras-pipeline/host": "edge"}, "shard0": {"keras-pipeline/host": "edge"}, "shard1": {"keras-pipeline/host": "cloud"}}
+    validate_all(objects)
+
 
 def test_the_command_writes_a_folder(residual: Topology, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "k8s"
