@@ -12,7 +12,10 @@ missing file or a key in the wrong pod makes these tests fail.
 2. ``security: curve``: the same, each pod holding only its own key;
 3. then a shard's process killed (SIGKILL) under load and started again from
    its manifest: no wrong answer, errors only while it is down, and the
-   pipeline answers again.
+   pipeline answers again;
+4. rolling updates (a new pod beside the old one, then the old one
+   terminated as a kubelet does: preStop, SIGTERM, the grace period) of a
+   shard and of the ingress, under load: no wrong answer.
 
 The residual test model is used: two shards, the second a join of the model
 input (from the ingress) and the first shard's output, so one pod is fed by
@@ -309,3 +312,44 @@ def ingress_metric(runner: PodRunner, series: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in want.items()):
                 return float(s.value)
     return 0.0
+
+
+def test_a_rolling_update_of_the_ingress(context: Path, reference: Any, lab: NetnsLab, tmp_path: Path) -> None:
+    """A new ingress pod beside the old one, then the old one terminated: what clients see.
+
+    The shards hold one connection to the results Service, to the old ingress,
+    so the new one hears no heartbeat and counts no shard up until the old one
+    is gone: a client that reaches it meanwhile gets UNAVAILABLE (never a wrong
+    answer, never a hang), and once the old ingress has drained the shards
+    reconnect and the new one answers.
+    """
+    x, y = reference
+    t = topo.load(context / "topology" / "residual")
+    runner = run_pods(kubernetes.manifests(t, OPTIONS), context, lab, tmp_path)
+    try:
+        target = start_pipeline(runner)
+        np.savez(tmp_path / "inputs.npz", image=x)
+        stop = tmp_path / "stop"
+        client = run_client(lab, tmp_path, "load", target, tmp_path / "inputs.npz", "--until", str(stop))
+        log = tmp_path / "load.log"
+        wait_ok(log, 20)
+        new = runner.replica(INGRESS, "b")
+        runner.start(INGRESS, new)
+        runner.wait_ready(INGRESS, READY_TIMEOUT_S, pod=new)  # its process serves: the probe passes
+        runner.retarget(INGRESS, new)  # new connections go to the new pod
+        old = runner.pods[INGRESS]
+        code, drain_s = runner.terminate(old)
+        assert code == 0, old.tail()
+        assert drain_s < old.spec["terminationGracePeriodSeconds"]
+        wait_ok(log, ok_count(log) + 40)
+        stop.touch()
+        result = answers(client, tmp_path)
+        codes = list(result["codes"])
+        ok = check_bitwise(result, y)
+        errors = {c: codes.count(c) for c in sorted(set(codes)) if c != "OK"}
+        print(f"rolling update of the ingress: {len(codes)} requests, {ok} correct, errors {errors}, old ingress drained in {drain_s:.2f} s")
+        assert set(errors) <= {"UNAVAILABLE"}, errors
+        assert all(c == "OK" for c in codes[-30:]), codes[-40:]
+    finally:
+        codes_at_stop = runner.stop_all()
+    assert set(codes_at_stop.values()) == {0}, codes_at_stop
