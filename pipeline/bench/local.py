@@ -27,7 +27,9 @@ def compiled_whole(directory: Path) -> tuple[Any, Any]:
     from pipeline.partition.source import load_keras_file
 
     t = topo.load(directory, check_files=False)
-    model = load_keras_file(t.model_path, unsafe=bool(t.extra.get("unsafe", False)))
+    model = load_keras_file(
+        t.model_path, unsafe=bool(t.extra.get("unsafe", False)), imports=t.imports, needed_by="the whole model (model.keras)"
+    )
     struct = input_structure(model)
     signature = [
         {s.name: tf.TensorSpec([None, *[None if d == -1 else d for d in s.shape[1:]]], s.dtype) for s in t.inputs}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,13 @@ def load_source(source: str, *, input_shape: tuple[int, ...] | None = None, unsa
     return model, _snake(source)
 
 
-def load_keras_file(path: Path, *, unsafe: bool = False) -> Any:
+def load_keras_file(path: Path, *, unsafe: bool = False, imports: Sequence[str] = (), needed_by: str = "") -> Any:
+    """Load a ``.keras`` file in safe mode (unless ``unsafe``), after importing ``imports`` (custom layers)."""
     import keras
 
+    from pipeline.custom_objects import import_modules
+
+    import_modules(imports, needed_by=needed_by or f"the model file {str(path)!r}")
     if not path.is_file():
         raise UsageError(f"model file {str(path)!r} does not exist; expected a .keras file")
     if not zipfile.is_zipfile(path):

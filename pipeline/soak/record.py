@@ -53,7 +53,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.partition.source import load_keras_file, quiet_tensorflow
 
     quiet_tensorflow()
-    model = load_keras_file(topology.model_path, unsafe=args.unsafe or bool(topology.extra.get("unsafe", False)))
+    model = load_keras_file(
+        topology.model_path,
+        unsafe=args.unsafe or bool(topology.extra.get("unsafe", False)),
+        imports=topology.imports,
+        needed_by="the whole model (model.keras)",
+    )
     started = time.monotonic()
     with replay.ReplayWriter(
         args.out,
