@@ -58,8 +58,8 @@ def padded_tokens(batch: int, seed: int = 0) -> np.ndarray:
     """Token ids 1..VOCAB-1 with a different number of trailing zeros per row (row 0 unpadded)."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(1, VOCAB, (batch, STEPS)).astype(np.int32)
-    for i in range(batch):
-        length = STEPS - (i * 3) % STEPS
+    for i in range(1, batch):
+        length = 1 + (STEPS - 2 - (i - 1) * 2) % (STEPS - 1)  # 8, 6, 4, 2, 8, ...: every later row padded
         tokens[i, length:] = 0
     return tokens
 
