@@ -43,10 +43,11 @@ def check_module_names(names: Iterable[str], option: str = "--import") -> tuple[
     return tuple(out)
 
 
-def import_modules(modules: Sequence[str], *, needed_by: str, recorded: bool = True) -> None:
-    """Import the project's layers, then ``modules`` in order; raise :class:`ImportFailed` naming the first
-    module that cannot be imported, what needs it, and the import error."""
-    importlib.import_module(PIPELINE_LAYERS)
+def import_modules(modules: Sequence[str], *, needed_by: str, recorded: bool = True, own_layers: bool = True) -> None:
+    """Import the project's layers (unless ``own_layers`` is false), then ``modules`` in order; raise
+    :class:`ImportFailed` naming the first module that cannot be imported, what needs it, and the import error."""
+    if own_layers:
+        importlib.import_module(PIPELINE_LAYERS)
     for name in modules:
         try:
             importlib.import_module(name)
@@ -61,8 +62,10 @@ def import_modules(modules: Sequence[str], *, needed_by: str, recorded: bool = T
 
 
 def prepare_topology(topology: object, needed_by: str) -> None:
-    """Import what the topology's Keras files need (its recorded ``imports``) before loading any of them."""
-    import_modules(tuple(getattr(topology, "imports", ()) or ()), needed_by=needed_by)
+    """Import the topology's recorded ``imports`` (a worker, before it opens a socket: a host without them fails
+    at once). The project's own layers, which import Keras, are left to the loaders, so a topology without
+    imports costs nothing here."""
+    import_modules(tuple(getattr(topology, "imports", ()) or ()), needed_by=needed_by, own_layers=False)
 
 
 def foreign_classes(class_names: Iterable[str], modules: Sequence[str]) -> list[str]:
