@@ -55,6 +55,8 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    #: for a mask tensor (``<tensor>:mask``): the tensor whose Keras mask it carries across a cut
+    mask_of: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -68,7 +70,10 @@ class TensorSpec:
         shape = _require(data, "shape", list, where)
         if not all(isinstance(d, int) and d >= -1 for d in shape):
             raise TopologyError(f"{where}: tensor {name!r} has shape {shape!r}; expected a list of integers >= -1")
-        return cls(name=name, dtype=dtype, shape=tuple(shape))
+        mask_of = data.get("mask_of", "")
+        if not isinstance(mask_of, str):
+            raise TopologyError(f"{where}: tensor {name!r} has mask_of {mask_of!r}; expected the name of a tensor")
+        return cls(name=name, dtype=dtype, shape=tuple(shape), mask_of=mask_of)
 
     def accepts(self, shape: Iterable[int]) -> bool:
         """True when a concrete ``shape`` fits this spec (``-1`` matches any size)."""
@@ -138,6 +143,8 @@ class Topology:
     security: str = "none"
     heartbeat_interval_s: float = 0.5
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: Python modules every process that loads a shard or the whole model imports first (custom layers)
+    imports: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------- lookups
     def shard(self, name: str) -> ShardSpec:
@@ -162,6 +169,11 @@ class Topology:
     @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.outputs)
+
+    @property
+    def masks(self) -> dict[str, str]:
+        """Mask tensor name -> the tensor whose Keras mask it carries (they travel in the same message)."""
+        return {name: spec.mask_of for name, spec in self.tensors.items() if spec.mask_of}
 
     def producer_of(self) -> dict[str, str]:
         """Map every tensor to the process that produces it (a shard name, or ``ingress`` for model inputs)."""
@@ -253,8 +265,13 @@ class Topology:
                 )
                 for s in self.shards
             ],
-            "tensors": {name: {"dtype": t.dtype, "shape": list(t.shape)} for name, t in self.tensors.items()},
+            "tensors": {
+                name: {"dtype": t.dtype, "shape": list(t.shape), **({"mask_of": t.mask_of} if t.mask_of else {})}
+                for name, t in self.tensors.items()
+            },
         }
+        if self.imports:
+            data["imports"] = list(self.imports)
         data.update(self.extra)
         return data
 
@@ -282,6 +299,7 @@ _KNOWN_KEYS = {
     "ingress",
     "shards",
     "tensors",
+    "imports",
 }
 
 
@@ -362,6 +380,9 @@ def from_dict(data: Mapping[str, Any], *, directory: Path, where: str = TOPOLOGY
             )
         )
     extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
+    imports = data.get("imports") or []
+    if not isinstance(imports, list) or not all(isinstance(m, str) and _is_module_name(m) for m in imports):
+        raise TopologyError(f"{where}: 'imports' is {imports!r}; expected a list of Python module names (e.g. [my_layers])")
     return Topology(
         version=version,
         name=name,
@@ -374,6 +395,7 @@ def from_dict(data: Mapping[str, Any], *, directory: Path, where: str = TOPOLOGY
         security=str(data.get("security", "none")),
         heartbeat_interval_s=float(data.get("heartbeat_interval_s", 0.5)),
         extra=extra,
+        imports=tuple(imports),
     )
 
 
@@ -459,11 +481,50 @@ def validate(topology: Topology, *, check_files: bool = True) -> None:
             raise TopologyError(f"{where}: model output {out!r} is not produced by any shard")
         if INGRESS not in next(o.consumers for o in t.shard(produced[out]).outputs if o.name == out):
             raise TopologyError(f"{where}: model output {out!r} is not sent to the ingress by {produced[out]!r}")
+    _validate_masks(t, where, produced)
     for shard in t.shards:
         if shard.batching.max_batch < 1 or shard.batching.max_delay_ms < 0:
             raise TopologyError(
                 f"{where}: shard {shard.name!r} batching {shard.batching}; expected max_batch >= 1 and max_delay_ms >= 0"
             )
+
+
+def _validate_masks(t: Topology, where: str, produced: Mapping[str, str]) -> None:
+    """A mask tensor is bool, shaped like its tensor's leading axes, and sent with it to the same shards."""
+    for name, of in t.masks.items():
+        mask = t.tensors[name]
+        if of not in t.tensors:
+            raise TopologyError(f"{where}: mask tensor {name!r} has mask_of {of!r}, which is not a tensor of this topology")
+        tensor = t.tensors[of]
+        if mask.dtype != "bool":
+            raise TopologyError(f"{where}: mask tensor {name!r} has dtype {mask.dtype}; expected bool")
+        lead = tensor.shape[: len(mask.shape)]
+        if not mask.shape or len(mask.shape) > len(tensor.shape) or any(
+            a != b and -1 not in (a, b) for a, b in zip(mask.shape, lead)
+        ):
+            raise TopologyError(
+                f"{where}: mask tensor {name!r} has shape {list(mask.shape)}; expected the leading axes of {of!r} "
+                f"{list(tensor.shape)}"
+            )
+        if name not in produced:
+            continue
+        producer = produced[name]
+        if produced.get(of) != producer or producer == INGRESS:
+            raise TopologyError(
+                f"{where}: mask tensor {name!r} comes from {producer!r} but its tensor {of!r} from {produced.get(of)!r}; "
+                "expected both from the same shard (they travel in one message)"
+            )
+        spec = t.shard(producer)
+        consumers = {o.name: set(o.consumers) - {INGRESS} for o in spec.outputs}
+        if not consumers[name] <= consumers.get(of, set()):
+            raise TopologyError(
+                f"{where}: shard {producer!r} sends mask {name!r} to {sorted(consumers[name])} but its tensor {of!r} to "
+                f"{sorted(consumers.get(of, set()))}; expected a mask to go with its tensor"
+            )
+
+
+def _is_module_name(name: str) -> bool:
+    return bool(name) and all(part.isidentifier() for part in name.split("."))
 
 
 # ------------------------------------------------------------------ endpoints

@@ -25,7 +25,9 @@ def compiled_whole(directory: Path) -> tuple[Any, Any]:
     from pipeline.partition.source import load_keras_file
 
     t = topo.load(directory, check_files=False)
-    model = load_keras_file(t.model_path, unsafe=bool(t.extra.get("unsafe", False)))
+    model = load_keras_file(
+        t.model_path, unsafe=bool(t.extra.get("unsafe", False)), imports=t.imports, needed_by="the whole model (model.keras)"
+    )
     return compiled(model, t.inputs), t
 
 

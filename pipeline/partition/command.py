@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PartitionError, UsageError
+from pipeline.log import get_logger
 from pipeline.partition.planner import DEFAULT_SLACK
 from pipeline.topology import (
     DEFAULT_GRPC_ADDRESS,
@@ -29,6 +30,8 @@ from pipeline.topology import (
     Topology,
     bind_address,
 )
+
+log = get_logger("pipeline.partition")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,6 +62,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--slack", type=float, default=DEFAULT_SLACK, help="balance slack the planner may trade for fewer bytes")
     p.add_argument("--unsafe", action="store_true", help="allow models that need unsafe deserialization (Lambda layers)")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this Python module (custom layers registered with keras.saving.register_keras_serializable) "
+        "before loading SOURCE, and record it in topology.yaml so every process imports it (repeatable; the module "
+        "must be importable on every host, see docs/CUSTOM_LAYERS.md)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-verify", action="store_true", help="skip the exactness check at the end")
     p.add_argument("--list-ops", action="store_true", help="print every operation (the names --cut takes) and exit")
@@ -80,10 +93,13 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--shards {args.shards} with {len(args.cut)} --cut names: expected --shards {len(args.cut) + 1} or no --shards")
     if args.shards is not None and args.shards < 1:
         raise UsageError(f"--shards must be at least 1, received {args.shards}")
+    from pipeline.custom_objects import check_module_names, import_modules
     from pipeline.partition.source import load_source
 
+    imports = check_module_names(args.imports)
     shapes = parse_input_shapes(args.input_shape)
     single_shape = shapes.pop("", None)
+    import_modules(imports, needed_by=f"SOURCE {args.source!r}", recorded=False)
     model, default_name = load_source(args.source, input_shape=single_shape, unsafe=args.unsafe)
     if args.list_ops:
         from pipeline.partition.graph import build_graph
@@ -110,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         verify=not args.no_verify,
         unsafe=args.unsafe,
+        imports=imports,
     )
     print(result.table)
     if result.warning:
@@ -149,6 +166,7 @@ def partition(
     force: bool = False,
     verify: bool = True,
     unsafe: bool = False,
+    imports: tuple[str, ...] = (),
 ) -> PartitionResult:
     """Split ``model`` and write the topology directory ``out``; return the topology and the plan table."""
     from pipeline.partition import cost, planner
@@ -165,6 +183,7 @@ def partition(
     if out.exists() and not force:
         raise UsageError(f"output directory {str(out)!r} already exists; pass --force to replace it, or choose another --out")
     graph = build_graph(model)
+    _warn_foreign_classes(graph, imports)
     known = set(graph.input_names)
     for key in input_shapes or {}:
         if key not in known:
@@ -203,7 +222,7 @@ def partition(
             sub.save(tmp / file)
             for tid in plan.inputs + plan.outputs:
                 t = graph.tensors[tid]
-                tensors[t.name] = _spec(t)
+                tensors[t.name] = _spec(t, graph.tensors[t.mask_of].name if t.mask_of is not None else "")
             port, metrics_port = endpoints[2 + 2 * i], endpoints[3 + 2 * i]
             endpoint = f"tcp://{host}:{port}"
             shard_specs.append(
@@ -237,6 +256,7 @@ def partition(
                 metrics=f"{host}:{endpoints[1]}",
             ),
             directory=tmp,
+            imports=tuple(imports),
             extra={
                 "sample_input_shapes": {graph.tensors[t].name: list(shapes[t]) for t in graph.inputs},
                 "unsafe": bool(unsafe),
@@ -275,8 +295,22 @@ def partition(
     return PartitionResult(topology=topology, table=table, seconds=time.perf_counter() - start, warning=warning)
 
 
-def _spec(t: Any) -> TensorSpec:
-    return TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(-1 if d is None else d for d in t.shape))
+def _warn_foreign_classes(graph: Any, imports: tuple[str, ...]) -> None:
+    """Say which layer classes come from a module no process will import (it would fail to load there)."""
+    from pipeline.custom_objects import DOCS, foreign_classes
+
+    foreign = foreign_classes([op.class_name for op in graph.ops], imports)
+    if foreign:
+        log.warning(
+            "custom_layers_not_imported",
+            classes=foreign,
+            detail="the workers, verify and record load the shards in other processes: pass --import MODULE for the "
+            f"module that registers these classes (importable on every host, see {DOCS})",
+        )
+
+
+def _spec(t: Any, mask_of: str = "") -> TensorSpec:
+    return TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(-1 if d is None else d for d in t.shape), mask_of=mask_of)
 
 
 def _allocate(host: str, base_port: int | None, count: int) -> list[int]:

@@ -29,6 +29,15 @@ for the balance of a plan. FLOPs of an operation with weights are estimated
 generically as ``2 × output elements × (weights of rank ≥ 2) / output
 channels``, which is exact for Conv*, DepthwiseConv*, Dense/EinsumDense
 projections and recurrent cells, so the model needs no table of layer types.
+
+A layer that is not Keras's own (a user's registered layer) may do anything
+with its weights, so it is estimated from what is known from outside: its
+output size and its parameters, as if every parameter were used once per
+output position (``2 × parameters × output elements / output channels``) on
+top of reading its inputs and writing its outputs. The same estimate stands in
+for any operation the rules above cannot read (odd weights, shapes that do not
+infer). Such operations are marked ``estimated`` and ``pipeline show`` lists
+them, so a user knows which parts of the plan rest on a guess.
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ class OpCost:
     activation_bytes: float  # per sample: inputs and outputs
     weight_bytes: float  # per call
     params: int
+    estimated: bool = False  # from output size and parameters only (a layer type the rules do not know)
 
     def call_seconds(self, batch: int, rates: Rates) -> float:
         """Estimated time of one call on ``batch`` rows with ``rates``."""
@@ -109,7 +119,15 @@ def concrete_shapes(graph: Graph, input_shapes: dict[str, tuple[int, ...]] | Non
                 f"{','.join('224' if d is None else str(d) for d in t.shape[1:])}"
             )
     _infer(graph, shapes)
+    _mask_shapes(graph, shapes)
     return shapes
+
+
+def _mask_shapes(graph: Graph, shapes: dict[int, tuple[int, ...]]) -> None:
+    """A Keras mask record is shaped like its tensor's leading axes (as inferred)."""
+    for t in graph.tensors:
+        if t.mask_of is not None and t.mask_of in shapes:
+            shapes[t.id] = shapes[t.mask_of][: len(t.shape)]
 
 
 def _infer(graph: Graph, shapes: dict[int, tuple[int, ...]]) -> None:
@@ -136,7 +154,48 @@ def _infer(graph: Graph, shapes: dict[int, tuple[int, ...]]) -> None:
 
 
 def op_costs(graph: Graph, shapes: dict[int, tuple[int, ...]]) -> list[OpCost]:
-    return [_op_cost(op, graph, shapes) for op in graph.ops]
+    """The estimated cost of every operation, in the graph's order (never raises for an unknown layer)."""
+    out = []
+    for op in graph.ops:
+        if is_known(op):
+            try:
+                out.append(_op_cost(op, graph, shapes))
+                continue
+            except Exception:  # a layer the rules cannot read: fall back to what is known from outside
+                pass
+        out.append(_estimate(op, graph, shapes))
+    return out
+
+
+def is_known(op: Op) -> bool:
+    """Keras's own layers and operations follow the rules above; anything else is estimated."""
+    return op.class_name.startswith(("keras.", "keras_hub.", "keras_nlp.", "keras_cv."))
+
+
+def _estimate(op: Op, graph: Graph, shapes: dict[int, tuple[int, ...]]) -> OpCost:
+    """From the output size and the parameters only: each parameter used once per output position."""
+    in_elems = sum(_numel(shapes.get(t, ())) for t in op.inputs)
+    out_elems = sum(_numel(shapes.get(t, ())) for t in op.outputs)
+    itemsize = max([_itemsize(graph.tensors[t].dtype) for t in op.inputs + op.outputs] or [4])
+    try:
+        weights = list(getattr(op.operation, "weights", None) or [])
+        params = int(sum(_numel(tuple(int(d) for d in w.shape)) for w in weights))
+        weight_bytes = float(
+            sum(_numel(tuple(int(d) for d in w.shape)) * _itemsize(str(getattr(w, "dtype", "float32"))) for w in weights)
+        )
+    except Exception:  # weights that cannot be read count as none
+        params, weight_bytes = 0, 0.0
+    first = shapes.get(op.outputs[0], ()) if op.outputs else ()
+    channels = first[-1] if len(first) > 1 else 1
+    positions = out_elems / max(channels, 1)
+    flops = float(in_elems + out_elems) + 2.0 * params * positions
+    return OpCost(
+        flops=flops,
+        activation_bytes=float((in_elems + out_elems) * itemsize),
+        weight_bytes=weight_bytes,
+        params=params,
+        estimated=True,
+    )
 
 
 def _op_cost(op: Op, graph: Graph, shapes: dict[int, tuple[int, ...]]) -> OpCost:

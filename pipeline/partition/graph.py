@@ -31,6 +31,8 @@ class Tensor:
     consumers: list[int] = field(default_factory=list)  # op ids, in topological order
     keras_tensor: Any = None
     has_mask: bool = False
+    mask: int | None = None  # id of the record of this tensor's Keras mask (see _add_mask_records)
+    mask_of: int | None = None  # on a mask record: the id of the tensor whose mask it is
 
     @property
     def is_batched(self) -> bool:
@@ -293,6 +295,7 @@ def _finish(
                 if t.name in taken:
                     raise PartitionError(f"tensor name {t.name!r} is used twice; rename the layer {op.name!r}")
                 taken.add(t.name)
+    _add_mask_records(tensors, ordered, taken)
     return Graph(
         name=name,
         ops=ordered,
@@ -302,6 +305,37 @@ def _finish(
         input_names=input_names,
         output_names=output_names,
     )
+
+
+def _add_mask_records(tensors: list[Tensor], ops: list[Op], taken: set[str]) -> None:
+    """One more tensor record per computed tensor that carries a Keras mask: ``<tensor>:mask``, a boolean
+    tensor with the same producer and consumers, which crosses a cut wherever its tensor does."""
+    from pipeline.partition.masks import mask_name
+
+    for op in ops:
+        for tid in op.outputs:
+            t = tensors[tid]
+            if not t.has_mask:
+                continue
+            kmask = t.keras_tensor._keras_mask
+            name = mask_name(t.name)
+            if name in taken:
+                raise PartitionError(f"tensor name {name!r} (the Keras mask of {t.name!r}) is used twice; rename the layer {op.name!r}")
+            taken.add(name)
+            mid = len(tensors)
+            tensors.append(
+                Tensor(
+                    id=mid,
+                    name=name,
+                    shape=tuple(None if d is None else int(d) for d in kmask.shape),
+                    dtype="bool",
+                    producer=t.producer,
+                    consumers=list(t.consumers),
+                    keras_tensor=kmask,
+                    mask_of=tid,
+                )
+            )
+            t.mask = mid
 
 
 def _topological_order(ops: list[Op], tensors: list[Tensor], output_tids: list[int]) -> list[int]:

@@ -10,8 +10,11 @@ programming: first the smallest possible cost of the slowest shard (that bounds
 the pipeline's throughput), then, among the plans whose slowest shard is within
 ``slack`` of that optimum, the one that sends the fewest bytes across cuts.
 A position is a candidate cut unless a tensor crossing it could not travel
-between processes: one with no batch axis, a dtype the wire does not carry, or
-a Keras mask attached (the mask would be lost).
+between processes: one with no batch axis, or a dtype the wire does not carry.
+A tensor that carries a Keras mask crosses together with its mask, a boolean
+tensor of its own (:mod:`pipeline.partition.masks`), so masks refuse no cut;
+only a mask that is not shaped like its tensor's leading axes (which no Keras
+layer makes) could not be re-attached, and refuses the cuts it would cross.
 """
 
 from __future__ import annotations
@@ -59,8 +62,12 @@ def crossings(graph: Graph, tensor_bytes: Sequence[int]) -> Crossings:
             problem = f"tensor {t.name!r} has no batch axis (shape {list(t.shape)})"
         elif t.dtype not in DTYPES:
             problem = f"tensor {t.name!r} has dtype {t.dtype}, which the wire does not carry"
-        elif t.has_mask:
-            problem = f"tensor {t.name!r} carries a Keras mask, which would be lost between processes"
+        elif t.mask_of is not None and not _leading_axes(t.shape, graph.tensors[t.mask_of].shape):
+            of = graph.tensors[t.mask_of]
+            problem = (
+                f"tensor {of.name!r} {list(of.shape)} carries a Keras mask of shape {list(t.shape)}, which is not its "
+                "leading axes, so it cannot be re-attached in another process"
+            )
         if problem and t.producer is not None:
             diff_bad[start] += 1
             diff_bad[end + 1] -= 1
@@ -72,6 +79,11 @@ def crossings(graph: Graph, tensor_bytes: Sequence[int]) -> Crossings:
     allowed[0] = False
     allowed[n] = False
     return Crossings(bytes=crossing_bytes, allowed=allowed, reasons=bad_reason)
+
+
+def _leading_axes(mask: tuple[int | None, ...], shape: tuple[int | None, ...]) -> bool:
+    """``mask`` is shaped like the first axes of ``shape`` (unknown sizes match anything)."""
+    return 0 < len(mask) <= len(shape) and all(a is None or b is None or a == b for a, b in zip(mask, shape))
 
 
 def plan_balanced(

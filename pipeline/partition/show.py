@@ -48,7 +48,8 @@ def plan_rows(
 ) -> list[dict[str, Any]]:
     """One row per shard: operations, parameters, compute share, bytes out per sample, crossing tensors.
 
-    ``seconds_per_op`` is the cost model's estimate per sample at the batch the plan balanced for.
+    ``seconds_per_op`` is the cost model's estimate per sample at the batch the plan balanced for. A row
+    lists under ``estimated`` the operations the cost model knew only by output size and parameters.
     """
     total = sum(seconds_per_op) or 1.0
     rows = []
@@ -57,6 +58,11 @@ def plan_rows(
         params = sum(costs[i].params for i in plan.ops)
         sent = [graph.tensors[t].name for t in plan.outputs]
         bytes_out = sum(tensor_bytes[t] * len(plan.consumers[t]) for t in plan.outputs)
+        estimated = [
+            f"{graph.ops[i].name} ({graph.ops[i].class_name.rsplit('.', 1)[-1]})"
+            for i in plan.ops
+            if getattr(costs[i], "estimated", False)
+        ]
         rows.append(
             {
                 "shard": plan.name,
@@ -68,6 +74,7 @@ def plan_rows(
                 "estimated_ms": round(seconds * 1e3, 3),
                 "bytes_out": int(bytes_out),
                 "sends": sent,
+                **({"estimated": estimated} if estimated else {}),
             }
         )
     return rows
@@ -90,6 +97,14 @@ def plan_table(rows: list[dict[str, Any]], *, name: str, operations: int | None 
         )
     slowest = max(r["share"] for r in rows)
     lines.append(f"slowest shard: {slowest * 100:.1f}% of the compute (ideal 1/{k} = {100 / k:.1f}%)")
+    guessed = [(r["shard"], op) for r in rows for op in r.get("estimated", [])]
+    if guessed:
+        lines.append(
+            f"{len(guessed)} operation(s) of layer types the cost model does not know, estimated from their output "
+            "size and parameters:"
+        )
+        for shard, op in guessed:
+            lines.append(f"  {shard}: {op}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import weakref
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,13 @@ def calibrate(model: Any, *, seed: int = SEED, rows: int = CALIBRATION_BATCH) ->
     return record
 
 
-def load_keras_file(path: Path, *, unsafe: bool = False) -> Any:
+def load_keras_file(path: Path, *, unsafe: bool = False, imports: Sequence[str] = (), needed_by: str = "") -> Any:
+    """Load a ``.keras`` file in safe mode (unless ``unsafe``), after importing ``imports`` (custom layers)."""
     import keras
 
+    from pipeline.custom_objects import import_modules
+
+    import_modules(imports, needed_by=needed_by or f"the model file {str(path)!r}")
     if not path.is_file():
         raise UsageError(f"model file {str(path)!r} does not exist; expected a .keras file")
     if not zipfile.is_zipfile(path):

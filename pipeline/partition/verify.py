@@ -81,8 +81,11 @@ def verify_directory(
     quiet_tensorflow()
     topology = topo.load(directory)
     unsafe = unsafe or bool(topology.extra.get("unsafe", False))
-    whole = load_keras_file(topology.model_path, unsafe=unsafe)
-    shards = {s.name: load_keras_file(topology.shard_path(s.name), unsafe=unsafe) for s in topology.shards}
+    whole = load_keras_file(topology.model_path, unsafe=unsafe, imports=topology.imports, needed_by="the whole model (model.keras)")
+    shards = {
+        s.name: load_keras_file(topology.shard_path(s.name), unsafe=unsafe, imports=topology.imports, needed_by=f"shard {s.name!r}")
+        for s in topology.shards
+    }
     rng = np.random.default_rng(seed)
     report = Report(tolerance=tolerance)
     seen_inputs, seen_outputs = [], []

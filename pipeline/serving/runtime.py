@@ -65,11 +65,19 @@ def configure_tensorflow(intra_op_threads: int, inter_op_threads: int) -> None:
         pass
 
 
-def load_model(path: str | os.PathLike[str], *, unsafe: bool = False) -> Any:
-    """Load a ``.keras`` file in safe mode; a model that needs unsafe deserialization is refused unless ``unsafe``."""
+def load_model(
+    path: str | os.PathLike[str], *, unsafe: bool = False, imports: Sequence[str] = (), needed_by: str = ""
+) -> Any:
+    """Load a ``.keras`` file in safe mode; a model that needs unsafe deserialization is refused unless ``unsafe``.
+
+    ``imports`` (the topology's recorded modules) are imported first, so registered custom layers load.
+    """
     quiet_tensorflow()
     import keras
 
+    from pipeline.custom_objects import import_modules
+
+    import_modules(imports, needed_by=needed_by or f"the shard file {str(path)!r}")
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"shard file {str(path)!r} does not exist")
@@ -166,7 +174,7 @@ class ShardRuntime:
     def load(cls, topology: Topology, shard: str, *, unsafe: bool = False) -> ShardRuntime:
         """Load the shard's file from a topology directory and compile it against the topology's specs."""
         spec = topology.shard(shard)
-        model = load_model(topology.shard_path(shard), unsafe=unsafe)
+        model = load_model(topology.shard_path(shard), unsafe=unsafe, imports=topology.imports, needed_by=f"shard {shard!r}")
         return cls(shard, model, {n: topology.tensors[n] for n in spec.inputs}, spec.output_names)
 
     @property

@@ -424,6 +424,8 @@ class Worker:
         # the ingress holds part of an answer
         self.routes = dict(sorted(topology.routes(self.name).items(), key=lambda kv: kv[0] == topo.INGRESS))
         self.input_specs = {n: topology.tensors[n] for n in self.spec.inputs}
+        #: mask tensor -> its tensor, checked together in every received message (masks across cuts)
+        self.masks = {m: of for m, of in topology.masks.items() if m in self.input_specs}
         self.join = JoinBuffer(
             topology.producers(self.name),
             max_pending=config.max_pending,
@@ -594,7 +596,7 @@ class Worker:
         assert self.pull is not None
         for _ in range(MAX_RECV_PER_TURN):
             try:
-                message = codec.recv(self.pull, self.drops, flags=zmq.NOBLOCK, on_drop=self._on_drop)
+                message = codec.recv(self.pull, self.drops, flags=zmq.NOBLOCK, on_drop=self._on_drop, masks=self.masks)
             except zmq.Again:
                 return
             self.stats.messages_in += 1
@@ -938,6 +940,10 @@ def run(args: argparse.Namespace) -> int:
     if config.cpus:
         os.sched_setaffinity(0, config.cpus)  # before any thread starts: TensorFlow's and ZeroMQ's inherit it
     plog.configure(config.log_level, process=config.shard)
+    # the modules the shard file needs (custom layers), before any socket opens: a host without them fails here
+    from pipeline.custom_objects import prepare_topology
+
+    prepare_topology(topology, needed_by=f"shard {config.shard!r}")
     worker = Worker(config, topology)
     previous = {sig: signal.signal(sig, worker.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -72,7 +72,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.serving.runtime import DEFAULT_INTER_OP_THREADS, DEFAULT_INTRA_OP_THREADS, configure_tensorflow
 
     configure_tensorflow(args.threads or DEFAULT_INTRA_OP_THREADS, DEFAULT_INTER_OP_THREADS)
-    model = load_keras_file(topology.model_path, unsafe=args.unsafe or bool(topology.extra.get("unsafe", False)))
+    model = load_keras_file(
+        topology.model_path,
+        unsafe=args.unsafe or bool(topology.extra.get("unsafe", False)),
+        imports=topology.imports,
+        needed_by="the whole model (model.keras)",
+    )
     fn = compiled(model, topology.inputs)  # as the workers run the shards: compiled (eager differs in the last bits)
     started = time.monotonic()
     kept_in: list[dict[str, np.ndarray]] = []  # the first oracle.MAX_ROWS rows, for the oracle

@@ -109,11 +109,13 @@ def encode(envelope: pb.Envelope, tensors: Mapping[str, np.ndarray]) -> list[Any
     return frames
 
 
-def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
+def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, masks: Mapping[str, str] | None = None) -> Message:
     """Parse and check a received multipart message; raise :class:`DecodeError` when it does not fit.
 
     Once the envelope has parsed as a valid message, a :class:`DecodeError`
     carries it (``exc.envelope``), so a receiver can answer the request it names.
+    ``masks`` (mask tensor name -> its tensor's name, the topology's ``mask_of``)
+    checks each Keras mask that crosses a cut against its tensor (:func:`check_masks`).
     """
     if not frames:
         raise DecodeError("empty", "expected at least the envelope frame, received no frames")
@@ -135,7 +137,10 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
     if envelope.kind not in _KINDS:  # proto3 enums are open: an unknown number parses
         raise DecodeError("bad_kind", f"expected a message kind in {sorted(pb.Kind.keys())[1:]}, received {envelope.kind}")
     try:
-        return Message(envelope=envelope, tensors=_tensors(envelope, frames, limits))
+        tensors = _tensors(envelope, frames, limits)
+        if masks:
+            check_masks(tensors, masks)
+        return Message(envelope=envelope, tensors=tensors)
     except DecodeError as exc:
         exc.envelope = envelope
         raise
@@ -187,6 +192,30 @@ def _tensors(envelope: pb.Envelope, frames: Sequence[Any], limits: Limits) -> di
     return tensors
 
 
+def check_masks(tensors: Mapping[str, np.ndarray], masks: Mapping[str, str]) -> None:
+    """Each mask frame travels with its tensor, is bool, and is shaped like the tensor's leading axes.
+
+    ``masks`` maps a mask tensor's name to its tensor's name; raise :class:`DecodeError` (``bad_mask``).
+    """
+    for mask_name, tensor_name in masks.items():
+        mask = tensors.get(mask_name)
+        tensor = tensors.get(tensor_name)
+        if mask is None and tensor is None:
+            continue
+        if mask is None:
+            raise DecodeError("bad_mask", f"tensor {tensor_name!r} arrived without its Keras mask {mask_name!r}; expected both in one message")
+        if tensor is None:
+            raise DecodeError("bad_mask", f"mask {mask_name!r} arrived without its tensor {tensor_name!r}; expected both in one message")
+        if mask.dtype != np.bool_:
+            raise DecodeError("bad_mask", f"mask {mask_name!r}: expected dtype bool, received {dtype_name(mask.dtype)}")
+        if not 0 < mask.ndim <= tensor.ndim or mask.shape != tensor.shape[: mask.ndim]:
+            raise DecodeError(
+                "bad_mask",
+                f"mask {mask_name!r}: expected a shape made of the leading axes of {tensor_name!r} {list(tensor.shape)}, "
+                f"received {list(mask.shape)}",
+            )
+
+
 def send(socket: zmq.Socket, envelope: pb.Envelope, tensors: Mapping[str, np.ndarray] | None = None, flags: int = 0) -> None:
     """Encode and send one message (large frames without copying)."""
     socket.send_multipart(encode(envelope, tensors or {}), flags=flags, copy=False)
@@ -202,10 +231,11 @@ def recv(
     limits: Limits = DEFAULT_LIMITS,
     flags: int = 0,
     on_drop: OnDrop | None = None,
+    masks: Mapping[str, str] | None = None,
 ) -> Message | None:
     """Receive one message; a message that does not fit is logged, counted and returned as ``None``."""
     frames = socket.recv_multipart(flags=flags, copy=False)
-    return decode_or_drop(frames, counter, limits, on_drop)
+    return decode_or_drop(frames, counter, limits, on_drop, masks)
 
 
 async def arecv(
@@ -217,11 +247,15 @@ async def arecv(
 
 
 def decode_or_drop(
-    frames: Sequence[Any], counter: DropCounter | None, limits: Limits = DEFAULT_LIMITS, on_drop: OnDrop | None = None
+    frames: Sequence[Any],
+    counter: DropCounter | None,
+    limits: Limits = DEFAULT_LIMITS,
+    on_drop: OnDrop | None = None,
+    masks: Mapping[str, str] | None = None,
 ) -> Message | None:
     """``decode``, or log and count the drop (and pass it to ``on_drop``); never raises for a bad message."""
     try:
-        return decode(frames, limits)
+        return decode(frames, limits, masks)
     except DecodeError as exc:
         if counter is not None:
             counter.inc(exc.reason)
