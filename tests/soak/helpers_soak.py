@@ -185,3 +185,15 @@ def bitwise_equal(expected: dict[str, np.ndarray], received: dict[str, np.ndarra
     return set(expected) <= set(received) and all(
         expected[k].shape == received[k].shape and expected[k].tobytes() == received[k].tobytes() for k in expected
     )
+
+
+def within(expected: dict[str, np.ndarray], received: dict[str, np.ndarray], tolerance: float) -> bool:
+    """Every output within ``tolerance`` of the reference (bitwise when it is 0), as ``pipeline soak`` checks."""
+    if tolerance <= 0:
+        return bitwise_equal(expected, received)
+    return all(
+        k in received
+        and expected[k].shape == received[k].shape
+        and float(np.max(np.abs(expected[k].astype(np.float64) - received[k].astype(np.float64)), initial=0.0)) <= tolerance
+        for k in expected
+    )

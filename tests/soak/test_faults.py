@@ -343,6 +343,8 @@ def test_a_worker_killed_with_sigkill_then_restarted(live: Live) -> None:
     client = live.client
     assert client is not None
     victim = "shard1"  # an entry shard and a producer of the join in shard2
+    # `pipeline record` measured how far batching moves a row; a wrong row moves it far more
+    assert live.replay.tolerance is not None and live.replay.tolerance < 1e-4, live.replay.tolerance
     pids = {n: p.pid for n, p in client.processes().items()}
     outcomes: list[tuple[str, float, float]] = []  # (code, started, took)
     stop = threading.Event()
@@ -354,7 +356,8 @@ def test_a_worker_killed_with_sigkill_then_restarted(live: Live) -> None:
             t0 = time.monotonic()
             try:
                 got = hs.outputs(client.infer.ModelInfer(req, timeout=DEADLINE_S))
-                code = "OK" if hs.bitwise_equal(expected, got) else "WRONG"
+                # concurrent requests are batched together: within the batching tolerance `pipeline record` measured
+                code = "OK" if hs.within(expected, got, live.replay.tolerance or 0.0) else "WRONG"
             except grpc.RpcError as exc:
                 code = exc.code().name
             outcomes.append((code, t0, time.monotonic() - t0))
