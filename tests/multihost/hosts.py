@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from pipeline import process
 from pipeline import topology as topo
@@ -177,20 +176,17 @@ def record(directory: Path, out: Path, count: int, *args: str, timeout_s: float 
 
 
 def reference_spread(replay_path: Path) -> float:
-    """The smallest largest-difference between the reference outputs of any two requests of a replay.
+    """The smallest largest-difference between the reference outputs of two different inputs of a replay.
 
     A comparison with tolerance ``tol`` can fail only if this is far above ``tol``
     (inputs that all answer the same would let a pipeline that mixes requests up pass).
     """
+    from pipeline import oracle
     from pipeline.soak import replay as replay_mod
 
-    outs = [r.outputs for r in replay_mod.load(replay_path).requests]
-    spread = float("inf")
-    for i in range(len(outs)):
-        for j in range(i + 1, len(outs)):
-            d = max(float(np.max(np.abs(outs[i][k].astype(np.float64) - outs[j][k].astype(np.float64)))) for k in outs[i])
-            spread = min(spread, d)
-    return spread
+    requests = replay_mod.load(replay_path).requests
+    found = oracle.spread([r.inputs for r in requests], [r.outputs for r in requests])
+    return found.smallest if found.pairs else 0.0
 
 
 def wait(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
