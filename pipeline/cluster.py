@@ -38,8 +38,8 @@ CLUSTER_VERSION = 1
 
 #: bits per second per unit (``tc`` spells them the same way, case-insensitively).
 BANDWIDTH_UNITS: dict[str, float] = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
-#: seconds per unit.
-LATENCY_UNITS: dict[str, float] = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+#: units per second (dividing by these keeps 0.1ms exactly 1e-4 s).
+LATENCY_UNITS: dict[str, float] = {"s": 1.0, "ms": 1e3, "us": 1e6, "µs": 1e6, "ns": 1e9}
 
 #: one hop between two processes costs at least this much whatever the bytes: waking the receiving
 #: process (measured on the reference machine, docs/BENCHMARKS.md: 170-280 µs one way for 100 bytes
@@ -301,12 +301,14 @@ def parse_latency(value: Any, where: str = "latency") -> float:
     if not m:
         raise ClusterError(f"{where}: expected a number with a unit ({units}), e.g. 0.1ms; received {value!r}")
     number, unit = float(m.group(1)), m.group(2)
+    if not unit and number == 0:
+        return 0.0
     if not unit:
         raise ClusterError(f"{where}: {value!r} has no unit; expected a time with a unit ({units}), e.g. {value}ms")
-    factor = LATENCY_UNITS.get(unit)
-    if factor is None:
+    per_second = LATENCY_UNITS.get(unit)
+    if per_second is None:
         raise ClusterError(f"{where}: unknown unit {unit!r} in {value!r}; expected one of {units}")
-    return number * factor
+    return number / per_second
 
 
 def format_bandwidth(bps: float) -> str:

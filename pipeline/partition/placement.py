@@ -63,7 +63,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from pipeline.cluster import LOOPBACK, Cluster, Link
+from pipeline.cluster import HOP_FLOOR_S, LOOPBACK, Cluster, Link
 from pipeline.errors import PartitionError, UsageError
 from pipeline.partition.planner import DEFAULT_SLACK, Crossings, plan_balanced
 
@@ -250,6 +250,14 @@ class _Index:
         self.allowed_count = np.concatenate([[0], np.cumsum(np.asarray(problem.allowed[1:], dtype=np.int64))])
         self.outputs = [i for i, f in enumerate(self.flows) if f.to_ingress]
         self.m = m
+        # arrivals[a]: what a run starting at a receives, by when it is first needed:
+        # (first use, position in live[a] or -1 for a model input, bytes, name), sorted by first use
+        self.arrivals: list[list[tuple[int, int, float, str]]] = []
+        for a in range(n + 1):
+            items = [(self.first_use(fid, a), -1, self.flows[fid].nbytes, self.flows[fid].name) for fid in self.inputs]
+            items += [(self.first_use(fid, a), j, self.flows[fid].nbytes, self.flows[fid].name) for j, fid in enumerate(self.live[a])]
+            self.arrivals.append(sorted((x for x in items if x[0] <= n), key=lambda x: (x[0], x[1])))
+        self._run_cache: dict[tuple[Any, ...], Any] = {}
 
     def first_use(self, fid: int, a: int) -> int:
         cons = self.flows[fid].consumers
@@ -265,15 +273,12 @@ class _Index:
     def incoming(self, a: int, b: int, live_hosts: tuple[int, ...]) -> dict[int, tuple[float, list[str]]]:
         """Bytes (and tensor names) a run over ``[a, b)`` receives from each source host."""
         got: dict[int, tuple[float, list[str]]] = {}
-        for fid in self.inputs:
-            if self.first_use(fid, a) < b:
-                nbytes, names = got.get(self.ingress, (0.0, []))
-                got[self.ingress] = (nbytes + self.flows[fid].nbytes, [*names, self.flows[fid].name])
-        for j, fid in enumerate(self.live[a]):
-            if self.first_use(fid, a) < b:
-                g = live_hosts[j]
-                nbytes, names = got.get(g, (0.0, []))
-                got[g] = (nbytes + self.flows[fid].nbytes, [*names, self.flows[fid].name])
+        for first, j, size, name in self.arrivals[a]:
+            if first >= b:
+                break
+            g = self.ingress if j < 0 else live_hosts[j]
+            nbytes, names = got.get(g, (0.0, []))
+            got[g] = (nbytes + size, [*names, name])
         return got
 
     def inner_hop_bytes(self, a: int, c: int, d: int) -> float:
@@ -305,6 +310,16 @@ class _Index:
         self, a: int, b: int, h: int, s: int, live_hosts: tuple[int, ...], slack: float, with_inner: bool = True
     ) -> tuple[list[tuple[str, str, float]], float, tuple[int, ...], dict[int, tuple[float, list[str]]]]:
         """Stages (kind, name, seconds), latency and inner cuts of a run ``[a, b)`` on host ``h`` in ``s`` shards."""
+        key = (a, b, h, s, live_hosts, slack, with_inner)
+        hit = self._run_cache.get(key)
+        if hit is None:
+            hit = self._run_cost(a, b, h, s, live_hosts, slack, with_inner)
+            self._run_cache[key] = hit
+        return hit
+
+    def _run_cost(
+        self, a: int, b: int, h: int, s: int, live_hosts: tuple[int, ...], slack: float, with_inner: bool
+    ) -> tuple[list[tuple[str, str, float]], float, tuple[int, ...], dict[int, tuple[float, list[str]]]]:
         compute = float(self.prefix[b] - self.prefix[a]) / self.speed[h]
         stages: list[tuple[str, str, float]] = [("compute", self.hosts[h], compute)]
         incoming = self.incoming(a, b, live_hosts)
@@ -519,11 +534,17 @@ def _search(
                                 continue
                             if b < n and shards - k2 < 1:
                                 continue
+                        new_live = index.next_live(a, b, h, live)
+                        new_key = (used | (1 << h), new_live, k2 if shards is not None else 0)
+                        if s > 1 and mode != "bottleneck" and b < n:
+                            # skip cutting the run (the costly part) when even its floor cannot beat what is there
+                            old = table[b].get(new_key)
+                            floor = entry.value[0] + float(index.prefix[b] - index.prefix[a]) / index.speed[h] + (s - 1) * HOP_FLOOR_S
+                            if old is not None and floor > old.value[0] * (1 + 1e-9):
+                                continue
                         value, stages = _step(index, a, b, h, s, live, entry.value, slack, mode, bound)
                         if value is None:
                             continue
-                        new_live = index.next_live(a, b, h, live)
-                        new_key = (used | (1 << h), new_live, k2 if shards is not None else 0)
                         back = ((a, key), a, b, h, s)
                         if b == n:
                             fvalue = _finish(index, new_live, value, mode, bound)
