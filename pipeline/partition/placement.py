@@ -511,22 +511,28 @@ def _search(
     table: dict[int, dict[tuple[int, tuple[int, ...], int], _Entry]] = {b: {} for b in points}
     table[0][(0, (), 0)] = _Entry(value=(0.0, 0.0) if mode == "latency_first" else (0.0,), back=None)
     final: _Entry | None = None
+    limit = _upper_bound(index, shards, slack, mode, bound)
     for ai, a in enumerate(points[:-1]):
         for key, entry in sorted(table[a].items()):
             used, live, k = key
-            for b in points[ai + 1 :]:
-                room = index.inner_cuts_between(a, b)
-                if fixed:
-                    s_options = [room + 1]
-                elif shards is None:
-                    s_options = [1]
-                else:
-                    s_options = list(range(1, min(room + 1, shards - k) + 1))
-                if not s_options:
+            for h in range(m):
+                if used >> h & 1:
                     continue
-                for h in range(m):
-                    if used >> h & 1:
-                        continue
+                for b in points[ai + 1 :]:
+                    # a run's compute only grows with b: past the limit, no longer run on h can be any good
+                    compute = float(index.prefix[b] - index.prefix[a]) / index.speed[h]
+                    if mode == "latency_first":
+                        if entry.value[0] + compute > limit:
+                            break
+                    elif compute > limit:
+                        break
+                    room = index.inner_cuts_between(a, b)
+                    if fixed:
+                        s_options = [room + 1]
+                    elif shards is None:
+                        s_options = [1]
+                    else:
+                        s_options = list(range(1, min(room + 1, shards - k) + 1))
                     for s in s_options:
                         k2 = k + s
                         if shards is not None:
@@ -560,6 +566,22 @@ def _search(
         raise PartitionError("no plan fits the cluster under these constraints; this is a bug in the planner")
     final.back = (final.back, table)  # type: ignore[assignment]
     return final
+
+
+def _upper_bound(index: _Index, shards: int | None, slack: float, mode: str, bound: float) -> float:
+    """A limit no run of the optimum exceeds: ``bound`` itself, or what the best plan on a single host
+    achieves (every host could run the whole model), a valid plan in every mode."""
+    if mode == "latency":
+        return bound * (1 + 1e-9) + _EPS
+    n = index.n
+    s = (index.inner_cuts_between(0, n) + 1) if index.p.fixed else (shards or 1)
+    best = np.inf
+    for h in range(index.m):
+        cuts = index.inner_cuts(0, n, s, slack) if s > 1 else ()
+        edges = [0, *cuts, n]
+        est = _evaluate(index, [Segment(x, y, index.hosts[h]) for x, y in zip(edges, edges[1:])])
+        best = min(best, est.latency_s if mode == "latency_first" else est.bottleneck_s)
+    return float(best) * (1 + 1e-9) + _EPS
 
 
 def _step(
