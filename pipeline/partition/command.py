@@ -57,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--objective",
         choices=["throughput", "latency"],
-        default="throughput",
-        help="with --cluster: the slowest stage first, then latency (throughput), or the latency first",
+        default=None,
+        help="with --cluster: the slowest stage first, then latency (throughput, the default), or the latency first",
     )
     p.add_argument("--base-port", type=int, default=None, help="first port to use (default: free local ports)")
     p.add_argument("--grpc-address", default=None, help=f"ingress gRPC address (default {DEFAULT_GRPC_ADDRESS})")
@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("expected --shards K, at least one --cut NAME, or --cluster FILE (or --list-ops); received none of them")
     if args.cluster is not None and args.host is not None:
         raise UsageError(f"--host {args.host} with --cluster: the cluster file says where each process goes; pass one or the other")
+    if args.objective is not None and args.cluster is None:
+        raise UsageError(f"--objective {args.objective} needs --cluster FILE: without hosts and links there is only the compute to balance")
     cluster = None
     if args.cluster is not None:
         from pipeline.cluster import load_cluster
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         unsafe=args.unsafe,
         cluster=cluster,
-        objective=args.objective,
+        objective=args.objective or "throughput",
     )
     print(result.table)
     print(f"\nwrote {result.topology.directory} ({len(result.topology.shards)} shards) in {result.seconds:.1f} s")
