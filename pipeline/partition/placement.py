@@ -258,6 +258,10 @@ class _Index:
             items += [(self.first_use(fid, a), j, self.flows[fid].nbytes, self.flows[fid].name) for j, fid in enumerate(self.live[a])]
             self.arrivals.append(sorted((x for x in items if x[0] <= n), key=lambda x: (x[0], x[1])))
         self._run_cache: dict[tuple[Any, ...], Any] = {}
+        self._incoming_cache: dict[tuple[Any, ...], tuple[tuple[int, float], ...]] = {}
+        self._fast_cache: dict[tuple[Any, ...], tuple[float, float]] = {}
+        self.bytes_per_s = [[link.bytes_per_s for link in row] for row in self.links]
+        self.latency = [[link.latency_s for link in row] for row in self.links]
 
     def first_use(self, fid: int, a: int) -> int:
         cons = self.flows[fid].consumers
@@ -280,6 +284,42 @@ class _Index:
             nbytes, names = got.get(g, (0.0, []))
             got[g] = (nbytes + size, [*names, name])
         return got
+
+    def incoming_bytes(self, a: int, b: int, live_hosts: tuple[int, ...]) -> tuple[tuple[int, float], ...]:
+        """:meth:`incoming` without the names, cached: the search's hot path."""
+        key = (a, b, live_hosts)
+        hit = self._incoming_cache.get(key)
+        if hit is None:
+            got: dict[int, float] = {}
+            for first, j, size, _ in self.arrivals[a]:
+                if first >= b:
+                    break
+                g = self.ingress if j < 0 else live_hosts[j]
+                got[g] = got.get(g, 0.0) + size
+            hit = tuple(got.items())
+            self._incoming_cache[key] = hit
+        return hit
+
+    def fast_run(self, a: int, b: int, h: int, s: int, live_hosts: tuple[int, ...], slack: float, with_inner: bool) -> tuple[float, float]:
+        """(slowest stage, latency) of a run, as :meth:`run_cost` computes them, cached."""
+        key = (a, b, h, s, live_hosts, with_inner)
+        hit = self._fast_cache.get(key)
+        if hit is not None:
+            return hit
+        compute = float(self.prefix[b] - self.prefix[a]) / self.speed[h]
+        worst, hop = compute, 0.0
+        for g, nbytes in self.incoming_bytes(a, b, live_hosts):
+            t = nbytes / self.bytes_per_s[g][h]
+            if g != h and t > worst:
+                worst = t
+            hop = max(hop, HOP_FLOOR_S + t + self.latency[g][h])
+        latency = hop + compute
+        if s > 1 and with_inner:
+            edges = [a, *self.inner_cuts(a, b, s, slack), b]
+            for c, d in zip(edges[1:], edges[2:]):
+                latency += LOOPBACK.hop_s(self.inner_hop_bytes(a, c, d))
+        self._fast_cache[key] = (worst, latency)
+        return worst, latency
 
     def inner_hop_bytes(self, a: int, c: int, d: int) -> float:
         """Bytes a shard over ``[c, d)`` receives from the shards of its own run that start at ``a``."""
@@ -548,7 +588,7 @@ def _search(
                             floor = entry.value[0] + float(index.prefix[b] - index.prefix[a]) / index.speed[h] + (s - 1) * HOP_FLOOR_S
                             if old is not None and floor > old.value[0] * (1 + 1e-9):
                                 continue
-                        value, stages = _step(index, a, b, h, s, live, entry.value, slack, mode, bound)
+                        value = _step(index, a, b, h, s, live, entry.value, slack, mode, bound)
                         if value is None:
                             continue
                         back = ((a, key), a, b, h, s)
@@ -595,21 +635,16 @@ def _step(
     slack: float,
     mode: str,
     bound: float,
-) -> tuple[tuple[float, ...] | None, list[tuple[str, str, float]]]:
+) -> tuple[float, ...] | None:
     if mode == "bottleneck":
-        stages, _, _, _ = index.run_cost(a, b, h, s, live, slack, with_inner=False)
-        worst = max(x[2] for x in stages)
-        return (max(value[0], worst),), stages
-    # cheap check first: the compute stage alone
-    if mode == "latency" and float(index.prefix[b] - index.prefix[a]) / index.speed[h] > bound:
-        return None, []
-    stages, latency, _, _ = index.run_cost(a, b, h, s, live, slack, with_inner=True)
-    worst = max(x[2] for x in stages)
+        worst, _ = index.fast_run(a, b, h, s, live, slack, False)
+        return (max(value[0], worst),)
+    worst, latency = index.fast_run(a, b, h, s, live, slack, True)
     if mode == "latency":
         if worst > bound:
-            return None, stages
-        return (value[0] + latency,), stages
-    return (value[0] + latency, max(value[1], worst)), stages
+            return None
+        return (value[0] + latency,)
+    return (value[0] + latency, max(value[1], worst))
 
 
 def _finish(index: _Index, live: tuple[int, ...], value: tuple[float, ...], mode: str, bound: float) -> tuple[float, ...] | None:
