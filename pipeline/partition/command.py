@@ -325,6 +325,31 @@ def partition(
     return PartitionResult(topology=topology, table=table, seconds=time.perf_counter() - start)
 
 
+def partition_source(
+    source: str | Path,
+    out: Path,
+    *,
+    cluster: Cluster | str | Path | None = None,
+    shards: int | None = None,
+    objective: str = "throughput",
+    unsafe: bool = False,
+    **options: Any,
+) -> PartitionResult:
+    """``pipeline partition SOURCE [--cluster FILE]`` as a function: load ``source`` (a ``.keras`` file or a
+    ``keras.applications`` name) and :func:`partition` it, placed on ``cluster`` (a :class:`Cluster` or a
+    cluster file) when given. ``options`` are :func:`partition`'s other keyword arguments."""
+    from pipeline.cluster import load_cluster
+    from pipeline.partition.source import load_source
+
+    if cluster is not None and not isinstance(cluster, Cluster):
+        cluster = load_cluster(cluster)
+    if cluster is None and shards is None and not options.get("cuts"):
+        raise UsageError("expected shards, cuts or a cluster; received none of them")
+    model, default_name = load_source(str(source), unsafe=unsafe)
+    name = options.pop("name", None) or default_name
+    return partition(model, name=name, out=out, shards=shards, cluster=cluster, objective=objective, unsafe=unsafe, **options)
+
+
 def _spec(t: Any) -> TensorSpec:
     return TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(-1 if d is None else d for d in t.shape))
 

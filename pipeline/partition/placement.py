@@ -57,9 +57,9 @@ ingress is a stage of its own even when other tensors use the same link.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -258,6 +258,7 @@ class _Index:
             items += [(self.first_use(fid, a), j, self.flows[fid].nbytes, self.flows[fid].name) for j, fid in enumerate(self.live[a])]
             self.arrivals.append(sorted((x for x in items if x[0] <= n), key=lambda x: (x[0], x[1])))
         self._run_cache: dict[tuple[Any, ...], Any] = {}
+        self._inner_cache: dict[tuple[Any, ...], tuple[int, ...]] = {}
         self._incoming_cache: dict[tuple[Any, ...], tuple[tuple[int, float], ...]] = {}
         self._fast_cache: dict[tuple[Any, ...], tuple[float, float]] = {}
         self.bytes_per_s = [[link.bytes_per_s for link in row] for row in self.links]
@@ -344,7 +345,13 @@ class _Index:
         return got
 
     def inner_cuts(self, a: int, b: int, s: int, slack: float) -> tuple[int, ...]:
-        return _inner_cuts_cached(self, a, b, s, slack)
+        """How a run over ``[a, b)`` is cut into ``s`` shards (the single-host rule; every boundary when fixed)."""
+        key = (a, b, s, slack)
+        hit = self._inner_cache.get(key)
+        if hit is None:
+            hit = _inner_cuts(self, a, b, s, slack)
+            self._inner_cache[key] = hit
+        return hit
 
     def run_cost(
         self, a: int, b: int, h: int, s: int, live_hosts: tuple[int, ...], slack: float, with_inner: bool = True
@@ -390,8 +397,7 @@ class _Index:
         return stages, hop, outs
 
 
-@lru_cache(maxsize=65536)
-def _inner_cuts_cached(index: _Index, a: int, b: int, s: int, slack: float) -> tuple[int, ...]:
+def _inner_cuts(index: _Index, a: int, b: int, s: int, slack: float) -> tuple[int, ...]:
     p = index.p
     if p.fixed:
         return tuple(c for c in range(a + 1, b) if p.allowed[c])
@@ -520,7 +526,6 @@ def plan(
                 f"--shards {shards} needs {shards - 1} cut points, but this model has only {len(candidates)} places where "
                 f"it can be cut ({n} operations); expected --shards between 1 and {len(candidates) + 1}"
             )
-    _inner_cuts_cached.cache_clear()
     if objective == "throughput":
         best = _search(index, candidates, shards, slack, mode="bottleneck")
         bound = best.value[0] * (1.0 + slack) + _EPS
@@ -760,7 +765,7 @@ def placement_table(
     speed = {h.name: h for h in cluster.hosts}
     for i, (name, host) in enumerate(zip(shard_names, hosts)):
         addr = speed[host].address if host in speed else host
-        span = f"{first_last[i][0]} .. {first_last[i][1]}" if first_last else ""
+        span = f"{first_last[i][0]} .. {first_last[i][1]}" if first_last and first_last[i][0] else ""
         lines.append(f"{name:<10} {host:<12} {addr:<16} {estimate.shard_seconds[i] * 1e3:>8.2f}  {span}")
     ingress = cluster.ingress_host
     lines.append(f"{'ingress':<10} {ingress.name:<12} {ingress.address:<16}")
@@ -785,13 +790,6 @@ def placement_table(
     return "\n".join(lines)
 
 
-def host_counts(placement: Placement) -> Mapping[str, int]:
-    counts: dict[str, int] = {}
-    for s in placement.segments:
-        counts[s.host] = counts.get(s.host, 0) + 1
-    return counts
-
-
 __all__ = [
     "OBJECTIVES",
     "Estimate",
@@ -801,13 +799,18 @@ __all__ = [
     "Problem",
     "Segment",
     "Stage",
+    "assign_hosts",
     "brute_force",
     "estimate_rows",
+    "estimate_topology",
     "evaluate",
+    "place_topology",
     "placement_table",
     "plan",
     "problem_from_graph",
     "problem_from_topology",
+    "record_placement",
+    "shard_seconds",
 ]
 
 
@@ -855,7 +858,7 @@ def assign_hosts(
         return p
 
     results = f"tcp://{ingress.address}:{port(ingress.address)}"
-    new_ingress = dataclasses_replace(
+    new_ingress = dataclasses.replace(
         topology.ingress,
         grpc=grpc,
         results=results,
@@ -868,7 +871,7 @@ def assign_hosts(
         h = cluster.host(host)
         endpoint = f"tcp://{h.address}:{port(h.address)}"
         shards.append(
-            dataclasses_replace(
+            dataclasses.replace(
                 spec, endpoint=endpoint, host=h.address, bind=bind_address(endpoint), metrics=f"{h.address}:{port(h.address)}"
             )
         )
@@ -877,12 +880,6 @@ def assign_hosts(
     extra = dict(topology.extra)
     extra[TOPOLOGY_KEY] = cluster.to_dict()
     return topology.replace(ingress=new_ingress, shards=tuple(shards), extra=extra)
-
-
-def dataclasses_replace(obj: Any, **changes: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 def shard_seconds(topology: Any) -> list[float]:

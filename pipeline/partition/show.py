@@ -44,9 +44,17 @@ def placement_text(topology: Topology) -> str:
     if cluster is None:
         return ""
     estimate, hosts = estimate_topology(topology, cluster)
-    objective = ((topology.extra.get("plan") or {}).get("placement") or {}).get("objective")
+    plan = topology.extra.get("plan") or {}
+    objective = (plan.get("placement") or {}).get("objective")
+    rows = {r.get("shard"): r for r in plan.get("shards") or [] if isinstance(r, dict)}
+    spans = [(str(rows[s.name].get("first", "")), str(rows[s.name].get("last", ""))) if s.name in rows else ("", "") for s in topology.shards]
     return "\n\n" + placement_table(
-        estimate, shard_names=[s.name for s in topology.shards], hosts=hosts, cluster=cluster, objective=objective
+        estimate,
+        shard_names=[s.name for s in topology.shards],
+        hosts=hosts,
+        cluster=cluster,
+        objective=objective,
+        first_last=spans,
     )
 
 

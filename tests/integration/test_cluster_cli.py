@@ -176,3 +176,25 @@ def test_older_topologies_still_show_and_make_procfiles(files: tuple[Path, Path]
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 3
     r = pipeline("procfile", str(out), "--host", "edge")
     assert r.returncode == 2 and "127.0.0.1" in r.stderr
+
+
+def test_the_python_api_the_benchmark_uses(files: tuple[Path, Path], tmp_path: Path) -> None:
+    """partition_source(..., cluster=...) and place_topology(topology, cluster) give the same kind of topology."""
+    from pipeline.cluster import host_names, load_cluster
+    from pipeline.partition.command import partition_source
+    from pipeline.partition.placement import assign_hosts, estimate_topology, place_topology
+
+    model, cluster_file = files
+    cluster = load_cluster(cluster_file)
+    result = partition_source(model, tmp_path / "api", cluster=cluster_file, verify=False)
+    _check_addresses(result.topology)
+    assert topo.load(tmp_path / "api").extra["cluster"]["ingress"] == "edge"
+    plain = partition_source(model, tmp_path / "plain", shards=3, verify=False).topology
+    placed = place_topology(plain, cluster, "latency")
+    _check_addresses(placed)
+    assert placed.extra["plan"]["placement"]["objective"] == "latency"
+    # the compute-only plan placed in order over the hosts, as a baseline, and its estimate
+    in_order = assign_hosts(plain, cluster, ["edge", "mid", "cloud"])
+    assert [host_names(in_order)[s.name] for s in in_order.shards] == ["edge", "mid", "cloud"]
+    estimate, hosts = estimate_topology(in_order)
+    assert hosts == ["edge", "mid", "cloud"] and estimate.bottleneck_s > 0
