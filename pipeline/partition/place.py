@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.cluster import load_cluster
-    from pipeline.partition.placement import estimate_topology, placement_table, place_topology
+    from pipeline.partition.placement import estimate_topology, place_topology
+    from pipeline.partition.show import placement_text
 
     cluster = load_cluster(args.cluster)
     topology = topo.load(args.directory, check_files=True)
@@ -42,10 +43,8 @@ def run(args: argparse.Namespace) -> int:
         topology, cluster, args.objective, slack=args.slack, base_port=args.base_port, grpc_address=args.grpc_address
     )
     topo.validate(placed, check_files=True)
-    estimate, hosts = estimate_topology(placed, cluster)
-    print(
-        placement_table(estimate, shard_names=[s.name for s in placed.shards], hosts=hosts, cluster=cluster, objective=args.objective)
-    )
+    _, hosts = estimate_topology(placed, cluster)
+    print(placement_text(placed).lstrip("\n"))
     if args.dry_run:
         print(f"\n(dry run: {args.directory / topo.TOPOLOGY_FILE} unchanged)")
         return 0

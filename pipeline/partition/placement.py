@@ -879,6 +879,13 @@ def assign_hosts(
 
     extra = dict(topology.extra)
     extra[TOPOLOGY_KEY] = cluster.to_dict()
+    if isinstance(extra.get("plan"), Mapping):  # an earlier placement's estimate no longer holds
+        plan_section = {k: v for k, v in extra["plan"].items() if k != "placement"}
+        if isinstance(plan_section.get("shards"), list):
+            plan_section["shards"] = [
+                {k: v for k, v in r.items() if k not in ("host", "host_ms")} if isinstance(r, Mapping) else r for r in plan_section["shards"]
+            ]
+        extra["plan"] = plan_section
     return topology.replace(ingress=new_ingress, shards=tuple(shards), extra=extra)
 
 
