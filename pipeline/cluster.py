@@ -371,6 +371,16 @@ def host_names(topology: Any, cluster: Cluster | None = None) -> dict[str, str]:
     return names
 
 
+def address_of(topology: Any, host: str) -> str:
+    """The address of the cluster host named ``host`` in ``topology``; ``host`` itself when no host has that name."""
+    cluster = cluster_of(topology)
+    if cluster is not None:
+        for h in cluster.hosts:
+            if host == h.name:
+                return h.address
+    return host
+
+
 def resolve_host(topology: Any, host: str) -> str:
     """The address a ``--host`` value names in ``topology``: a cluster host's name or address, or a process address."""
     cluster = cluster_of(topology)

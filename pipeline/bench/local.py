@@ -20,31 +20,13 @@ import numpy as np
 
 def compiled_whole(directory: Path) -> tuple[Any, Any]:
     """``(fn, topology)``: the unsplit model as a ``tf.function`` taking ``{input name: array}``."""
-    import tensorflow as tf
-
     from pipeline import topology as topo
-    from pipeline.partition.reference import input_structure
+    from pipeline.partition.reference import compiled
     from pipeline.partition.source import load_keras_file
 
     t = topo.load(directory, check_files=False)
     model = load_keras_file(t.model_path, unsafe=bool(t.extra.get("unsafe", False)))
-    struct = input_structure(model)
-    signature = [
-        {s.name: tf.TensorSpec([None, *[None if d == -1 else d for d in s.shape[1:]]], s.dtype) for s in t.inputs}
-    ]
-
-    def arrange(inputs):  # the model's own input structure, from {input name: tensor}
-        if isinstance(struct, dict):
-            return {k: inputs[v] for k, v in struct.items()}
-        if isinstance(struct, list):
-            return [inputs[v] for v in struct]
-        return inputs[struct]
-
-    @tf.function(input_signature=signature)
-    def fn(inputs):
-        return model(arrange(inputs), training=False)
-
-    return fn, t
+    return compiled(model, t.inputs), t
 
 
 def sample_inputs(t: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:

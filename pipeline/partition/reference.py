@@ -66,6 +66,42 @@ def call_whole(model: Any, inputs: Mapping[str, np.ndarray], fn: Any = None) -> 
     return {n: np.asarray(v) for n, v in zip(names, flat)}
 
 
+def compiled(model: Any, inputs: Sequence[TensorSpec]) -> Any:
+    """The whole model as one ``tf.function`` over ``{input name: tensor}``, as the workers run their shards.
+
+    Compiled and eager calls differ in the last bits (graph optimisations fuse
+    some kernels: ~1.6e-9 on MobileNetV3Large), and the shards run compiled, so
+    a bitwise reference for served answers comes from this, not from an eager call.
+    """
+    import tensorflow as tf
+
+    struct = input_structure(model)
+    signature = [{s.name: tf.TensorSpec([None, *[None if d == -1 else d for d in s.shape[1:]]], s.dtype) for s in inputs}]
+
+    def arrange(named: Any) -> Any:  # the model's own input structure, from {input name: tensor}
+        if isinstance(struct, dict):
+            return {k: named[v] for k, v in struct.items()}
+        if isinstance(struct, list):
+            return [named[v] for v in struct]
+        return named[struct]
+
+    @tf.function(input_signature=signature)
+    def fn(named: Any) -> Any:
+        return model(arrange(named), training=False)
+
+    return fn
+
+
+def call_compiled(model: Any, fn: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Call :func:`compiled`'s function on ``{input name: array}``; return ``{output name: array}``."""
+    from keras.src import tree
+
+    from pipeline.partition.graph import model_output_names
+
+    result = fn(dict(inputs))
+    return {n: np.asarray(v) for n, v in zip(model_output_names(model), tree.flatten(result))}
+
+
 def call_chain(topology: Topology, shards: Mapping[str, Any], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Chain the shards in list order over a dict that starts with the model inputs."""
     values: dict[str, Any] = dict(inputs)

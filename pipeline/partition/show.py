@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "table":
         plan = topology.extra.get("plan") or {}
         text = plan_table(plan.get("shards", []), name=topology.name, operations=plan.get("operations"), batch=plan.get("batch"))
+        text += "\n" + weights_lines(topology.extra.get("weights"))
         text += placement_text(topology)
     elif args.format == "dot":
         text = to_dot(topology)
@@ -56,6 +57,15 @@ def placement_text(topology: Topology) -> str:
         objective=objective,
         first_last=spans,
     )
+
+
+def weights_lines(weights: Any) -> str:
+    """How the served weights were made (``weights`` in topology.yaml), one line per fact."""
+    if not isinstance(weights, dict) or not weights:
+        return "weights: not recorded (a topology written before the record existed)"
+    lines = [f"weights: {weights.get('source', '?')}, {weights.get('init', '?')}"]
+    lines += [f"  {key}: {weights[key]}" for key in ("calibration", "layer_scale") if key in weights]
+    return "\n".join(lines)
 
 
 def plan_rows(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,12 @@ from typing import Any
 from pipeline.errors import UsageError
 
 SEED = 0
+#: rows of the fixed-seed random batch that calibrates BatchNormalization statistics.
+CALIBRATION_BATCH = 16
+#: the value LayerScale factors (ConvNeXt) are raised to from their 1e-6 initialisation.
+LAYER_SCALE = 1.0
+#: how the weights of each model this process built were made (see :func:`weights_of`).
+_WEIGHTS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def quiet_tensorflow() -> None:
@@ -68,7 +75,62 @@ def load_source(source: str, *, input_shape: tuple[int, ...] | None = None, unsa
         keras.backend.clear_session()
         keras.utils.set_random_seed(SEED)
         model = ctor(weights=None, input_shape=(224, 224, 3))
+    _WEIGHTS[model] = {
+        "source": f"keras.applications.{ctor_name}",
+        "init": f"random (weights=None), seed {SEED}",
+        **calibrate(model),
+    }
     return model, _snake(source)
+
+
+def weights_of(model: Any) -> dict[str, Any]:
+    """How ``model``'s weights were made, for the topology's ``weights`` record."""
+    return dict(_WEIGHTS.get(model, {"source": "file", "init": "trained (loaded from the .keras file)"}))
+
+
+def calibrate(model: Any, *, seed: int = SEED, rows: int = CALIBRATION_BATCH) -> dict[str, Any]:
+    """Give a randomly initialised model realistic activations, deterministically.
+
+    With ``weights=None`` every BatchNormalization keeps moving statistics 0
+    and 1, the activations vanish on the way through, and a deep network
+    answers the same for every input (MobileNetV3Large: exactly 0.001 for all
+    classes), so no comparison against it can catch a wrong answer. One
+    training-mode pass over a fixed-seed random batch with momentum 0 sets
+    every moving mean and variance to that batch's statistics. LayerScale
+    factors (ConvNeXt) start at 1e-6, which makes their blocks do nothing:
+    they are raised to :data:`LAYER_SCALE`. Same seed, same weights.
+    """
+    import keras
+    import numpy as np
+
+    layers = list(model._flatten_layers(include_self=False))
+    bns = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    scales = [layer for layer in layers if type(layer).__name__ == "LayerScale" and hasattr(layer, "gamma")]
+    for layer in scales:
+        layer.gamma.assign(np.full(tuple(layer.gamma.shape), LAYER_SCALE, dtype=layer.gamma.dtype))
+    if bns:
+        rng = np.random.default_rng(seed)
+        batch = []
+        for tensor in model.inputs:
+            shape = [rows, *(d if d is not None else 1 for d in tensor.shape[1:])]
+            batch.append(rng.standard_normal(shape).astype(keras.backend.standardize_dtype(tensor.dtype)))
+        momenta = [layer.momentum for layer in bns]
+        try:
+            for layer in bns:
+                layer.momentum = 0.0
+            model(batch if len(batch) > 1 else batch[0], training=True)
+        finally:
+            for layer, momentum in zip(bns, momenta):
+                layer.momentum = momentum
+    record: dict[str, Any] = {}
+    if bns:
+        record["calibration"] = (
+            f"BatchNormalization moving statistics of {len(bns)} layers from one training-mode pass over "
+            f"{rows} standard-normal inputs (seed {seed}, momentum 0)"
+        )
+    if scales:
+        record["layer_scale"] = f"{len(scales)} LayerScale factors raised from 1e-6 to {LAYER_SCALE:g}"
+    return record
 
 
 def load_keras_file(path: Path, *, unsafe: bool = False) -> Any:

@@ -76,10 +76,17 @@ from pipeline.serving import metrics as prom
 from pipeline.serving.pending import Liveness, PendingTable
 from pipeline.security import tls
 from pipeline.wire import codec, security, sockets
+from pipeline.wire import deadline as dl
 
 log = get_logger("pipeline.ingress")
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+#: health service that is SERVING while this process serves gRPC (whatever the shards' state), NOT_SERVING
+#: from the start of a graceful shutdown: what a supervisor's readiness and liveness probes ask
+#: (``""`` and SERVICE_NAME say whether the whole pipeline is ready).
+PROCESS_SERVICE = "pipeline.ingress"
+#: ``/live`` on the metrics port fails when the event loop has not run the liveness task for this long.
+LIVE_STALL_S = 10.0
 SERVER_NAME = "keras-pipeline"
 PLATFORM = "keras_pipeline"
 EXTENSIONS = ("model_configuration", "statistics", "parameters")
@@ -307,6 +314,7 @@ class Ingress:
         self._health = health.aio.HealthServicer()
         self._serving: bool | None = None
         self._stopped = asyncio.Event()
+        self._loop_turned = time.monotonic()  # the liveness task's last run, for ``/live``
 
     # ------------------------------------------------------------- lifecycle
     async def start(self) -> int:
@@ -376,6 +384,7 @@ class Ingress:
             )
         self.metrics.start(cfg.metrics)
         await self._set_serving(False)
+        await self._health.set(PROCESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._tasks = [
             asyncio.create_task(self._read_results(), name="ingress-results"),
@@ -439,6 +448,21 @@ class Ingress:
     def ready(self) -> bool:
         return not self.closing and self.liveness.all_up()
 
+    def probe_ready(self) -> tuple[bool, str]:
+        """``/ready`` on the metrics port: this process serves gRPC (the pipeline may still be starting)."""
+        if self.closing:
+            return False, "the ingress is stopping"
+        if self._server is None:
+            return False, "the ingress is starting"
+        return True, "the ingress serves gRPC" + ("" if self.ready() else f"; shards not up: {self.liveness.not_up()}")
+
+    def probe_live(self) -> tuple[bool, str]:
+        """``/live`` on the metrics port: the event loop runs."""
+        idle = time.monotonic() - self._loop_turned
+        if idle > LIVE_STALL_S:
+            return False, f"the ingress's event loop has not run for {idle:.1f} s"
+        return True, "the ingress is live"
+
     async def _set_serving(self, serving: bool) -> None:
         if serving == self._serving or self.closing:
             return
@@ -451,14 +475,15 @@ class Ingress:
     # ----------------------------------------------------------------- infer
     async def infer(self, request: kpb.ModelInferRequest, time_remaining: float | None) -> kpb.ModelInferResponse:
         """Run one request through the pipeline; raise a :class:`PipelineError` for every failure."""
-        t0 = time.time_ns()
+        t0 = time.time_ns()  # wall clock, for spans and durations
+        started = dl.now_ns()  # monotonic, for the deadline
         rid = next(self._ids)
         code = grpc.StatusCode.INTERNAL  # until it ends otherwise (for the metrics)
         self.metrics.request_started(request.model_name)
         with bound_contextvars(request_id=rid):
             try:
                 decoded = kserve.decode_request(self.topology, request, self.config.max_batch_size)
-                response = await self._run(rid, request, decoded, t0, time_remaining)
+                response = await self._run(rid, request, decoded, t0, time_remaining, started)
                 code = grpc.StatusCode.OK
                 return response
             except PipelineError as exc:
@@ -481,6 +506,7 @@ class Ingress:
         decoded: kserve.DecodedRequest,
         t0: int,
         time_remaining: float | None,
+        started: int,
     ) -> kpb.ModelInferResponse:
         if self.closing:
             raise Unavailable("the ingress is shutting down")
@@ -493,7 +519,8 @@ class Ingress:
                 f"expected at most {self.table.capacity} requests in flight (max_inflight), received one more"
             )
         timeout_s = self.config.timeout_s if time_remaining is None else max(0.0, time_remaining)
-        deadline_ns = t0 + int(timeout_s * 1e9)
+        # on this host's monotonic clock; each message carries what is left of it (pipeline.wire.deadline)
+        deadline_ns = dl.deadline_after(timeout_s, started)
         t_decoded = time.time_ns()
         for attempt in itertools.count():
             try:
@@ -533,7 +560,7 @@ class Ingress:
         try:
             await self._send(rid, decoded, deadline_ns)
             t_sent = time.time_ns()
-            remaining = (deadline_ns - t_sent) / 1e9
+            remaining = (deadline_ns - dl.now_ns()) / 1e9
             try:
                 return await asyncio.wait_for(future, timeout=max(0.0, remaining)), t_sent
             except TimeoutError:
@@ -548,7 +575,7 @@ class Ingress:
     async def _wait_up(self, deadline_ns: int) -> bool:
         """Wait until every shard is up again; False when the deadline (or shutdown) comes first."""
         period = min(0.05, self.config.heartbeat_interval_s / 4)
-        while not self.closing and time.time_ns() + period * 1e9 < deadline_ns:
+        while not self.closing and dl.now_ns() + period * 1e9 < deadline_ns:
             if self.liveness.all_up():
                 return True
             await asyncio.sleep(period)
@@ -560,7 +587,7 @@ class Ingress:
                 kind=pb.REQUEST,
                 request_id=rid,
                 model=self.topology.name,
-                deadline_ns=deadline_ns,
+                budget_ns=dl.budget(deadline_ns, dl.now_ns()),
                 sender=topo.INGRESS,
                 sent_ns=time.time_ns(),
             )
@@ -620,6 +647,9 @@ class Ingress:
             self.drops.inc("unknown_process")
             log.debug("heartbeat_ignored", reason="unknown_process", process=shard)
             return
+        if not self.liveness.admit(shard, env.heartbeat.host, env.heartbeat.pid, env.heartbeat.ready):
+            log.debug("heartbeat_standby", shard=shard, host=env.heartbeat.host, pid=env.heartbeat.pid, ready=env.heartbeat.ready)
+            return  # another instance (a rolling update's new pod) while the followed one is up
         old_pid = self.liveness.pid_of(shard)
         restarted = self.liveness.beat(shard, env.heartbeat.ready, env.heartbeat.pid)
         self.processes.beat(shard, env.heartbeat, restarted)
@@ -693,6 +723,7 @@ class Ingress:
     async def _watch_liveness(self) -> None:
         period = min(0.1, self.config.heartbeat_interval_s / 2)
         while True:
+            self._loop_turned = time.monotonic()
             self._check_liveness()
             await asyncio.sleep(period)
 

@@ -20,6 +20,13 @@ Each hop is measured once, by its receiver (``sent_ns`` of the envelope to the
 arrival), and each compute call once, by its worker. Names, types and labels
 are listed in docs/METRICS.md.
 
+The same HTTP server answers the probes of a supervisor (Kubernetes'
+``httpGet`` probes, a load balancer): ``/ready`` (also ``/readyz``) says 200
+only while the process can take traffic (a worker: shard loaded and warm, not
+stopping), ``/live`` (also ``/livez``, ``/healthz``) says 200 while its loop
+turns; otherwise 503 with the reason as text. A process that passes no probes
+answers 404 there.
+
 Metrics never take a process down: when the recorded port is taken, the
 endpoint moves to a free port with a warning, and heartbeats report the
 address actually bound; any other bind failure is logged and the process
@@ -30,12 +37,17 @@ at start.
 from __future__ import annotations
 
 import errno
+import socket
+import socketserver
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -86,12 +98,69 @@ def parse_address(text: str | None) -> tuple[str, int] | None:
     return (host if topo.is_loopback(host) else "0.0.0.0"), port
 
 
-class MetricsServer:
-    """One registry served over HTTP (a daemon thread of ``prometheus_client``)."""
+#: a probe's answer: (passing, reason shown in the response body).
+ProbeResult = tuple[bool, str]
+#: paths of the readiness and liveness probes (aliases as Kubernetes' own components name them).
+READY_PATHS = frozenset({"/ready", "/readyz"})
+LIVE_PATHS = frozenset({"/live", "/livez", "/healthz"})
 
-    def __init__(self, registry: CollectorRegistry, process: str) -> None:
+
+@dataclass(frozen=True)
+class Probes:
+    """What ``/ready`` and ``/live`` ask the process (each call returns ``(passing, reason)``)."""
+
+    ready: Callable[[], ProbeResult]
+    live: Callable[[], ProbeResult]
+
+
+def probe_app(metrics_app: Callable[..., Any], probes: Probes | None) -> Callable[..., Any]:
+    """A WSGI app: the probe paths answered by ``probes``, everything else by the metrics app."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path not in READY_PATHS and path not in LIVE_PATHS:
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        if probes is None:
+            passing, reason = False, "this process serves no probes"
+            status = "404 Not Found"
+        else:
+            try:
+                passing, reason = (probes.ready if path in READY_PATHS else probes.live)()
+            except Exception as exc:  # a probe that raises says "not passing", never kills the server thread
+                passing, reason = False, f"probe failed: {type(exc).__name__}: {exc}"
+            status = "200 OK" if passing else "503 Service Unavailable"
+        body = (reason + "\n").encode()
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - scrapes and probes every few seconds
+        pass
+
+
+def _serve(host: str, port: int, app: Callable[..., Any]) -> WSGIServer:
+    """Bind ``host:port`` (IPv4 or IPv6) and serve ``app`` from a daemon thread."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("_FamilyServer", (_Server,), {"address_family": family})
+    httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd
+
+
+class MetricsServer:
+    """One registry and the process's probes served over HTTP (a daemon thread)."""
+
+    def __init__(self, registry: CollectorRegistry, process: str, probes: Probes | None = None) -> None:
         self.registry = registry
         self.process = process
+        self.probes = probes
         self.address = ""  # host:port actually bound ("" when off)
         self._httpd: Any = None
 
@@ -102,13 +171,14 @@ class MetricsServer:
             log.info("metrics_disabled", process=self.process)
             return ""
         host, port = parsed
+        app = probe_app(make_wsgi_app(self.registry), self.probes)
         try:
-            self._httpd, _ = start_http_server(port, host, registry=self.registry)
+            self._httpd = _serve(host, port, app)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE or port == 0:
                 log.error("metrics_unavailable", process=self.process, address=address, detail=str(exc))
                 return ""
-            self._httpd, _ = start_http_server(0, host, registry=self.registry)
+            self._httpd = _serve(host, 0, app)
             log.warning(
                 "metrics_port_taken", process=self.process, wanted=address, bound=self._httpd.server_port,
                 detail="the metrics endpoint moved to a free port; heartbeats and the admin RPC report it",
@@ -197,7 +267,7 @@ class IngressMetrics:
         self.in_flight.labels(self.model)
         self.duration.labels(self.model)
         r.register(_Scrape(self._read))
-        self.server = MetricsServer(r, topo.INGRESS)
+        self.server = MetricsServer(r, topo.INGRESS, Probes(ready=ingress.probe_ready, live=ingress.probe_live))
 
     # hooks ------------------------------------------------------------------
     def request_started(self, model: str) -> None:
@@ -306,7 +376,7 @@ class WorkerMetrics:
         )
         self.compute_seconds = 0.0  # cumulative, for the heartbeat (the live view's busy %)
         r.register(_Scrape(self._read))
-        self.server = MetricsServer(r, self.shard)
+        self.server = MetricsServer(r, self.shard, Probes(ready=worker.probe_ready, live=worker.probe_live))
 
     # hooks ------------------------------------------------------------------
     def hopped(self, sender: str, ns: int) -> None:

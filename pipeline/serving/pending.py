@@ -37,7 +37,7 @@ class Entry:
     future: asyncio.Future[Outcome]
     expected: set[str]
     batch_size: int
-    deadline_ns: int
+    deadline_ns: int  # time.monotonic_ns() of this process (pipeline.wire.deadline); 0: none
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     spans: list[pb.Span] = field(default_factory=list)
 
@@ -119,21 +119,42 @@ class PendingTable:
 
     def expired(self, now_ns: int | None = None) -> list[int]:
         """Ids whose deadline has passed (the caller ends them)."""
-        now_ns = time.time_ns() if now_ns is None else now_ns
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
         return [rid for rid, e in self._entries.items() if e.deadline_ns and e.deadline_ns <= now_ns]
 
 
 # ------------------------------------------------------------------ liveness
+@dataclass
+class Standby:
+    """The latest heartbeat of another instance of a shard, on another host (a rolling update's new pod)."""
+
+    pid: int
+    ready: bool
+    last_seen: float
+
+
 @dataclass
 class ShardState:
     last_seen: float = 0.0  # monotonic seconds of the last heartbeat (0: never)
     ready: bool = False
     pid: int = 0
     connected: bool = True  # the ingress's PUSH to it has a live peer (entry shards only)
+    host: str = ""  # the host of the instance followed ("" until a heartbeat names one)
+    standby: dict[str, Standby] = field(default_factory=dict)  # other instances, by host
 
 
 class Liveness:
-    """Which shards are up: a heartbeat younger than ``down_after_s`` that says ``ready``."""
+    """Which shards are up: a heartbeat younger than ``down_after_s`` that says ``ready``.
+
+    One instance of each shard is followed. During a rolling update (Kubernetes,
+    ``maxSurge 1``) a new pod runs beside the old one, on another host (its own
+    hostname), and both send heartbeats: the new one's are kept aside
+    (:meth:`admit` says so) while the followed one is up, so the two pids are
+    not taken for restarts over and over. The new instance is followed from the
+    moment the old one says it is stopping (a heartbeat with ``ready`` false)
+    while the new one is ready, or once the old one is not up any more. On one
+    host (honcho, systemd) a new pid is always a restart, as before.
+    """
 
     def __init__(self, shards: Iterable[str], down_after_s: float) -> None:
         self.down_after_s = down_after_s
@@ -154,7 +175,27 @@ class Liveness:
         state.last_seen = time.monotonic() if now is None else now
         state.ready = ready
         state.pid = pid
+        if not ready and state.standby:  # the followed instance stops: a ready standby takes over, no restart
+            fresh = [(h, s) for h, s in state.standby.items() if s.ready and state.last_seen - s.last_seen < self.down_after_s]
+            if fresh:
+                host, standby = max(fresh, key=lambda hs: hs[1].last_seen)
+                state.host, state.pid, state.ready, state.last_seen = host, standby.pid, True, standby.last_seen
+                state.standby.clear()
         return restarted
+
+    def admit(self, shard: str, host: str, pid: int, ready: bool, now: float | None = None) -> bool:
+        """True when a heartbeat is from the followed instance (or takes it over); False for a standby's."""
+        state = self._state[shard]
+        now = time.monotonic() if now is None else now
+        if not host or not state.host or host == state.host or not state.pid:
+            state.host = host or state.host
+            return True
+        if self.is_up(shard, now):
+            state.standby[host] = Standby(pid, ready, now)
+            return False
+        state.standby.pop(host, None)  # the followed instance is gone: this one takes over (a new pid: a restart)
+        state.host = host
+        return True
 
     def set_connected(self, shard: str, connected: bool) -> None:
         self._state[shard].connected = connected

@@ -5,8 +5,11 @@ images from a folder resized to the input shape (``--images``), rows of a
 ``.npy``/``.npz`` (``--npy``), or the inputs of another replay file
 (``--replay``, e.g. traffic the ingress recorded, to give it reference
 outputs from the whole model). The reference outputs are always computed by
-``DIR/model.keras``, the unsplit model, so ``pipeline soak`` checks the
-pipeline against the model itself.
+``DIR/model.keras``, the unsplit model, compiled as the workers compile their
+shards and with their thread count (both change the last bits), so ``pipeline soak`` checks the pipeline against the model itself. The
+file also records the batching tolerance (``pipeline/oracle.py``), and the
+command refuses to write it when the reference outputs of different inputs do
+not differ by more than that (``--allow-input-independent`` to go on).
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline import oracle
 from pipeline import topology as topo
 from pipeline.errors import UsageError
 from pipeline.soak import replay
@@ -39,6 +43,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--npy", type=Path, metavar="FILE", help=".npy (one-input model) or .npz keyed by input name; rows taken in order")
     source.add_argument("--replay", type=Path, metavar="FILE", help="take the inputs of a replay file (e.g. recorded by the ingress)")
     p.add_argument("--unsafe", action="store_true", help="allow a model.keras that needs unsafe deserialization")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="TensorFlow intra-op threads for the reference (default: the workers' default, 1). The last bits of "
+        "a convolution depend on it, so a bitwise reference uses the workers' count",
+    )
+    p.add_argument(
+        "--allow-input-independent",
+        action="store_true",
+        help="write the file (with a warning) even when the reference outputs do not depend on the input",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,12 +65,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{str(topology.model_path)!r} does not exist: the reference needs the whole model (written by `pipeline partition`)")
     inputs, source = _input_source(topology, args)
 
-    from pipeline.partition.reference import call_whole
+    from pipeline.partition.reference import call_compiled, compiled
     from pipeline.partition.source import load_keras_file, quiet_tensorflow
 
     quiet_tensorflow()
+    from pipeline.serving.runtime import DEFAULT_INTER_OP_THREADS, DEFAULT_INTRA_OP_THREADS, configure_tensorflow
+
+    configure_tensorflow(args.threads or DEFAULT_INTRA_OP_THREADS, DEFAULT_INTER_OP_THREADS)
     model = load_keras_file(topology.model_path, unsafe=args.unsafe or bool(topology.extra.get("unsafe", False)))
+    fn = compiled(model, topology.inputs)  # as the workers run the shards: compiled (eager differs in the last bits)
     started = time.monotonic()
+    kept_in: list[dict[str, np.ndarray]] = []  # the first oracle.MAX_ROWS rows, for the oracle
+    kept_out: list[dict[str, np.ndarray]] = []
     with replay.ReplayWriter(
         args.out,
         topology.name,
@@ -64,18 +86,57 @@ def run(args: argparse.Namespace) -> int:
         source=source,
     ) as writer:
         for i, request in zip(range(args.count), inputs):
-            outputs = call_whole(model, request)
-            writer.add(request, {t.name: _as_dtype(outputs[t.name], t) for t in topology.outputs})
+            computed = call_compiled(model, fn, request)
+            outputs = {t.name: _as_dtype(computed[t.name], t) for t in topology.outputs}
+            writer.add(request, outputs)
+            if sum(len(next(iter(r.values()))) for r in kept_in) < oracle.MAX_ROWS:
+                kept_in.append(request)
+                kept_out.append(outputs)
             if sys.stderr.isatty():
                 print(f"\rpipeline record: {i + 1}/{args.count}", end="", file=sys.stderr, flush=True)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        verdict = record_oracle(lambda x: call_compiled(model, fn, x), topology, writer, kept_in, kept_out, allow=args.allow_input_independent)
     print(
         f"wrote {args.out}: {writer.count} requests of model {topology.name!r} ({source}), "
         f"{writer.nbytes / 2**20:.1f} MiB, reference outputs from {topology.model_path.name} "
         f"in {time.monotonic() - started:.1f} s"
     )
+    print(verdict)
     return 0
+
+
+def record_oracle(
+    call: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    topology: topo.Topology,
+    writer: replay.ReplayWriter,
+    inputs: list[dict[str, np.ndarray]],
+    outputs: list[dict[str, np.ndarray]],
+    *,
+    allow: bool,
+) -> str:
+    """Measure the batching tolerance into ``writer`` and check the recorded answers can tell right from wrong.
+
+    Raises :class:`pipeline.oracle.NotDiscriminating` (the file is not written) unless ``allow``.
+    """
+    rows = {name: np.concatenate([r[name] for r in inputs]) for name in topology.input_names}
+    sample = {name: a[: max(oracle.TOLERANCE_BATCHES)] for name, a in rows.items()}
+    if min(len(a) for a in sample.values()) < max(oracle.TOLERANCE_BATCHES):  # too few recorded rows: add random ones
+        from pipeline.partition.reference import random_inputs
+
+        extra = random_inputs(topology.inputs, max(oracle.TOLERANCE_BATCHES), np.random.default_rng(1), topology.extra.get("sample_input_shapes"))
+        sample = {n: np.concatenate([sample[n], extra[n]])[: max(oracle.TOLERANCE_BATCHES)] for n in sample}
+    tolerance, measured = oracle.batching_tolerance(call, sample)
+    writer.tolerance, writer.tolerance_measured = tolerance, measured
+    found = oracle.spread(inputs, outputs)
+    warning = oracle.require_discriminating(found, tolerance, what=f"the {writer.count} recorded requests", allow=allow)
+    if warning:
+        return f"warning: {warning}"
+    return (
+        f"oracle: rows move by up to {measured:.3g} when batched, so answers are checked within {tolerance:.3g} "
+        f"({oracle.SAFETY_FACTOR:g}x) under dynamic batching; the outputs of different inputs differ by at least "
+        f"{found.smallest:.3g}, {found.margin(tolerance):.3g}x that"
+    )
 
 
 def _as_dtype(array: Any, spec: topo.TensorSpec) -> np.ndarray:

@@ -20,6 +20,11 @@ member               content
                      answers the ingress served, by ``--record``)
 ``source``           where the inputs came from (free text)
 ``created``          ISO 8601 UTC time of writing
+``tolerance``        optional (0-d float64, ``pipeline record``): how far an
+                     answer may move when dynamic batching regroups its rows
+                     (see ``pipeline/oracle.py``); 0 when batching changes
+                     nothing; absent in files that do not know
+``tolerance_measured`` optional: the batch-1 vs batch-N difference it comes from
 ``in/I/J``           request I's input J (J indexes ``input_names``)
 ``out/I/J``          request I's reference output J (J indexes ``output_names``)
 ===================  =====================================================
@@ -94,6 +99,8 @@ class Replay:
     source: str = ""
     created: str = ""
     version: int = FORMAT_VERSION
+    tolerance: float | None = None  # the batching oracle's tolerance, when the recorder measured it
+    tolerance_measured: float | None = None
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -136,6 +143,8 @@ class ReplayWriter:
         self.count = 0
         self.nbytes = 0
         self.closed = False
+        self.tolerance: float | None = None  # set before close() to record the batching oracle
+        self.tolerance_measured: float | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(self.path.name + ".partial")
         self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
@@ -173,6 +182,9 @@ class ReplayWriter:
             "source": np.array(self.source),
             "created": np.array(_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
         }
+        if self.tolerance is not None:
+            header["tolerance"] = np.array(float(self.tolerance), dtype=np.float64)
+            header["tolerance_measured"] = np.array(float(self.tolerance_measured or 0.0), dtype=np.float64)
         for name, value in header.items():
             self._member(name, value)
         self._zip.close()
@@ -269,6 +281,8 @@ def load(path: str | os.PathLike[str]) -> Replay:
             source=str(z["source"]) if "source" in files else "",
             created=str(z["created"]) if "created" in files else "",
             version=version,
+            tolerance=float(z["tolerance"]) if "tolerance" in files else None,
+            tolerance_measured=float(z["tolerance_measured"]) if "tolerance_measured" in files else None,
         )
 
 

@@ -5,7 +5,11 @@ in a loop, either **closed loop** (``--concurrency C`` requests in flight,
 each sending the next as soon as its answer is in) or **open loop**
 (``--rate R`` requests per second whatever the answers do, at most
 ``--max-inflight`` at once). Every answer is compared with the replay's
-reference outputs, bitwise by default (``--tolerance`` for an absolute one).
+reference outputs: within the replay's batching tolerance by default (see
+``pipeline/oracle.py``; bitwise when the replay has none), or ``--tolerance``.
+Before sending anything it checks that the replay's reference outputs of
+different inputs differ by more than that tolerance, so that a misrouted answer
+would show.
 Each request ends as exactly one of:
 
 - ``correct``: every output matches;
@@ -48,11 +52,13 @@ from typing import Any, TextIO
 import grpc
 import numpy as np
 
+from pipeline import oracle
 from pipeline.errors import Unavailable, UsageError
 from pipeline.pb import admin_pb2 as apb
 from pipeline.pb import admin_pb2_grpc as apb_grpc
 from pipeline.pb import grpc_service_pb2 as kpb
 from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc
+from pipeline.security import tls
 from pipeline.serving import kserve
 from pipeline.soak import replay as replay_mod
 from pipeline.wire.codec import dtype_name
@@ -89,7 +95,12 @@ class SoakConfig:
     concurrency: int = DEFAULT_CONCURRENCY
     rate: float = 0.0  # > 0: open loop at this many requests per second
     timeout_s: float = DEFAULT_TIMEOUT_S
-    tolerance: float = 0.0  # 0: bitwise
+    tolerance: float | None = None  # None: the replay's batching tolerance (else bitwise); 0: bitwise
+    allow_input_independent: bool = False
+    tls: bool = False  # connect with TLS (implied by any of the three below)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     interval_s: float = DEFAULT_INTERVAL_S
     warmup_s: float = -1.0  # < 0: WARMUP_FRACTION of the duration, bounded
     max_rss_growth_mib: float = DEFAULT_MAX_RSS_GROWTH_MIB
@@ -117,7 +128,7 @@ class SoakConfig:
             bad.append(f"--rate {self.rate} (expected > 0, or 0 for closed loop)")
         if self.timeout_s <= 0:
             bad.append(f"--timeout {self.timeout_s} (expected > 0)")
-        if self.tolerance < 0:
+        if self.tolerance is not None and self.tolerance < 0:
             bad.append(f"--tolerance {self.tolerance} (expected >= 0)")
         if self.interval_s <= 0:
             bad.append(f"--interval {self.interval_s} (expected > 0)")
@@ -222,6 +233,40 @@ def memory_growth(
 
 
 # ------------------------------------------------------------------ runner
+def oracle_for(config: SoakConfig, replay: replay_mod.Replay) -> tuple[float, dict[str, Any]]:
+    """The tolerance answers are checked with, and the report's ``oracle`` entry.
+
+    Raises :class:`pipeline.oracle.NotDiscriminating` when the replay's
+    reference outputs of different inputs are not further apart than the
+    tolerance (unless the config allows it: then the entry carries the warning).
+    """
+    if config.tolerance is not None:
+        tolerance, kind = config.tolerance, ("bitwise" if config.tolerance == 0 else "tolerance (--tolerance)")
+    elif replay.tolerance is not None:
+        tolerance = replay.tolerance
+        kind = "bitwise (batching changes nothing)" if tolerance == 0 else "batching tolerance (from the replay)"
+    else:
+        tolerance, kind = 0.0, "bitwise (the replay records no batching tolerance)"
+    found = oracle.spread([r.inputs for r in replay.requests], [r.outputs for r in replay.requests])
+    warning = oracle.require_discriminating(
+        found, tolerance, what=f"replay {str(config.replay)!r}", allow=config.allow_input_independent
+    )
+    margin = found.margin(tolerance)
+    description = (
+        f"{kind} {tolerance:.3g}; different inputs' outputs differ by >= {found.smallest:.3g} "
+        f"(margin {margin:.3g}x)" if warning is None else f"{kind} {tolerance:.3g}; WARNING: {warning}"
+    )
+    return tolerance, {
+        "kind": kind,
+        "tolerance": tolerance,
+        "batching_difference_measured": replay.tolerance_measured,
+        "spread": found.to_dict(),
+        "margin": margin if margin != float("inf") else None,
+        "warning": warning,
+        "description": description,
+    }
+
+
 class Soak:
     """One soak run: the senders, the memory sampler, the progress line, and the tallies."""
 
@@ -244,6 +289,7 @@ class Soak:
         self.started_wall = ""
         self.ended_s = 0.0
         self.model = replay.model
+        self.tolerance, self.oracle = oracle_for(config, replay)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
 
@@ -267,7 +313,10 @@ class Soak:
     async def run(self) -> dict[str, Any]:
         cfg = self.config
         options = [("grpc.max_send_message_length", MESSAGE_BYTES), ("grpc.max_receive_message_length", MESSAGE_BYTES)]
-        async with grpc.aio.insecure_channel(cfg.target, options=options) as channel:
+        channel_cm = tls.open_aio_channel(
+            cfg.target, options, tls=cfg.tls, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key
+        )
+        async with channel_cm as channel:
             infer = kpb_grpc.GRPCInferenceServiceStub(channel)
             admin = apb_grpc.PipelineAdminStub(channel)
             await self._wait_ready(infer)
@@ -351,7 +400,7 @@ class Soak:
             outcome = exc.code().name
             detail = exc.details()
         else:
-            ok, detail = compare(self.replay.requests[i].outputs, response, cfg.tolerance)
+            ok, detail = compare(self.replay.requests[i].outputs, response, self.tolerance)
             outcome = "correct" if ok else "wrong"
         done = time.monotonic()
         self._count(i, outcome, (done - sent) * 1e3, done - self.started, detail)
@@ -510,6 +559,7 @@ class Soak:
             "warmup_s": warmup,
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
             "replay": {"path": str(cfg.replay), "requests": len(self.replay), "reference": self.replay.reference},
+            "oracle": self.oracle,
             "totals": {
                 "sent": t["sent"],
                 "correct": t["correct"],
@@ -547,6 +597,9 @@ def summary(report: Mapping[str, Any]) -> str:
         f"  latency ms: p50 {lat['p50']:.2f}  p95 {lat['p95']:.2f}  p99 {lat['p99']:.2f}  max {lat['max']:.2f}",
         f"  throughput {report['throughput_rps']:.2f} correct answers/s",
     ]
+    o = report.get("oracle")
+    if o:
+        lines.append(f"  oracle: {o['description']}")
     if report["processes"]:
         lines.append("  memory (RSS MiB): process, first sample, after warm-up, end, growth")
         for name, p in report["processes"].items():
@@ -577,7 +630,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="C", help=f"closed loop: requests in flight (default {DEFAULT_CONCURRENCY})")
     p.add_argument("--rate", type=float, default=0.0, metavar="R", help="open loop: requests per second, whatever the answers do")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S", help=f"deadline of each request (default {DEFAULT_TIMEOUT_S:g} s)")
-    p.add_argument("--tolerance", type=float, default=0.0, help="largest absolute difference accepted (default 0: bitwise)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest absolute difference accepted (default: the replay's batching tolerance, bitwise when it has none; 0: bitwise)",
+    )
+    p.add_argument(
+        "--allow-input-independent",
+        action="store_true",
+        help="soak (with a warning) even when the replay's reference outputs do not depend on the input",
+    )
     p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S, metavar="S", help=f"report and memory sampling interval (default {DEFAULT_INTERVAL_S:g} s)")
     p.add_argument(
         "--warmup",
@@ -599,6 +662,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait-ready", type=float, default=DEFAULT_WAIT_READY_S, metavar="S", help=f"wait this long for the pipeline to be ready (default {DEFAULT_WAIT_READY_S:g})")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="write the JSON report here")
     p.add_argument("--chart", type=Path, metavar="FILE.png", help="write a PNG chart of latency, throughput and memory here")
+    p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's roots unless --tls-ca")
+    p.add_argument("--tls-ca", metavar="PEM", help="trust this CA (implies --tls)")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS (implies --tls)")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     progress = p.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_const", const=True, help="a progress bar even when not on a TTY")
     progress.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress output")
@@ -613,6 +680,11 @@ def config_from_args(args: argparse.Namespace) -> SoakConfig:
         rate=args.rate,
         timeout_s=args.timeout,
         tolerance=args.tolerance,
+        allow_input_independent=args.allow_input_independent,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         interval_s=args.interval,
         warmup_s=args.warmup,
         max_rss_growth_mib=args.max_rss_growth,

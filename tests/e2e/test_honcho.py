@@ -1,5 +1,8 @@
 """End to end: `honcho start` on a generated Procfile serves the default model (MobileNetV3Large in
-4 shards), and its answers through gRPC are bitwise equal to the whole model at batch 1."""
+4 shards, BatchNormalization calibrated so that its answers depend on the input). One request at a
+time, its answers through gRPC are bitwise equal to the whole model's; under concurrent load, where
+dynamic batching regroups rows, every answer is its own request's within the batching tolerance, far
+below the difference between the answers of different inputs."""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 
 from pipeline.launch import free_ports
@@ -67,20 +69,24 @@ def test_honcho_start_serves_exact_answers(tmp_path: Path) -> None:
             time.sleep(0.5)
         assert ready, (tmp_path / "honcho.log").read_text()[-4000:]
 
-        import keras
+        from pipeline.soak import replay
+        from tests.answers import mismatches
 
-        whole = keras.saving.load_model(topo_dir / "model.keras")
-        rng = np.random.default_rng(7)
-        for _ in range(3):
-            x = rng.standard_normal((1, 224, 224, 3)).astype(np.float32)
-            req = kpb.ModelInferRequest(model_name="mobilenet_v3_large")
-            req.inputs.add(name="input_layer", datatype="FP32", shape=[1, 224, 224, 3])
-            req.raw_input_contents.append(x.tobytes())
-            resp = stub.ModelInfer(req, timeout=30)
-            assert resp.outputs[0].name == "predictions" and list(resp.outputs[0].shape) == [1, 1000]
-            got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(1, 1000)
-            expected = np.asarray(whole(x, training=False))
-            assert got.tobytes() == expected.tobytes(), float(np.abs(got - expected).max())
+        # the references come from the whole model, compiled and with the workers' thread count (both move
+        # the last bits), by the command a user runs; one file of single samples, one of 2-sample requests
+        for batch in (1, 2):
+            r = _run("record", str(topo_dir), "--count", "8", "--batch", str(batch), "--seed", str(batch), "--out", str(tmp_path / f"r{batch}.npz"))
+            assert r.returncode == 0, r.stderr
+            assert "oracle: rows move by up to" in r.stdout, r.stdout
+        files = [replay.load(tmp_path / f"r{batch}.npz") for batch in (1, 2)]
+        inputs = [q.inputs for f in files for q in f.requests]
+        references = [q.outputs for f in files for q in f.requests]
+        # one at a time, each request is computed alone (or as its own batch): bitwise
+        assert mismatches(target, "mobilenet_v3_large", inputs, references, tolerance=0.0, concurrency=1) == []
+        # concurrently the shards batch rows of different requests together: within the batching tolerance
+        tolerance = files[0].tolerance
+        assert tolerance is not None and 0 < tolerance < 1e-6, tolerance
+        assert mismatches(target, "mobilenet_v3_large", inputs * 3, references * 3, tolerance=tolerance, concurrency=8) == []
         channel.close()
     finally:
         os.killpg(honcho.pid, signal.SIGTERM)

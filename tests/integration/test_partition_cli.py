@@ -64,8 +64,13 @@ def test_verify_fails_when_a_shard_is_wrong(residual_file: Path, tmp_path: Path)
     v = pipeline("verify", str(out))
     assert v.returncode == 1
     assert "FAILED" in v.stdout
+    # a tolerance wider than the outputs of different inputs are apart cannot tell right from wrong: refused
     loose = pipeline("verify", str(out), "--tolerance", "10")
-    assert loose.returncode == 0
+    _assert_usage_error(loose, "the reference outputs do not depend on the input")
+    allowed = pipeline("verify", str(out), "--tolerance", "10", "--allow-input-independent")
+    assert allowed.returncode == 0 and "WARNING: the reference outputs do not depend on the input" in allowed.stdout
+    good = pipeline("verify", str(out), "--tolerance", "1e-6")
+    assert good.returncode == 1 and "a wrong answer would show" in good.stdout
 
 
 def _assert_usage_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:

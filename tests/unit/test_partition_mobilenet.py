@@ -77,3 +77,50 @@ def test_topology_contract_on_disk(mobilenet, tmp_path: Path) -> None:
     x = {n: np.zeros((1, *t.tensors[n].shape[1:]), t.tensors[n].dtype) for n in t.shard("shard1").inputs}
     out = shard(x)
     assert sorted(out) == sorted(t.shard("shard1").output_names)
+
+
+def test_the_default_model_answers_differently_for_different_inputs(mobilenet) -> None:
+    """weights=None leaves BatchNormalization at 0/1 and every answer at exactly 0.001; calibrated, it depends on the input."""
+    from pipeline import oracle
+    from pipeline.partition.source import weights_of
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 224, 224, 3)).astype(np.float32)
+    y = np.asarray(mobilenet(x, training=False))
+    top3 = [tuple(np.argsort(-row)[:3]) for row in y]
+    assert len(set(top3)) == 4, top3
+    found = oracle.spread([{"x": x}], [{"y": y}])
+    assert found.smallest > 1e-5, found
+    record = weights_of(mobilenet)
+    assert record["source"] == "keras.applications.MobileNetV3Large" and "46 layers" in record["calibration"]
+
+
+def test_calibration_is_deterministic(mobilenet) -> None:
+    again, _ = load_source("mobilenet_v3_large")
+    assert [w.name for w in again.weights] == [w.name for w in mobilenet.weights]
+    for a, b in zip(again.weights, mobilenet.weights):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), a.name
+
+
+def test_the_topology_records_how_the_weights_were_made(mobilenet, tmp_path: Path) -> None:
+    from pipeline.partition.show import weights_lines
+
+    result = partition(mobilenet, name="mobilenet_v3_large", out=tmp_path / "m", shards=2)
+    assert result.warning is None
+    text = (tmp_path / "m" / "topology.yaml").read_text()
+    assert "\nweights:\n" in text and "\n  calibration:" in text  # bin/run looks for this line
+    lines = weights_lines(result.topology.extra["weights"])
+    assert "MobileNetV3Large" in lines and "momentum 0" in lines
+
+
+def test_verify_fails_when_the_chain_swaps_rows(mobilenet, tmp_path: Path, monkeypatch) -> None:
+    """The exactness check can fail: answers routed to the wrong rows are caught."""
+    from pipeline.partition import reference
+
+    partition(mobilenet, name="mobilenet_v3_large", out=tmp_path / "m", shards=2, verify=False)
+    good = verify_directory(tmp_path / "m", batch_sizes=(3,))
+    assert good.ok and good.spread.smallest > 1e-5
+    chain = reference.call_chain
+    monkeypatch.setattr(reference, "call_chain", lambda t, s, x: {k: v[::-1] for k, v in chain(t, s, x).items()})
+    bad = verify_directory(tmp_path / "m", batch_sizes=(3,))
+    assert not bad.ok, bad.table()

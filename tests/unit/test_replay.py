@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.pb import grpc_service_pb2 as kpb
+from pipeline import oracle
 from pipeline.soak import chart, record, replay
 from pipeline.soak import soak as soak_mod
 from pipeline.topology import IngressSpec, ShardOutput, ShardSpec, TensorSpec, Topology
@@ -228,7 +229,7 @@ def test_memory_growth_uses_windows_after_the_warm_up_and_the_last_pid() -> None
 
 
 def test_the_report_fails_on_wrong_lost_and_memory_and_the_chart_draws_it(tmp_path: Path) -> None:
-    requests = [_request(1, 0)]
+    requests = [_request(1, 0), _request(1, 1)]
     rp = replay.Replay("toy", ("x", "ids"), ("float32", "int64"), ("y", "h"), ("float32", "bfloat16"), tuple(requests), "model.keras")
     config = soak_mod.SoakConfig(target="127.0.0.1:1", replay=tmp_path / "r.npz", duration_s=20, interval_s=1, max_rss_growth_mib=64)
     s = soak_mod.Soak(config, rp)
@@ -265,3 +266,33 @@ def test_help_of_the_commands(command: str, capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
     assert exc.value.code == 0 and f"pipeline {command}" in capsys.readouterr().out
+
+
+def test_the_soak_refuses_a_replay_whose_answers_do_not_depend_on_the_input(tmp_path: Path) -> None:
+    """The guard: a soak against a model that answers the same for every input proves nothing."""
+    a, b = _request(1, 0), _request(1, 1)
+    same = replay.Request(b.inputs, {k: v.copy() for k, v in a.outputs.items()})
+    rp = replay.Replay("toy", ("x", "ids"), ("float32", "int64"), ("y", "h"), ("float32", "bfloat16"), (a, same), "model.keras")
+    config = soak_mod.SoakConfig(target="127.0.0.1:1", replay=tmp_path / "r.npz", duration_s=1)
+    with pytest.raises(oracle.NotDiscriminating, match="do not depend on the input"):
+        soak_mod.Soak(config, rp)
+    allowed = soak_mod.Soak(soak_mod.SoakConfig(target="127.0.0.1:1", replay=tmp_path / "r.npz", duration_s=1, allow_input_independent=True), rp)
+    assert allowed.oracle["warning"] and "WARNING" in allowed.oracle["description"]
+
+
+def test_the_soak_takes_the_replays_batching_tolerance(tmp_path: Path) -> None:
+    requests = (_request(1, 0), _request(2, 1))
+    rp = replay.Replay("toy", ("x", "ids"), ("float32", "int64"), ("y", "h"), ("float32", "bfloat16"), requests, "model.keras", tolerance=1e-7, tolerance_measured=1e-8)
+    s = soak_mod.Soak(soak_mod.SoakConfig(target="127.0.0.1:1", replay=tmp_path / "r.npz", duration_s=1), rp)
+    assert s.tolerance == 1e-7 and s.oracle["kind"].startswith("batching tolerance") and s.oracle["margin"] > 1
+    explicit = soak_mod.Soak(soak_mod.SoakConfig(target="127.0.0.1:1", replay=tmp_path / "r.npz", duration_s=1, tolerance=0.0), rp)
+    assert explicit.tolerance == 0.0 and explicit.oracle["kind"] == "bitwise"
+
+
+def test_the_tolerance_round_trips_through_the_file(tmp_path: Path) -> None:
+    with replay.ReplayWriter(tmp_path / "r.npz", "toy", INPUTS, OUTPUTS, reference=replay.REFERENCE_MODEL) as writer:
+        writer.add(_request(1, 0).inputs, _request(1, 0).outputs)
+        writer.tolerance, writer.tolerance_measured = 2e-8, 2e-9
+    loaded = replay.load(tmp_path / "r.npz")
+    assert loaded.tolerance == 2e-8 and loaded.tolerance_measured == 2e-9
+    assert replay.load(replay.write(tmp_path / "old.npz", "toy", INPUTS, OUTPUTS, [_request(1, 0)])).tolerance is None

@@ -1,0 +1,184 @@
+"""Checks of a generated manifest set that schemas cannot make: do the objects fit together?
+
+Each function returns a list of problems (empty when all is well), phrased
+as what was expected and what was found:
+
+- every Service selects exactly one pod template, and its target ports are
+  ports of that pod's container;
+- every address in the rewritten topology (the ConfigMap) names a generated
+  Service, in the right namespace, on a port of it that leads to the right
+  container port of the right process;
+- every Secret is mounted into the pod of the process it belongs to only, and
+  a CURVE Secret holds that process's key alone;
+- each process's NetworkPolicy admits on its PULL port exactly the processes
+  that feed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from pipeline import topology as topo
+from pipeline.deploy import kubernetes as k8s
+from pipeline.topology import INGRESS
+
+Obj = Mapping[str, Any]
+
+
+def by_kind(objects: Sequence[Obj], kind: str) -> list[Obj]:
+    return [o for o in objects if o.get("kind") == kind]
+
+
+def _pod(deployment: Obj) -> Obj:
+    return deployment["spec"]["template"]
+
+
+def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _container_ports(deployment: Obj) -> dict[str, int]:
+    ports: dict[str, int] = {}
+    for c in _pod(deployment)["spec"]["containers"]:
+        for p in c.get("ports", []):
+            ports[p.get("name", str(p["containerPort"]))] = p["containerPort"]
+    return ports
+
+
+def service_problems(objects: Sequence[Obj]) -> list[str]:
+    problems = []
+    deployments = by_kind(objects, "Deployment")
+    for svc in by_kind(objects, "Service"):
+        name = svc["metadata"]["name"]
+        matched = [d for d in deployments if _selects(svc["spec"].get("selector", {}), _pod(d)["metadata"]["labels"])]
+        if len(matched) != 1:
+            problems.append(f"Service {name!r}: expected its selector to match one pod template, it matches {[d['metadata']['name'] for d in matched]}")
+            continue
+        ports = _container_ports(matched[0])
+        for p in svc["spec"]["ports"]:
+            target = p.get("targetPort", p["port"])
+            if (isinstance(target, str) and target not in ports) or (isinstance(target, int) and target not in ports.values()):
+                problems.append(f"Service {name!r} port {p['port']}: targetPort {target!r} is not a port of {matched[0]['metadata']['name']!r} {ports}")
+    return problems
+
+
+def pod_topology(objects: Sequence[Obj]) -> dict[str, Any]:
+    """The topology the pods read (the ConfigMap's topology.yaml)."""
+    (cm,) = [c for c in by_kind(objects, "ConfigMap") if k8s.TOPOLOGY_CONFIGMAP_KEY in c.get("data", {})]
+    return yaml.safe_load(cm["data"][k8s.TOPOLOGY_CONFIGMAP_KEY])  # type: ignore[no-any-return]
+
+
+def _resolve(objects: Sequence[Obj], host: str, port: int) -> tuple[str | None, int | None, str]:
+    """(process whose pod serves it, container port, problem) for a host:port in the topology."""
+    for svc in by_kind(objects, "Service"):
+        meta = svc["metadata"]
+        names = {meta["name"], f"{meta['name']}.{meta['namespace']}", f"{meta['name']}.{meta['namespace']}.svc"}
+        if host not in names and not host.startswith(f"{meta['name']}.{meta['namespace']}.svc."):
+            continue
+        for p in svc["spec"]["ports"]:
+            if p["port"] != port:
+                continue
+            deployments = [d for d in by_kind(objects, "Deployment") if _selects(svc["spec"]["selector"], _pod(d)["metadata"]["labels"])]
+            if len(deployments) != 1:
+                return None, None, f"Service {meta['name']!r} selects {len(deployments)} pod templates"
+            target = p.get("targetPort", port)
+            cport = _container_ports(deployments[0]).get(target) if isinstance(target, str) else target
+            return _pod(deployments[0])["metadata"]["labels"][k8s.PROCESS_LABEL], cport, ""
+        return None, None, f"Service {meta['name']!r} has no port {port} (ports {[p['port'] for p in svc['spec']['ports']]})"
+    return None, None, f"no generated Service is named by {host!r}"
+
+
+def address_problems(objects: Sequence[Obj]) -> list[str]:
+    """Every endpoint, gRPC and metrics address of the pods' topology leads to the right process and port."""
+    t = pod_topology(objects)
+    wanted: list[tuple[str, str, str, int]] = []  # (what, address, process, container port)
+    for s in t["shards"]:
+        wanted.append((f"shard {s['name']} endpoint", s["endpoint"], s["name"], k8s.PULL_PORT))
+        wanted.append((f"shard {s['name']} metrics", s["metrics"], s["name"], k8s.METRICS_PORT))
+    ing = t["ingress"]
+    wanted += [
+        ("ingress results", ing["results"], INGRESS, k8s.PULL_PORT),
+        ("ingress grpc", ing["grpc"], INGRESS, k8s.GRPC_PORT),
+        ("ingress metrics", ing["metrics"], INGRESS, k8s.METRICS_PORT),
+    ]
+    problems = []
+    for what, address, process, cport in wanted:
+        parts = urlsplit(address if "://" in address else f"tcp://{address}")
+        if parts.hostname is None or parts.port is None:
+            problems.append(f"{what}: {address!r} is not HOST:PORT")
+            continue
+        got, got_port, problem = _resolve(objects, parts.hostname, parts.port)
+        if problem:
+            problems.append(f"{what} {address!r}: {problem}")
+        elif (got, got_port) != (process, cport):
+            problems.append(f"{what} {address!r}: expected to reach {process!r} port {cport}, it reaches {got!r} port {got_port}")
+    for s in t["shards"]:
+        if urlsplit(s["bind"]).port != k8s.PULL_PORT:
+            problems.append(f"shard {s['name']} binds {s['bind']!r}, not its container port {k8s.PULL_PORT}")
+    return problems
+
+
+def secret_problems(objects: Sequence[Obj]) -> list[str]:
+    """Each Secret is mounted only into its own process's pod; a CURVE Secret holds only that process's key."""
+    problems = []
+    secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
+    mounted: dict[str, list[str]] = {name: [] for name in secrets}
+    for d in by_kind(objects, "Deployment"):
+        process = _pod(d)["metadata"]["labels"][k8s.PROCESS_LABEL]
+        for v in _pod(d)["spec"].get("volumes", []):
+            if "secret" not in v:
+                continue
+            name = v["secret"]["secretName"]
+            if name not in secrets:
+                problems.append(f"Deployment {d['metadata']['name']!r} mounts Secret {name!r}, which is not generated")
+                continue
+            mounted[name].append(process)
+            owner = secrets[name]["metadata"]["labels"].get(k8s.PROCESS_LABEL)
+            if owner != process:
+                problems.append(f"Secret {name!r} of process {owner!r} is mounted into the pod of {process!r}")
+    for name, secret in secrets.items():
+        owner = secret["metadata"]["labels"].get(k8s.PROCESS_LABEL)
+        if mounted[name] != [owner]:
+            problems.append(f"Secret {name!r}: expected mounted into the pod of {owner!r} only, it is mounted into {mounted[name]}")
+        if secret["type"] == "Opaque":
+            keys = sorted(secret.get("data", {}))
+            if keys != [f"{owner}.key_secret"]:
+                problems.append(f"Secret {name!r}: expected only {owner}.key_secret, it holds {keys}")
+    return problems
+
+
+def policy_problems(objects: Sequence[Obj]) -> list[str]:
+    """Each process's PULL port admits exactly the processes that feed it (the topology's producers)."""
+    t = topo.from_dict(pod_topology(objects), directory=Path("."))
+    problems = []
+    policies = by_kind(objects, "NetworkPolicy")
+    for process in t.processes_on(None):
+        want = sorted(k8s.feeders(t, process))
+        mine = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].get(k8s.PROCESS_LABEL) == process]
+        if len(mine) != 1:
+            problems.append(f"process {process!r}: expected one NetworkPolicy, found {len(mine)}")
+            continue
+        allowed: list[str] = []
+        for rule in mine[0]["spec"]["ingress"]:
+            if not any(p["port"] == k8s.PULL_PORT for p in rule.get("ports", [])):
+                continue
+            if "from" not in rule:
+                allowed.append("(anyone)")
+            for peer in rule.get("from", []):
+                for expr in peer.get("podSelector", {}).get("matchExpressions", []):
+                    allowed += expr["values"]
+                name = peer.get("podSelector", {}).get("matchLabels", {}).get(k8s.PROCESS_LABEL)
+                if name:
+                    allowed.append(name)
+        if sorted(allowed) != want:
+            problems.append(f"NetworkPolicy of {process!r}: expected its PULL port open to {want}, it admits {sorted(allowed)}")
+    return problems
+
+
+def all_problems(objects: Sequence[Obj]) -> list[str]:
+    return service_problems(objects) + address_problems(objects) + secret_problems(objects) + policy_problems(objects)

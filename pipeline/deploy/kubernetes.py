@@ -1,0 +1,534 @@
+"""Kubernetes objects for a topology: one Deployment and Service per process, its ConfigMap, Secrets, policies.
+
+Pure logic (no cluster, no sockets): :func:`manifests` turns a loaded
+topology and :class:`KubeOptions` into a list of plain dicts, which
+:func:`dump` writes as one YAML stream. What each object is for, and why the
+shard files live in the image, is in docs/DEPLOY.md; the short version:
+
+- a **ConfigMap** holds ``topology.yaml`` with every endpoint rewritten to a
+  Service's DNS name (it is small; the shard files are not, and a ConfigMap
+  holds at most 1 MiB, so they are a layer of the image, see
+  :mod:`pipeline.deploy.containerfile`); it is mounted over the image's copy;
+- per process a **Deployment** (one replica, rolled with ``maxSurge 1,
+  maxUnavailable 0`` so a stage never has zero ready pods) running the
+  ``pipeline`` command with that process's arguments, probes (startup,
+  readiness, liveness), a preStop pause and a grace period that holds the
+  SIGTERM drain, resource requests, Prometheus annotations and, when the
+  topology places processes on named hosts, a nodeSelector;
+- per process a **Service** for what others connect to (a shard's PULL
+  endpoint and metrics port; the ingress's gRPC and metrics ports, and its
+  results endpoint in a Service of its own that also lists not-ready pods,
+  so heartbeats reach an ingress whatever its state);
+- per process a **NetworkPolicy** admitting only the processes that feed it
+  (the topology's producers), Prometheus on the metrics port, and anyone on
+  the ingress's gRPC port;
+- with ``security: curve``, per process a **Secret** holding only its own
+  CURVE secret key, mounted read-only into that pod's init container alone,
+  which installs it with mode 0600 into a memory volume the process reads
+  (a Secret volume cannot give a non-root process a file of mode 0600: with
+  ``fsGroup`` Kubernetes adds the group read bit, which the key loader
+  refuses); and the ingress's TLS certificate and key as a ``kubernetes.io/tls``
+  Secret when given.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import yaml
+
+from pipeline import topology as topo
+from pipeline.errors import UsageError
+from pipeline.topology import INGRESS, Topology
+from pipeline.wire import security
+
+# ----------------------------------------------------------------- constants
+#: where the image holds the topology directory (shard files); the ConfigMap's topology.yaml is mounted over it.
+MODEL_DIR = "/opt/keras-pipeline/model"
+#: the memory volume holding the process's own CURVE secret key (mode 0600), read by the process.
+KEYS_DIR = "/var/run/keras-pipeline/keys"
+#: where the init container sees the process's Secret.
+CURVE_SECRET_DIR = "/var/run/secrets/keras-pipeline/curve"
+#: where the ingress sees its TLS Secret.
+TLS_DIR = "/var/run/secrets/keras-pipeline/tls"
+#: container ports: every pod has its own address, so the same ports serve every process.
+PULL_PORT = 5555
+GRPC_PORT = 8001
+METRICS_PORT = 9100
+#: the image's non-root user and group (pipeline/deploy/containerfile.py creates them).
+RUN_AS = 10001
+#: the health service the ingress keeps SERVING while its process serves (pipeline.serving.ingress.PROCESS_SERVICE).
+INGRESS_HEALTH_SERVICE = "pipeline.ingress"
+#: the label every pod carries, and the one a host's nodes carry under cluster placement.
+NAME_LABEL = "app.kubernetes.io/name"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+PROCESS_LABEL = "keras-pipeline/process"
+DEFAULT_HOST_LABEL = "keras-pipeline/host"
+APP_NAME = "keras-pipeline"
+TOPOLOGY_CONFIGMAP_KEY = topo.TOPOLOGY_FILE
+TOPOLOGY_HASH_ANNOTATION = "keras-pipeline/topology-sha256"
+#: measured resident memory of a warm MobileNetV3Large quarter-shard worker (docs/SOAK.md: 585-633 MiB; TensorFlow
+#: itself is most of it) and of the ingress (docs/SOAK.md: about 80 MiB); the shard's weights come on top.
+WORKER_BASE_MIB = 600
+WEIGHTS_FACTOR = 4  # weights in memory, the traced function's constants, batch buffers: a few times the file
+INGRESS_MEMORY_MIB = 128
+MEMORY_LIMIT_FACTOR = 1.5
+INGRESS_CPU_MILLI = 250
+MIN_WORKER_CPU_MILLI = 100
+#: seconds between the preStop pause's end and SIGKILL beyond the drain: closing sockets, the compute thread.
+EXIT_MARGIN_S = 5
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class KubeOptions:
+    """What ``pipeline deploy kubernetes`` is told besides the topology."""
+
+    image: str = "keras-pipeline:latest"
+    namespace: str = "default"
+    cluster_domain: str = "cluster.local"
+    pull_policy: str = "IfNotPresent"
+    drain_s: float = 10.0  # SIGTERM drain of every process (worker --drain-timeout, ingress --drain)
+    prestop_s: int = 5  # pause before SIGTERM while the pod leaves the Services' endpoints
+    startup_timeout_s: int = 600  # loading and warming a large shard
+    cpu_total: float | None = None  # CPUs shared by the shards by their planned compute share (default: 1 per shard)
+    worker_base_mib: int = WORKER_BASE_MIB
+    host_label: str = DEFAULT_HOST_LABEL
+    prometheus_labels: Mapping[str, str] = field(default_factory=lambda: {NAME_LABEL: "prometheus"})
+    tls: bool = False  # the ingress serves TLS (its certificate and key come as a Secret)
+
+    @property
+    def grace_s(self) -> int:
+        """terminationGracePeriodSeconds: the preStop pause, the drain, and the exit."""
+        return int(self.prestop_s + math.ceil(self.drain_s) + EXIT_MARGIN_S)
+
+
+# --------------------------------------------------------------------- names
+def dns_label(text: str, what: str) -> str:
+    """``text`` as a DNS-1035 label (lowercase, '-' for anything else); a clear error when that is impossible."""
+    label = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    if not label or not label[0].isalpha():
+        label = f"p-{label}".rstrip("-")
+    if len(label) > 63 or not _DNS_LABEL.match(label):
+        raise UsageError(f"{what} {text!r} cannot name a Kubernetes object ({label!r}); expected at most 63 letters, digits or '-'")
+    return label
+
+
+@dataclass(frozen=True)
+class Names:
+    """Object names of one topology's processes (DNS-1035 labels, unique)."""
+
+    app: str
+    process: Mapping[str, str]  # process -> Deployment, Service, NetworkPolicy name
+    results: str  # the ingress's results Service
+    configmap: str
+
+    def secret(self, process: str) -> str:
+        return f"{self.process[process]}-curve-key"
+
+    @property
+    def tls_secret(self) -> str:
+        return f"{self.process[INGRESS]}-tls"
+
+
+def names_of(topology: Topology) -> Names:
+    app = dns_label(topology.name, "topology name")
+    process = {}
+    for name in topology.processes_on(None):
+        process[name] = dns_label(f"{app}-{name}", f"process {name!r} of topology")
+    clash = sorted({n for n in process.values() if list(process.values()).count(n) > 1})
+    results = dns_label(f"{app}-{INGRESS}-results", "the ingress's results Service")
+    if clash or results in process.values():
+        raise UsageError(f"processes of {topology.name!r} map to the same Kubernetes name {clash or [results]}; rename the shards")
+    return Names(app=app, process=process, results=results, configmap=dns_label(f"{app}-topology", "the topology ConfigMap"))
+
+
+def fqdn(service: str, options: KubeOptions) -> str:
+    return f"{service}.{options.namespace}.svc.{options.cluster_domain}"
+
+
+# -------------------------------------------------------------- placement
+#: the topology section where ``pipeline partition --cluster`` records the cluster file (hosts with name and address).
+CLUSTER_KEY = "cluster"
+
+
+def placed_host(topology: Topology, process: str) -> str | None:
+    """The name of the host a process is placed on, or ``None`` when the topology has no placement.
+
+    A topology placed with a cluster file records the cluster (``cluster.hosts``: name and address) and
+    gives every process its host's address: the address is looked up there. A host that is a name rather
+    than an address (a hand-placed topology) is taken as it is. Addresses alone (one machine, or a topology
+    edited by hand with addresses) mean no placement.
+    """
+    host = topology.ingress.host if process == INGRESS else topology.shard(process).host
+    cluster = topology.extra.get(CLUSTER_KEY)
+    entries = (cluster.get("hosts") or []) if isinstance(cluster, Mapping) else []
+    for entry in entries:
+        if isinstance(entry, Mapping) and host in (entry.get("name"), entry.get("address")) and entry.get("name"):
+            return str(entry["name"])
+    if not host or host == "localhost":
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None
+
+
+# ------------------------------------------------------- rewritten topology
+def rewrite(topology: Topology, options: KubeOptions, names: Names | None = None) -> Topology:
+    """The topology as the pods see it: endpoints and metrics at the Services' DNS names, binds on every interface."""
+    names = names or names_of(topology)
+    shards = []
+    for s in topology.shards:
+        host = fqdn(names.process[s.name], options)
+        shards.append(
+            replace(s, endpoint=f"tcp://{host}:{PULL_PORT}", bind=f"tcp://0.0.0.0:{PULL_PORT}", metrics=f"{host}:{METRICS_PORT}")
+        )
+    ingress_host = fqdn(names.process[INGRESS], options)
+    ingress = replace(
+        topology.ingress,
+        grpc=f"{ingress_host}:{GRPC_PORT}",
+        results=f"tcp://{fqdn(names.results, options)}:{PULL_PORT}",
+        bind=f"tcp://0.0.0.0:{PULL_PORT}",
+        metrics=f"{ingress_host}:{METRICS_PORT}",
+    )
+    return topology.replace(shards=tuple(shards), ingress=ingress)
+
+
+def topology_text(topology: Topology) -> str:
+    return topo.dump_yaml(topology.to_dict())
+
+
+# ----------------------------------------------------------------- helpers
+def labels(topology: Topology, process: str) -> dict[str, str]:
+    return {
+        NAME_LABEL: APP_NAME,
+        INSTANCE_LABEL: topology.name,
+        COMPONENT_LABEL: "ingress" if process == INGRESS else "shard",
+        PROCESS_LABEL: process,
+    }
+
+
+def selector(topology: Topology, process: str) -> dict[str, str]:
+    return {INSTANCE_LABEL: topology.name, PROCESS_LABEL: process}
+
+
+def _meta(name: str, topology: Topology, process: str | None, options: KubeOptions) -> dict[str, Any]:
+    lab = labels(topology, process) if process else {NAME_LABEL: APP_NAME, INSTANCE_LABEL: topology.name}
+    return {"name": name, "namespace": options.namespace, "labels": lab}
+
+
+def _mib(n: float) -> str:
+    return f"{int(math.ceil(n / 16.0) * 16)}Mi"
+
+
+def resources(topology: Topology, process: str, options: KubeOptions) -> dict[str, Any]:
+    """Requests from what the process needs: measured memory plus the shard's weights; CPU by compute share."""
+    if process == INGRESS:
+        memory = float(INGRESS_MEMORY_MIB)
+        cpu_milli = INGRESS_CPU_MILLI
+    else:
+        path = topology.shard_path(process)
+        weights_mib = path.stat().st_size / 2**20 if path.is_file() else 0.0
+        memory = options.worker_base_mib + WEIGHTS_FACTOR * weights_mib
+        shares = {r.get("shard"): float(r.get("share", 0.0)) for r in (topology.extra.get("plan") or {}).get("shards", [])}
+        n = len(topology.shards)
+        share = shares.get(process) or 1.0 / n
+        total = options.cpu_total if options.cpu_total is not None else float(n)
+        cpu_milli = max(MIN_WORKER_CPU_MILLI, round(share * total * 1000))
+    return {
+        "requests": {"cpu": f"{cpu_milli}m", "memory": _mib(memory)},
+        "limits": {"memory": _mib(memory * MEMORY_LIMIT_FACTOR)},  # no CPU limit: throttling adds latency
+    }
+
+
+def _probes(process: str, options: KubeOptions) -> dict[str, Any]:
+    startup_period = 5
+    if process == INGRESS and not options.tls:
+        action: dict[str, Any] = {"grpc": {"port": GRPC_PORT, "service": INGRESS_HEALTH_SERVICE}}
+        ready_action, live_action = action, action
+    else:
+        # workers: /ready says so only once loaded and warm; the ingress with TLS: the probe cannot do TLS everywhere
+        ready_action = {"httpGet": {"path": "/ready", "port": "metrics"}}
+        live_action = {"httpGet": {"path": "/live", "port": "metrics"}}
+    return {
+        "startupProbe": {
+            **ready_action,
+            "periodSeconds": startup_period,
+            "timeoutSeconds": 2,
+            "failureThreshold": max(3, math.ceil(options.startup_timeout_s / startup_period)),
+        },
+        "readinessProbe": {**ready_action, "periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 1, "successThreshold": 1},
+        "livenessProbe": {**live_action, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3},
+    }
+
+
+def container_args(topology: Topology, process: str, options: KubeOptions) -> list[str]:
+    """The ``pipeline`` command's arguments for one process (binds, drain, TLS files)."""
+    drain = f"{options.drain_s:g}"
+    if process == INGRESS:
+        args = ["ingress", MODEL_DIR, "--address", f"0.0.0.0:{GRPC_PORT}", "--drain", drain]
+        if options.tls:
+            args += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
+        return args
+    return ["worker", MODEL_DIR, "--shard", process, "--drain-timeout", drain]
+
+
+_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS,
+    "runAsGroup": RUN_AS,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def deployment(topology: Topology, process: str, options: KubeOptions, names: Names, topology_sha: str) -> dict[str, Any]:
+    curve = topology.security == security.CURVE
+    ports = [{"name": "pull", "containerPort": PULL_PORT, "protocol": "TCP"}]
+    if process == INGRESS:
+        ports.append({"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"})
+    ports.append({"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"})
+    env = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "TF_CPP_MIN_LOG_LEVEL", "value": "2"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "KERAS_HOME", "value": "/tmp/.keras"},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "topology", "mountPath": f"{MODEL_DIR}/{topo.TOPOLOGY_FILE}", "subPath": TOPOLOGY_CONFIGMAP_KEY, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "topology", "configMap": {"name": names.configmap, "items": [{"key": TOPOLOGY_CONFIGMAP_KEY, "path": TOPOLOGY_CONFIGMAP_KEY}]}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+    ]
+    init: list[dict[str, Any]] = []
+    if curve:
+        key_file = security.secret_path(KEYS_DIR, process).name
+        env.append({"name": security.ENV_KEYS_DIR, "value": KEYS_DIR})
+        mounts.append({"name": "curve-key", "mountPath": KEYS_DIR, "readOnly": True})
+        volumes += [
+            {"name": "curve-secret", "secret": {"secretName": names.secret(process), "defaultMode": 0o440, "items": [{"key": key_file, "path": key_file}]}},
+            {"name": "curve-key", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        ]
+        init.append(
+            {
+                "name": "install-curve-key",
+                "image": options.image,
+                "imagePullPolicy": options.pull_policy,
+                # the key loader refuses a file others or the group can read; a Secret volume cannot be 0600 for a non-root user
+                "command": ["install", "-m", "0600", f"{CURVE_SECRET_DIR}/{key_file}", f"{KEYS_DIR}/{key_file}"],
+                "volumeMounts": [
+                    {"name": "curve-secret", "mountPath": CURVE_SECRET_DIR, "readOnly": True},
+                    {"name": "curve-key", "mountPath": KEYS_DIR},
+                ],
+                "securityContext": _SECURITY_CONTEXT,
+                "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}},
+            }
+        )
+    if process == INGRESS and options.tls:
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": names.tls_secret, "defaultMode": 0o440}})
+    container: dict[str, Any] = {
+        "name": "ingress" if process == INGRESS else "worker",
+        "image": options.image,
+        "imagePullPolicy": options.pull_policy,
+        "command": ["pipeline"],
+        "args": container_args(topology, process, options),
+        "ports": ports,
+        "env": env,
+        "volumeMounts": mounts,
+        "resources": resources(topology, process, options),
+        **_probes(process, options),
+        # leave the Services' endpoints (a terminating pod is removed from them), then SIGTERM starts the drain
+        "lifecycle": {"preStop": {"sleep": {"seconds": options.prestop_s}}},
+        "securityContext": _SECURITY_CONTEXT,
+    }
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": options.grace_s,
+        "securityContext": {"runAsNonRoot": True, "fsGroup": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
+        **({"initContainers": init} if init else {}),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    host = placed_host(topology, process)
+    if host is not None:
+        pod_spec["nodeSelector"] = {options.host_label: host}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(names.process[process], topology, process, options),
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector(topology, process)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": labels(topology, process),
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(METRICS_PORT),
+                        "prometheus.io/path": "/metrics",
+                        TOPOLOGY_HASH_ANNOTATION: topology_sha,  # a new topology rolls the pods (subPath mounts never update)
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def services(topology: Topology, process: str, options: KubeOptions, names: Names) -> list[dict[str, Any]]:
+    metrics_port = {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}
+    if process != INGRESS:
+        ports = [{"name": "pull", "port": PULL_PORT, "targetPort": "pull", "protocol": "TCP"}, metrics_port]
+        return [_service(names.process[process], topology, process, options, ports)]
+    return [
+        _service(
+            names.process[process], topology, process, options,
+            [{"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}, metrics_port],
+        ),
+        # every shard sends results, errors and heartbeats here: reachable whatever the ingress's readiness
+        _service(
+            names.results, topology, process, options,
+            [{"name": "pull", "port": PULL_PORT, "targetPort": "pull", "protocol": "TCP"}], publish_not_ready=True,
+        ),
+    ]  # fmt: skip
+
+
+def _service(
+    name: str, topology: Topology, process: str, options: KubeOptions, ports: list[dict[str, Any]], publish_not_ready: bool = False
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"type": "ClusterIP", "selector": selector(topology, process), "ports": ports}
+    if publish_not_ready:
+        spec["publishNotReadyAddresses"] = True
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, topology, process, options), "spec": spec}
+
+
+def feeders(topology: Topology, process: str) -> list[str]:
+    """The processes that send to ``process``: its producers; for the ingress, every shard (results, heartbeats)."""
+    if process == INGRESS:
+        return [s.name for s in topology.shards]
+    return sorted(topology.producers(process))
+
+
+def network_policy(topology: Topology, process: str, options: KubeOptions, names: Names) -> dict[str, Any]:
+    rules: list[dict[str, Any]] = [
+        {
+            "from": [
+                {
+                    "podSelector": {
+                        "matchLabels": {INSTANCE_LABEL: topology.name},
+                        "matchExpressions": [{"key": PROCESS_LABEL, "operator": "In", "values": feeders(topology, process)}],
+                    }
+                }
+            ],
+            "ports": [{"protocol": "TCP", "port": PULL_PORT}],
+        },
+        {
+            "from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": dict(options.prometheus_labels)}}],
+            "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
+        },
+    ]
+    if process == INGRESS:
+        rules.append({"ports": [{"protocol": "TCP", "port": GRPC_PORT}]})  # clients, from anywhere
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(names.process[process], topology, process, options),
+        "spec": {"podSelector": {"matchLabels": selector(topology, process)}, "policyTypes": ["Ingress"], "ingress": rules},
+    }
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# ------------------------------------------------------------------ whole set
+def manifests(
+    topology: Topology,
+    options: KubeOptions,
+    *,
+    curve_keys: Mapping[str, bytes] | None = None,
+    tls_pair: tuple[bytes, bytes] | None = None,
+) -> list[dict[str, Any]]:
+    """Every object for ``topology``: Namespace (unless ``default``), ConfigMap, then per process its objects."""
+    names = names_of(topology)
+    if options.tls != (tls_pair is not None):
+        raise UsageError("TLS for the ingress needs both its certificate and its key (--tls-cert and --tls-key)")
+    processes = topology.processes_on(None)
+    curve = topology.security == security.CURVE
+    if curve:
+        missing = [p for p in processes if not curve_keys or p not in curve_keys]
+        if missing:
+            raise UsageError(f"security is curve but there is no secret key for {missing}; run `pipeline keys DIR` first")
+    pod_topology = rewrite(topology, options, names)
+    text = topology_text(pod_topology)
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    objects: list[dict[str, Any]] = []
+    if options.namespace != "default":
+        objects.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": options.namespace, "labels": {NAME_LABEL: APP_NAME}}})
+    objects.append(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(names.configmap, topology, None, options),
+            "data": {TOPOLOGY_CONFIGMAP_KEY: text},
+        }
+    )
+    for process in processes:
+        if curve:
+            assert curve_keys is not None
+            key_file = security.secret_path(KEYS_DIR, process).name
+            objects.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "type": "Opaque",
+                    "metadata": _meta(names.secret(process), topology, process, options),
+                    "data": {key_file: _b64(curve_keys[process])},
+                }
+            )
+        if process == INGRESS and tls_pair is not None:
+            objects.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "type": "kubernetes.io/tls",
+                    "metadata": _meta(names.tls_secret, topology, process, options),
+                    "data": {"tls.crt": _b64(tls_pair[0]), "tls.key": _b64(tls_pair[1])},
+                }
+            )
+        objects += services(topology, process, options, names)
+        objects.append(deployment(pod_topology, process, options, names, sha))
+        objects.append(network_policy(topology, process, options, names))
+    return objects
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:  # no &id001 anchors: each object reads on its own
+        return True
+
+
+def dump(objects: Sequence[Mapping[str, Any]]) -> str:
+    """One YAML stream (``---`` between objects), block style, keys in their given order."""
+    return "".join("---\n" + yaml.dump(dict(o), Dumper=_Dumper, sort_keys=False, width=120) for o in objects)
+
+
+def file_name(obj: Mapping[str, Any]) -> str:
+    """``<kind>-<name>.yaml`` (lowercase), for ``--out DIR``."""
+    return f"{str(obj['kind']).lower()}-{obj['metadata']['name']}.yaml"

@@ -1,0 +1,159 @@
+"""systemd units for the processes a topology places on one host, and a target that groups them.
+
+Each process is a ``Type=exec`` service that systemd restarts when it fails
+(``Restart=on-failure``; a clean stop, exit 0 after SIGTERM, is not a
+failure), stops with SIGTERM and kills only after the process's drain plus a
+margin (``TimeoutStopSec``), runs as a dedicated user with the usual
+hardening (``NoNewPrivileges``, ``ProtectSystem=strict`` with write access
+only where its ipc:// sockets live, private /tmp and devices, no
+capabilities), and reads ``PIPELINE_KEYS_DIR`` and any other ``PIPELINE_*``
+setting from an environment file. Unlike ``honcho start``, one process dying
+does not stop the others: the target only groups them for start and stop.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pipeline.deploy.kubernetes import EXIT_MARGIN_S, dns_label
+from pipeline.errors import UsageError
+from pipeline.topology import INGRESS, Topology
+
+DEFAULT_USER = "keras-pipeline"
+ENV_DIR = "/etc/keras-pipeline"
+
+
+@dataclass(frozen=True)
+class UnitOptions:
+    """What ``pipeline deploy systemd`` is told besides the topology and the host."""
+
+    executable: str  # absolute path of the `pipeline` command on the host
+    directory: str  # absolute path of the topology directory on the host
+    user: str = DEFAULT_USER
+    drain_s: float = 10.0
+    environment_file: str = ""  # default: /etc/keras-pipeline/<app>.env
+    restart_s: float = 2.0
+
+    @property
+    def stop_timeout_s(self) -> int:
+        return int(math.ceil(self.drain_s) + EXIT_MARGIN_S)
+
+
+def unit_name(topology: Topology, process: str) -> str:
+    return f"keras-pipeline-{dns_label(topology.name, 'topology name')}-{dns_label(process, 'process')}.service"
+
+
+def target_name(topology: Topology) -> str:
+    return f"keras-pipeline-{dns_label(topology.name, 'topology name')}.target"
+
+
+def environment_file(topology: Topology, options: UnitOptions) -> str:
+    return options.environment_file or f"{ENV_DIR}/{dns_label(topology.name, 'topology name')}.env"
+
+
+def _ipc_dirs(topology: Topology, process: str) -> list[str]:
+    """Folders of the ipc:// endpoints a process binds or connects to: the only places it writes."""
+    endpoints = [topology.ingress.bind if process == INGRESS else topology.shard(process).bind]
+    endpoints += [topology.ingress.results] + [s.endpoint for s in topology.shards]
+    dirs = sorted({str(Path(urlsplit(e).path or e[len("ipc://"):]).parent) for e in endpoints if e.startswith("ipc://")})
+    return dirs
+
+
+def _command(topology: Topology, process: str, options: UnitOptions) -> list[str]:
+    drain = f"{options.drain_s:g}"
+    if process == INGRESS:
+        return [options.executable, "ingress", options.directory, "--drain", drain]
+    return [options.executable, "worker", options.directory, "--shard", process, "--drain-timeout", drain]
+
+
+def unit(topology: Topology, process: str, host: str, options: UnitOptions) -> str:
+    """One service unit's text."""
+    role = "ingress (KServe v2 gRPC)" if process == INGRESS else "shard worker"
+    rw = _ipc_dirs(topology, process)
+    exec_start = " ".join(shlex.quote(a) for a in _command(topology, process, options))
+    lines = [
+        "# Written by `pipeline deploy systemd`; see docs/DEPLOY.md.",
+        "[Unit]",
+        f"Description=keras-pipeline {topology.name}: {process} ({role}) on {host}",
+        "Documentation=https://github.com/keras-pipeline/keras-pipeline/blob/main/docs/DEPLOY.md",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        f"PartOf={target_name(topology)}",
+        "",
+        "[Service]",
+        "Type=exec",
+        f"User={options.user}",
+        f"Group={options.user}",
+        f"EnvironmentFile=-{environment_file(topology, options)}",
+        "Environment=PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 HOME=/tmp KERAS_HOME=/tmp/.keras",
+        f"ExecStart={exec_start}",
+        "KillSignal=SIGTERM",
+        "KillMode=mixed",
+        f"TimeoutStopSec={options.stop_timeout_s}",
+        "Restart=on-failure",
+        f"RestartSec={options.restart_s:g}",
+        # hardening
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "RestrictNamespaces=yes",
+        "RestrictRealtime=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK",
+        "CapabilityBoundingSet=",
+        "AmbientCapabilities=",
+        "SystemCallArchitectures=native",
+        "UMask=0077",
+        *([f"ReadWritePaths={' '.join(rw)}"] if rw else []),
+        "",
+        "[Install]",
+        f"WantedBy={target_name(topology)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def target(topology: Topology, host: str, units: list[str]) -> str:
+    return "\n".join(
+        [
+            "# Written by `pipeline deploy systemd`; `systemctl enable --now " + target_name(topology) + "`",
+            "[Unit]",
+            f"Description=keras-pipeline {topology.name}: the processes placed on {host}",
+            f"Wants={' '.join(units)}",
+            f"After={' '.join(units)}",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
+
+
+def units(topology: Topology, host: str, options: UnitOptions) -> dict[str, str]:
+    """File name -> text: one service per process on ``host`` (a host name or address) and the target."""
+    if not Path(options.executable).is_absolute() or not Path(options.directory).is_absolute():
+        raise UsageError(
+            f"systemd needs absolute paths; received executable {options.executable!r} and topology {options.directory!r}"
+        )
+    from pipeline.cluster import address_of
+
+    processes = topology.processes_on(address_of(topology, host))  # a cluster host's name works too
+    if not processes:
+        hosts = sorted({topology.ingress.host, *(s.host for s in topology.shards)})
+        raise UsageError(f"no process of topology {topology.name!r} is placed on host {host!r}; its hosts are {hosts}")
+    out = {unit_name(topology, p): unit(topology, p, host, options) for p in processes}
+    out[target_name(topology)] = target(topology, host, list(out))
+    return out

@@ -1,0 +1,369 @@
+"""The generated Kubernetes objects, systemd units and container recipe, checked offline.
+
+- every Kubernetes object validates against the official schemas of every
+  bundled Kubernetes version from 1.30 on (``kubernetes-validate``, strict:
+  an unknown field fails too), with and without CURVE, with TLS, with
+  placement;
+- the checks schemas cannot make (pipeline/deploy/checks.py) pass, and each
+  of them fails on a deliberately broken variant (a wrong port, a Secret in
+  the wrong pod, a wrong DNS name, a policy open to a process that does not
+  feed the pod);
+- the units pass ``systemd-analyze verify`` with nothing to say (it works
+  without systemd running; a unit it has to ignore a line of makes it talk,
+  which the test shows too).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import cli  # noqa: E402
+from pipeline import topology as topo  # noqa: E402
+from pipeline.deploy import checks, containerfile, kubernetes, systemd  # noqa: E402
+from pipeline.errors import UsageError  # noqa: E402
+from pipeline.security.keys import generate_keys  # noqa: E402
+from pipeline.topology import INGRESS, Topology  # noqa: E402
+from pipeline.wire import security  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+OLDEST_CHECKED = (1, 30)  # the preStop `sleep` action and the gRPC probe are there from 1.30 on
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def residual(tmp_path_factory: pytest.TempPathFactory) -> Topology:
+    """The residual test model in two shards (shard1 joins the model input and shard0's output)."""
+    import models
+
+    from pipeline.partition.command import partition
+
+    out = tmp_path_factory.mktemp("deploy") / "residual"
+    return partition(models.residual(), name="residual", out=out, cuts=["relu_a"], verify=False).topology
+
+
+def copy_topology(t: Topology, dest: Path, **changes: Any) -> Topology:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in [*(s.file for s in t.shards), topo.MODEL_FILE]:
+        (dest / f).symlink_to((t.directory / f).resolve())
+    t.replace(directory=dest, **changes).write(dest)
+    return topo.load(dest)
+
+
+def curve_copy(t: Topology, dest: Path) -> tuple[Topology, dict[str, bytes]]:
+    c = copy_topology(t, dest)
+    generate_keys(c, dest / "keys")
+    c = topo.load(dest)
+    return c, {p: security.secret_path(dest / "keys", p).read_bytes() for p in c.processes_on(None)}
+
+
+def versions() -> list[str]:
+    from kubernetes_validate import utils
+
+    seen = sorted({tuple(map(int, v.split("."))) for v in utils.all_versions()})
+    return [".".join(map(str, v)) for v in seen if v[:2] >= OLDEST_CHECKED]
+
+
+def validate_all(objects: list[dict[str, Any]]) -> None:
+    import kubernetes_validate
+
+    for version in versions():
+        for obj in objects:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{obj['kind']} {obj['metadata']['name']} is not valid for Kubernetes {version}: {exc}")
+
+
+def deployment(objects: list[dict[str, Any]], process: str) -> dict[str, Any]:
+    (d,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["labels"][kubernetes.PROCESS_LABEL] == process]
+    return d
+
+
+def container(objects: list[dict[str, Any]], process: str) -> dict[str, Any]:
+    return deployment(objects, process)["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------- schemas
+def test_every_object_validates_against_the_official_schemas(residual: Topology, tmp_path: Path) -> None:
+    assert len(versions()) >= 5, versions()
+    plain = kubernetes.manifests(residual, kubernetes.KubeOptions(namespace="ml"))
+    validate_all(plain)
+    kinds = [o["kind"] for o in plain]
+    assert kinds.count("Deployment") == 3 and kinds.count("Service") == 4 and kinds.count("NetworkPolicy") == 3
+    assert kinds.count("ConfigMap") == 1 and kinds.count("Namespace") == 1 and "Secret" not in kinds
+
+    secured, keys = curve_copy(residual, tmp_path / "curve")
+    cert, key = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n", b"-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n"
+    options = kubernetes.KubeOptions(tls=True)
+    with_curve = kubernetes.manifests(secured, options, curve_keys=keys, tls_pair=(cert, key))
+    validate_all(with_curve)
+    assert [o["type"] for o in with_curve if o["kind"] == "Secret"].count("Opaque") == 3
+    assert [o["type"] for o in with_curve if o["kind"] == "Secret"].count("kubernetes.io/tls") == 1
+    assert "Namespace" not in [o["kind"] for o in with_curve]  # the default namespace exists already
+
+    placed = copy_topology(
+        residual, tmp_path / "placed",
+        shards=tuple(dataclasses.replace(s, host=h) for s, h in zip(residual.shards, ("edge", "cloud"))),
+        ingress=dataclasses.replace(residual.ingress, host="edge"),
+    )  # fmt: skip
+    validate_all(kubernetes.manifests(placed, kubernetes.KubeOptions()))
+
+
+def test_the_schemas_catch_a_broken_object(residual: Topology) -> None:
+    import kubernetes_validate
+
+    d = copy.deepcopy(deployment(kubernetes.manifests(residual, kubernetes.KubeOptions()), "shard0"))
+    d["spec"]["template"]["spec"]["containers"][0]["startupprobe"] = {}  # a typo of startupProbe
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(d, versions()[-1], strict=True)
+
+
+# ------------------------------------------------------- what schemas miss
+def test_the_objects_fit_together(residual: Topology, tmp_path: Path) -> None:
+    secured, keys = curve_copy(residual, tmp_path / "curve")
+    for objects in (
+        kubernetes.manifests(residual, kubernetes.KubeOptions(namespace="ml", cluster_domain="corp.example")),
+        kubernetes.manifests(secured, kubernetes.KubeOptions(), curve_keys=keys),
+    ):
+        assert checks.all_problems(objects) == []
+    t = checks.pod_topology(objects)
+    assert t["shards"][0]["endpoint"] == "tcp://residual-shard0.default.svc.cluster.local:5555"
+    assert t["ingress"]["results"] == "tcp://residual-ingress-results.default.svc.cluster.local:5555"
+    assert t["ingress"]["grpc"] == "residual-ingress.default.svc.cluster.local:8001"
+    assert t["shards"][1]["bind"] == "tcp://0.0.0.0:5555"
+
+
+def test_the_checks_fail_on_broken_variants(residual: Topology, tmp_path: Path) -> None:
+    secured, keys = curve_copy(residual, tmp_path / "curve")
+    good = kubernetes.manifests(secured, kubernetes.KubeOptions(), curve_keys=keys)
+
+    def broken(change: Any) -> list[str]:
+        objects = copy.deepcopy(good)
+        change(objects)
+        return checks.all_problems(objects)
+
+    def wrong_target_port(objects: list[dict[str, Any]]) -> None:
+        svc = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "residual-shard1")
+        svc["spec"]["ports"][0]["targetPort"] = "grpc"
+
+    def swapped_secret(objects: list[dict[str, Any]]) -> None:
+        vols = [v for v in deployment(objects, "shard0")["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+        vols[0]["secret"]["secretName"] = "residual-shard1-curve-key"
+
+    def wrong_name(objects: list[dict[str, Any]]) -> None:
+        cm = next(o for o in objects if o["kind"] == "ConfigMap")
+        cm["data"]["topology.yaml"] = cm["data"]["topology.yaml"].replace("residual-shard1.default", "residual-shard-1.default")
+
+    def wrong_port_in_topology(objects: list[dict[str, Any]]) -> None:
+        cm = next(o for o in objects if o["kind"] == "ConfigMap")
+        cm["data"]["topology.yaml"] = cm["data"]["topology.yaml"].replace("results-results", "x").replace(
+            "residual-ingress-results.default.svc.cluster.local:5555", "residual-ingress.default.svc.cluster.local:8001"
+        )
+
+    def open_policy(objects: list[dict[str, Any]]) -> None:
+        policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "residual-shard0")
+        policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"][0]["values"].append("shard1")
+
+    def two_keys(objects: list[dict[str, Any]]) -> None:
+        secret = next(o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == "residual-shard0-curve-key")
+        secret["data"]["shard1.key_secret"] = "eA=="
+
+    assert any("targetPort 'grpc'" in p for p in broken(wrong_target_port))
+    assert any("is mounted into the pod of 'shard0'" in p for p in broken(swapped_secret))
+    assert any("no generated Service is named by 'residual-shard-1" in p for p in broken(wrong_name))
+    assert any("expected to reach 'ingress' port 5555, it reaches 'ingress' port 8001" in p for p in broken(wrong_port_in_topology))
+    assert any("NetworkPolicy of 'shard0'" in p for p in broken(open_policy))
+    assert any("expected only shard0.key_secret" in p for p in broken(two_keys))
+
+
+# -------------------------------------------------------------- behaviour
+def test_probes_rollout_and_termination(residual: Topology) -> None:
+    options = kubernetes.KubeOptions(drain_s=12, prestop_s=4, startup_timeout_s=900)
+    objects = kubernetes.manifests(residual, options)
+    for process in residual.processes_on(None):
+        d = deployment(objects, process)
+        assert d["spec"]["replicas"] == 1
+        assert d["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+        pod = d["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        assert c["command"] == ["pipeline"]
+        startup = c["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 900
+        assert c["lifecycle"]["preStop"] == {"sleep": {"seconds": 4}}
+        assert pod["terminationGracePeriodSeconds"] >= 4 + 12 + kubernetes.EXIT_MARGIN_S
+        assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        assert c["securityContext"]["runAsNonRoot"] and not c["securityContext"]["allowPrivilegeEscalation"]
+    ingress = container(objects, INGRESS)
+    assert ingress["args"][ingress["args"].index("--drain") + 1] == "12"
+    assert ingress["readinessProbe"]["grpc"] == {"port": 8001, "service": "pipeline.ingress"}
+    assert ingress["livenessProbe"]["grpc"] == {"port": 8001, "service": "pipeline.ingress"}
+    worker = container(objects, "shard1")
+    assert worker["args"] == ["worker", kubernetes.MODEL_DIR, "--shard", "shard1", "--drain-timeout", "12"]
+    assert worker["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert worker["livenessProbe"]["httpGet"] == {"path": "/live", "port": "metrics"}
+    # TLS: the probes go to the metrics port (the gRPC probe's TLS mode is too new to rely on)
+    tls = container(kubernetes.manifests(residual, kubernetes.KubeOptions(tls=True), tls_pair=(b"c", b"k")), INGRESS)
+    assert tls["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert "--tls-cert" in tls["args"] and "--tls-key" in tls["args"]
+
+
+def test_resources_follow_the_plan(residual: Topology) -> None:
+    objects = kubernetes.manifests(residual, kubernetes.KubeOptions(cpu_total=2.0))
+    shares = {r["shard"]: r["share"] for r in residual.extra["plan"]["shards"]}
+    cpu = {p: int(container(objects, p)["resources"]["requests"]["cpu"].rstrip("m")) for p in shares}
+    for p, share in shares.items():
+        assert cpu[p] == max(kubernetes.MIN_WORKER_CPU_MILLI, round(share * 2000)), (p, share, cpu)
+    for p in shares:
+        mem = container(objects, p)["resources"]["requests"]["memory"]
+        assert int(mem.rstrip("Mi")) >= kubernetes.WORKER_BASE_MIB
+        assert "cpu" not in container(objects, p)["resources"]["limits"]
+
+
+def test_curve_secrets_and_placement(residual: Topology, tmp_path: Path) -> None:
+    secured, keys = curve_copy(residual, tmp_path / "curve")
+    objects = kubernetes.manifests(secured, kubernetes.KubeOptions(), curve_keys=keys)
+    import base64
+
+    for process in secured.processes_on(None):
+        (secret,) = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["labels"][kubernetes.PROCESS_LABEL] == process]
+        assert base64.b64decode(secret["data"][f"{process}.key_secret"]) == keys[process]
+        pod = deployment(objects, process)["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        assert init["command"][:3] == ["install", "-m", "0600"]
+        secret_mounts = [m for m in init["volumeMounts"] if m["name"] == "curve-secret"]
+        assert secret_mounts == [{"name": "curve-secret", "mountPath": kubernetes.CURVE_SECRET_DIR, "readOnly": True}]
+        main = pod["containers"][0]
+        assert {"name": "curve-key", "mountPath": kubernetes.KEYS_DIR, "readOnly": True} in main["volumeMounts"]
+        assert "curve-secret" not in [m["name"] for m in main["volumeMounts"]]
+        assert {"name": security.ENV_KEYS_DIR, "value": kubernetes.KEYS_DIR} in main["env"]
+        assert "nodeSelector" not in pod  # no placement in this topology: addresses only
+    with pytest.raises(UsageError, match="pipeline keys"):
+        kubernetes.manifests(secured, kubernetes.KubeOptions(), curve_keys={INGRESS: keys[INGRESS]})
+
+    placed = copy_topology(
+        residual, tmp_path / "placed",
+        shards=tuple(dataclasses.replace(s, host=h) for s, h in zip(residual.shards, ("edge", "cloud"))),
+        ingress=dataclasses.replace(residual.ingress, host="edge"),
+    )  # fmt: skip
+    objects = kubernetes.manifests(placed, kubernetes.KubeOptions(host_label="example.com/host"))
+    assert deployment(objects, "shard1")["spec"]["template"]["spec"]["nodeSelector"] == {"example.com/host": "cloud"}
+    assert deployment(objects, INGRESS)["spec"]["template"]["spec"]["nodeSelector"] == {"example.com/host": "edge"}
+
+    # placed with a cluster file: every process has its host's address, the cluster section names the hosts
+    cluster = {"version": 1, "ingress": "edge", "hosts": [{"name": "edge", "address": "198.18.0.1"}, {"name": "cloud", "address": "198.18.0.2"}]}
+    by_cluster = copy_topology(
+        residual, tmp_path / "cluster",
+        shards=tuple(dataclasses.replace(s, host=a) for s, a in zip(residual.shards, ("198.18.0.1", "198.18.0.2"))),
+        ingress=dataclasses.replace(residual.ingress, host="198.18.0.1"),
+        extra={**residual.extra, "cluster": cluster},
+    )  # fmt: skip
+    objects = kubernetes.manifests(by_cluster, kubernetes.KubeOptions())
+    selectors = {p: deployment(objects, p)["spec"]["template"]["spec"].get("nodeSelector") for p in by_cluster.processes_on(None)}
+    assert selectors == {INGRESS: {"keras-pipeline/host": "edge"}, "shard0": {"keras-pipeline/host": "edge"}, "shard1": {"keras-pipeline/host": "cloud"}}
+    validate_all(objects)
+
+
+def test_the_command_writes_a_folder(residual: Topology, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "k8s"
+    out.mkdir()
+    (out / "stale.yaml").write_text("kind: Deployment\n")
+    assert cli.main(["deploy", "kubernetes", str(residual.directory), "--image", "reg.example/kp:1", "--out", str(out)]) == 0
+    files = sorted(out.glob("*.yaml"))
+    assert not (out / "stale.yaml").exists() and len(files) == 11
+    objects = [yaml.safe_load(f.read_text()) for f in files]
+    assert {container(objects, p)["image"] for p in residual.processes_on(None)} == {"reg.example/kp:1"}
+    capsys.readouterr()
+    assert cli.main(["deploy", "kubernetes", str(residual.directory)]) == 0
+    assert len(list(yaml.safe_load_all(capsys.readouterr().out))) == 11
+    assert cli.main(["deploy", "kubernetes", str(residual.directory), "--tls-cert", "x.pem"]) == 2
+
+
+# ----------------------------------------------------------- containerfile
+def test_the_containerfile(residual: Topology, tmp_path: Path) -> None:
+    context = tmp_path / "context"
+    shutil.copytree(ROOT / "pipeline", context / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, context / f)
+    secured, _ = curve_copy(residual, context / "topology" / "residual")
+    text = containerfile.render(secured, context, pip=["my-layers==1.0"])
+    lines = text.splitlines()
+    assert "COPY topology/residual/shard0.keras /opt/keras-pipeline/model/shard0.keras" in lines
+    assert "COPY topology/residual/shard1.keras /opt/keras-pipeline/model/shard1.keras" in lines
+    assert "RUN pip install my-layers==1.0" in lines
+    assert f"USER {kubernetes.RUN_AS}:{kubernetes.RUN_AS}" in lines and 'ENTRYPOINT ["pipeline"]' in lines
+    assert "keys" not in "\n".join(ln for ln in lines if ln.startswith("COPY")) and "model.keras" not in text
+    # every COPY source exists in the context
+    for ln in lines:
+        if ln.startswith("COPY "):
+            assert (context / ln.split()[1]).exists(), ln
+    with pytest.raises(UsageError, match="outside the build context"):
+        containerfile.render(secured, tmp_path / "elsewhere")
+    assert cli.main(["deploy", "containerfile", str(secured.directory), "--context", str(context)]) == 0
+    assert (context / "Containerfile").read_text() == containerfile.render(secured, context)
+    assert "**/*.key_secret" in (context / ".dockerignore").read_text()
+
+
+# ----------------------------------------------------------------- systemd
+def analyze(paths: list[Path]) -> tuple[int, str]:
+    result = subprocess.run(["systemd-analyze", "verify", *map(str, paths)], capture_output=True, text=True, timeout=60)
+    return result.returncode, (result.stdout + result.stderr).strip()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (bin/setup installs systemd)")
+def test_systemd_units_verify(residual: Topology, tmp_path: Path) -> None:
+    out = tmp_path / "units"
+    executable = str(Path(sys.executable).with_name("pipeline"))
+    assert Path(executable).exists()  # verify checks that ExecStart's program exists
+    secured, _ = curve_copy(residual, tmp_path / "curve")
+    assert cli.main([
+        "deploy", "systemd", str(secured.directory), "--host", "127.0.0.1", "--out", str(out),
+        "--executable", executable, "--keys-dir", "/etc/keras-pipeline/residual/keys", "--drain", "7",
+    ]) == 0  # fmt: skip
+    units = sorted(out.glob("*.service"))
+    assert [u.name for u in units] == [systemd.unit_name(secured, p) for p in ("ingress", "shard0", "shard1")]
+    code, said = analyze([*units, out / systemd.target_name(secured)])
+    assert code == 0 and said == "", said
+    text = units[1].read_text()
+    for line in (
+        "Restart=on-failure", f"TimeoutStopSec={7 + kubernetes.EXIT_MARGIN_S}", "NoNewPrivileges=yes", "ProtectSystem=strict",
+        "User=keras-pipeline", "EnvironmentFile=-/etc/keras-pipeline/residual.env", "KillSignal=SIGTERM",
+        f"ExecStart={executable} worker {secured.directory} --shard shard0 --drain-timeout 7",
+    ):  # fmt: skip
+        assert line in text.splitlines(), line
+    assert (out / "residual.env").read_text().splitlines()[-1] == "PIPELINE_KEYS_DIR=/etc/keras-pipeline/residual/keys"
+    target = (out / systemd.target_name(secured)).read_text()
+    assert f"Wants={' '.join(u.name for u in [units[0], units[1], units[2]])}" in target
+
+    # the check can fail: a line systemd must ignore, and a program that is not there
+    bad = tmp_path / "bad.service"
+    bad.write_text(text.replace("Restart=on-failure", "Restart=sometimes"))
+    code, said = analyze([bad])
+    assert "Failed to parse service restart specifier" in said
+    bad.write_text(text.replace(executable, "/nonexistent/pipeline"))
+    code, said = analyze([bad])
+    assert code != 0 and "not executable" in said
+
+    with pytest.raises(UsageError, match="no process of topology 'residual' is placed on host 'elsewhere'"):
+        systemd.units(secured, "elsewhere", systemd.UnitOptions(executable=executable, directory=str(secured.directory)))
+
+
+def test_systemd_units_of_an_ipc_topology_may_write_their_socket_folder(residual: Topology, tmp_path: Path) -> None:
+    socks = tmp_path / "socks"
+    ipc = copy_topology(
+        residual, tmp_path / "ipc",
+        shards=tuple(dataclasses.replace(s, endpoint=f"ipc://{socks}/{s.name}", bind=f"ipc://{socks}/{s.name}") for s in residual.shards),
+        ingress=dataclasses.replace(residual.ingress, results=f"ipc://{socks}/ingress", bind=f"ipc://{socks}/ingress"),
+    )  # fmt: skip
+    files = systemd.units(ipc, "127.0.0.1", systemd.UnitOptions(executable="/usr/bin/true", directory=str(ipc.directory)))
+    assert all(f"ReadWritePaths={socks}" in text.splitlines() for name, text in files.items() if name.endswith(".service"))

@@ -1,0 +1,355 @@
+"""The generated manifests run: every pod a process in its own network namespace, as pods/kubelet would run it.
+
+What the pods get is only what the manifests say (pods.py): command, args,
+env, the ConfigMap's rewritten topology mounted over the image's copy, the
+image's files from the generated Containerfile, the Secret of each process
+installed by its init container; Services are names in per-namespace hosts
+files. The client runs in a namespace of its own and reaches the pipeline
+only through the ingress's Service name. A wrong port, a wrong DNS name, a
+missing file or a key in the wrong pod makes these tests fail.
+
+1. plain: answers bitwise equal to the whole model (one request at a time);
+2. ``security: curve``: the same, each pod holding only its own key;
+3. then a shard's process killed (SIGKILL) under load and started again from
+   its manifest: no wrong answer, errors only while it is down, and the
+   pipeline answers again;
+4. rolling updates (a new pod beside the old one, then the old one
+   terminated as a kubelet does: preStop, SIGTERM, the grace period) of a
+   shard and of the ingress, under load: no wrong answer.
+
+The residual test model is used: two shards, the second a join of the model
+input (from the ingress) and the first shard's output, so one pod is fed by
+two others.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from netns_lab import NetnsLab, skip_unless_possible  # noqa: E402
+from pods import BASE_ENV, PodRunner, image_files  # noqa: E402
+
+from pipeline import topology as topo  # noqa: E402
+from pipeline.deploy import checks, containerfile, kubernetes  # noqa: E402
+from pipeline.security.keys import generate_keys  # noqa: E402
+from pipeline.topology import INGRESS, Topology  # noqa: E402
+from pipeline.wire import security  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENT = Path(__file__).resolve().parent / "pod_client.py"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+READY_TIMEOUT_S = 300.0
+CLIENT_TIMEOUT_S = 300.0
+ROWS = 8
+#: the reference outputs of the inputs used must differ by far more than this (a comparison that can fail).
+SPREAD_MIN = 1e-4
+OPTIONS = kubernetes.KubeOptions(drain_s=3, prestop_s=1, startup_timeout_s=int(READY_TIMEOUT_S))
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A build context: the project (linked) and the residual topology inside it."""
+    import models
+
+    from pipeline.partition.command import partition
+
+    skip_unless_possible()
+    ctx = tmp_path_factory.mktemp("context")
+    for name in ("pyproject.toml", "README.md", "pipeline"):
+        (ctx / name).symlink_to(ROOT / name)
+    partition(models.residual(), name="residual", out=ctx / "topology" / "residual", cuts=["relu_a"], verify=False)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def reference(context: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and the whole model's answers at batch 1 (eager, as the e2e test), checked to differ per input."""
+    import keras
+
+    t = topo.load(context / "topology" / "residual")
+    whole = keras.saving.load_model(t.model_path)
+    x = np.random.default_rng(11).standard_normal((ROWS, 8, 8, 4)).astype(np.float32)
+    y = np.stack([np.asarray(whole(x[i : i + 1], training=False))[0] for i in range(ROWS)])
+    spread = min(float(np.abs(y[i] - y[j]).max()) for i in range(ROWS) for j in range(i + 1, ROWS))
+    assert spread > SPREAD_MIN, f"the reference outputs barely depend on the input (closest pair {spread}); this comparison could not fail"
+    return x, y
+
+
+@pytest.fixture()
+def lab() -> Iterator[NetnsLab]:
+    with NetnsLab() as made:
+        yield made
+
+
+def run_client(lab: NetnsLab, tmp: Path, name: str, target: str, inputs: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """The client in its own namespace; its log is ``tmp/NAME.log``, its answers ``tmp/NAME.npz``."""
+    env = {**BASE_ENV, "PYTHONPATH": f"{ROOT}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    argv = [sys.executable, str(CLIENT), target, "residual", str(inputs), str(tmp / f"{name}.npz"), *extra]
+    proc = lab.popen("client", argv, env=env, log=tmp / f"{name}.log")
+    proc.name = name  # type: ignore[attr-defined]
+    return proc
+
+
+def answers(proc: subprocess.Popen[bytes], tmp: Path) -> dict[str, Any]:
+    name = proc.name  # type: ignore[attr-defined]
+    code = proc.wait(CLIENT_TIMEOUT_S)
+    assert code == 0, (tmp / f"{name}.log").read_text()[-3000:]
+    data = np.load(tmp / f"{name}.npz")
+    return {"sent": data["sent"], "codes": data["codes"], "outputs": data["outputs"]}
+
+
+def start_pipeline(runner: PodRunner) -> str:
+    """Start every pod, wait for each as its probes say, then for the whole pipeline; return the client target."""
+    for process in runner.pods:
+        runner.start(process)
+    for process in runner.pods:
+        runner.wait_ready(process, READY_TIMEOUT_S)
+    wait_pipeline_ready(runner)
+    pod_topology = checks.pod_topology(runner.objects)
+    return str(pod_topology["ingress"]["grpc"])
+
+
+def wait_pipeline_ready(runner: PodRunner, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Until the ingress's overall health (every shard up) says SERVING."""
+    ingress = runner.pods[INGRESS]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if runner.grpc_health(f"{ingress.address}:{kubernetes.GRPC_PORT}", "")[0]:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the pipeline was not ready within {timeout_s} s:\n" + "\n".join(p.tail(15) for p in runner.pods.values()))
+
+
+def check_bitwise(result: dict[str, Any], y: np.ndarray) -> int:
+    """Every OK answer equals the whole model's for the row sent, bit for bit; return how many were OK."""
+    ok = 0
+    for i, (row, code) in enumerate(zip(result["sent"], result["codes"])):
+        if code != "OK":
+            continue
+        got = result["outputs"][i]
+        assert got.tobytes() == y[row].tobytes(), f"request {i} (row {row}): {got} != {y[row]} (max diff {np.abs(got - y[row]).max()})"
+        ok += 1
+    return ok
+
+
+def run_pods(objects: list[dict[str, Any]], context: Path, lab: NetnsLab, tmp: Path) -> PodRunner:
+    assert checks.all_problems(objects) == []
+    t = topo.load(context / "topology" / "residual")
+    image = image_files(containerfile.render(t, context), context)
+    assert sorted(image) == sorted(f"{kubernetes.MODEL_DIR}/{f}" for f in ["shard0.keras", "shard1.keras", "topology.yaml"])
+    runner = PodRunner(objects, lab, tmp, image)
+    runner.create()
+    return runner
+
+
+# ------------------------------------------------------------------- tests
+def test_the_manifests_run_and_answer_like_the_whole_model(context: Path, reference: Any, lab: NetnsLab, tmp_path: Path) -> None:
+    x, y = reference
+    t = topo.load(context / "topology" / "residual")
+    runner = run_pods(kubernetes.manifests(t, OPTIONS), context, lab, tmp_path)
+    try:
+        target = start_pipeline(runner)
+        assert target == "residual-ingress.default.svc.cluster.local:8001"
+        np.savez(tmp_path / "inputs.npz", image=x)
+        result = answers(run_client(lab, tmp_path, "first", target, tmp_path / "inputs.npz", "--count", str(3 * ROWS)), tmp_path)
+        assert list(result["codes"]) == ["OK"] * 3 * ROWS
+        assert check_bitwise(result, y) == 3 * ROWS
+        rss = {p: pod_rss(pod.proc.pid) for p, pod in runner.pods.items() if pod.proc}  # type: ignore[union-attr]
+        print(f"resident memory of the warm pods (MiB): {rss}")
+    finally:
+        codes = runner.stop_all()
+    # each process drained and exited 0 on SIGTERM, within the grace period the manifest gives
+    assert sorted(codes) == sorted(p.hostname for p in runner.pods.values()) and set(codes.values()) == {0}, codes
+
+
+def test_curve_and_a_pod_killed_and_restarted(context: Path, reference: Any, lab: NetnsLab, tmp_path: Path) -> None:
+    x, y = reference
+    source = topo.load(context / "topology" / "residual")
+    keys_dir = tmp_path / "keys"
+    secured_dir = tmp_path / "secured"
+    secured_dir.mkdir()
+    for f in [*(s.file for s in source.shards), topo.MODEL_FILE]:
+        (secured_dir / f).symlink_to((source.directory / f).resolve())
+    source.replace(directory=secured_dir).write(secured_dir)
+    generate_keys(topo.load(secured_dir), keys_dir)
+    secured: Topology = topo.load(secured_dir)
+    assert secured.security == security.CURVE
+    keys = {p: security.secret_path(keys_dir, p).read_bytes() for p in secured.processes_on(None)}
+    objects = kubernetes.manifests(secured, OPTIONS, curve_keys=keys)
+    runner = run_pods(objects, context, lab, tmp_path)
+    try:
+        for process, pod in runner.pods.items():  # each pod holds its own key, mode 0600, and no other
+            held = sorted(os.listdir(pod.root / ".volumes" / "curve-key"))
+            assert held == [f"{process}.key_secret"], (process, held)
+            assert (pod.root / ".volumes" / "curve-key" / held[0]).stat().st_mode & 0o777 == 0o600
+        target = start_pipeline(runner)
+        np.savez(tmp_path / "inputs.npz", image=x)
+        result = answers(run_client(lab, tmp_path, "first", target, tmp_path / "inputs.npz", "--count", str(2 * ROWS)), tmp_path)
+        assert check_bitwise(result, y) == 2 * ROWS
+
+        # under load: kill shard0's process, start it again from its manifest
+        stop = tmp_path / "stop"
+        client = run_client(lab, tmp_path, "load", target, tmp_path / "inputs.npz", "--until", str(stop))
+        log = tmp_path / "load.log"
+        wait_ok(log, 20)
+        before = ok_count(log)
+        code = runner.kill("shard0", signal.SIGKILL)
+        assert code == -signal.SIGKILL
+        time.sleep(2.0)  # the pipeline is without shard0 for a while: requests fail, none is wrong
+        runner.start("shard0")
+        runner.wait_ready("shard0", READY_TIMEOUT_S)
+        restarted = ok_count(log)
+        wait_ok(log, restarted + 40)
+        stop.touch()
+        result = answers(client, tmp_path)
+        codes = list(result["codes"])
+        ok = check_bitwise(result, y)
+        errors = sorted({c for c in codes if c != "OK"})
+        last_error = max((i for i, c in enumerate(codes) if c != "OK"), default=-1)
+        print(f"kill and restart: {len(codes)} requests, {ok} correct, {len(codes) - ok} errors {errors}, "
+              f"{len(codes) - 1 - last_error} correct in a row at the end; ok before the kill {before}")  # fmt: skip
+        assert ok >= before + 40 and len(codes) - ok >= 1, "the outage was not seen; the test did not test a kill"
+        assert set(errors) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, errors
+        assert all(c == "OK" for c in codes[-30:]), codes[-40:]
+    finally:
+        codes_at_stop = runner.stop_all()
+    assert set(codes_at_stop.values()) == {0}, codes_at_stop
+
+
+# ------------------------------------------------------------------ helpers
+def ok_count(log: Path) -> int:
+    found = re.findall(r"ok (\d+)", log.read_text()) if log.exists() else []
+    return int(found[-1]) if found else 0
+
+
+def wait_ok(log: Path, n: int, timeout_s: float = CLIENT_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while ok_count(log) < n:
+        assert time.monotonic() < deadline, f"the client did not reach {n} correct answers: {log.read_text()[-2000:]}"
+        time.sleep(0.2)
+
+
+def pod_rss(pid: int) -> float:
+    """Resident memory of a pod's pipeline process (the child of `ip netns exec`), MiB."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    procs = [proc, *proc.children(recursive=True)]
+    return round(max(p.memory_info().rss for p in procs) / 2**20, 1)
+
+
+def test_a_rolling_update_of_a_shard(context: Path, reference: Any, lab: NetnsLab, tmp_path: Path) -> None:
+    """A new pod of shard0 beside the old one (maxSurge 1), then the old one terminated as a kubelet does it.
+
+    The stage never has zero ready pods: the new pod is ready before the old one
+    leaves. Under load: no wrong answer, the ingress does not take the two pods'
+    heartbeats for restarts (at most one switch-over), and the pipeline answers
+    through the new pod at the end.
+    """
+    x, y = reference
+    t = topo.load(context / "topology" / "residual")
+    runner = run_pods(kubernetes.manifests(t, OPTIONS), context, lab, tmp_path)
+    try:
+        target = start_pipeline(runner)
+        np.savez(tmp_path / "inputs.npz", image=x)
+        stop = tmp_path / "stop"
+        client = run_client(lab, tmp_path, "load", target, tmp_path / "inputs.npz", "--until", str(stop))
+        log = tmp_path / "load.log"
+        wait_ok(log, 20)
+        new = runner.replica("shard0", "b")
+        runner.start("shard0", new)
+        runner.wait_ready("shard0", READY_TIMEOUT_S, pod=new)
+        wait_ok(log, ok_count(log) + 40)  # both pods up, heartbeating, for a while: the surge window
+        runner.retarget("shard0", new)  # the old pod leaves the Service's endpoints as it terminates
+        old = runner.pods["shard0"]
+        code, drain_s = runner.terminate(old)
+        assert code == 0, old.tail()
+        assert drain_s < old.spec["terminationGracePeriodSeconds"]
+        wait_ok(log, ok_count(log) + 40)
+        stop.touch()
+        result = answers(client, tmp_path)
+        codes = list(result["codes"])
+        ok = check_bitwise(result, y)
+        restarts = ingress_metric(runner, 'pipeline_shard_restarts_total{shard="shard0"}')
+        errors = {c: codes.count(c) for c in sorted(set(codes)) if c != "OK"}
+        print(f"rolling update of shard0: {len(codes)} requests, {ok} correct, errors {errors}, "
+              f"restarts the ingress counted {restarts}, old pod drained in {drain_s:.2f} s")  # fmt: skip
+        assert restarts <= 1, f"the ingress took the two pods' heartbeats for {restarts} restarts"
+        assert set(errors) <= {"UNAVAILABLE"}, errors
+        assert all(c == "OK" for c in codes[-30:]), codes[-40:]
+        assert new.proc is not None and new.proc.poll() is None
+    finally:
+        codes_at_stop = runner.stop_all()
+    assert set(codes_at_stop.values()) == {0}, codes_at_stop
+
+
+def ingress_metric(runner: PodRunner, series: str) -> float:
+    """One sample of the ingress pod's metrics (0 when absent), read at its address as Prometheus would."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    pod = runner.pods[INGRESS]
+    ok, text = runner.http_get(f"http://{pod.address}:{kubernetes.METRICS_PORT}/metrics")
+    assert ok, text
+    name, _, labels = series.partition("{")
+    want = dict(kv.split("=") for kv in labels.rstrip("}").split(",")) if labels else {}
+    want = {k: v.strip('"') for k, v in want.items()}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in want.items()):
+                return float(s.value)
+    return 0.0
+
+
+def test_a_rolling_update_of_the_ingress(context: Path, reference: Any, lab: NetnsLab, tmp_path: Path) -> None:
+    """A new ingress pod beside the old one, then the old one terminated: what clients see.
+
+    The shards hold one connection to the results Service, to the old ingress,
+    so the new one hears no heartbeat and counts no shard up until the old one
+    is gone: a client that reaches it meanwhile gets UNAVAILABLE (never a wrong
+    answer, never a hang), and once the old ingress has drained the shards
+    reconnect and the new one answers.
+    """
+    x, y = reference
+    t = topo.load(context / "topology" / "residual")
+    runner = run_pods(kubernetes.manifests(t, OPTIONS), context, lab, tmp_path)
+    try:
+        target = start_pipeline(runner)
+        np.savez(tmp_path / "inputs.npz", image=x)
+        stop = tmp_path / "stop"
+        client = run_client(lab, tmp_path, "load", target, tmp_path / "inputs.npz", "--until", str(stop))
+        log = tmp_path / "load.log"
+        wait_ok(log, 20)
+        new = runner.replica(INGRESS, "b")
+        runner.start(INGRESS, new)
+        runner.wait_ready(INGRESS, READY_TIMEOUT_S, pod=new)  # its process serves: the probe passes
+        runner.retarget(INGRESS, new)  # new connections go to the new pod
+        old = runner.pods[INGRESS]
+        code, drain_s = runner.terminate(old)
+        assert code == 0, old.tail()
+        assert drain_s < old.spec["terminationGracePeriodSeconds"]
+        wait_ok(log, ok_count(log) + 40)
+        stop.touch()
+        result = answers(client, tmp_path)
+        codes = list(result["codes"])
+        ok = check_bitwise(result, y)
+        errors = {c: codes.count(c) for c in sorted(set(codes)) if c != "OK"}
+        print(f"rolling update of the ingress: {len(codes)} requests, {ok} correct, errors {errors}, old ingress drained in {drain_s:.2f} s")
+        assert set(errors) <= {"UNAVAILABLE"}, errors
+        assert all(c == "OK" for c in codes[-30:]), codes[-40:]
+    finally:
+        codes_at_stop = runner.stop_all()
+    assert set(codes_at_stop.values()) == {0}, codes_at_stop
