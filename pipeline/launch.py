@@ -3,7 +3,8 @@
 ``relocate`` copies a topology directory (shard files linked, not copied) with
 fresh free local ports for every endpoint, so a benchmark or a test never
 collides with a pipeline already running from the same topology.
-``Cluster`` starts the ingress and the workers as real processes, waits until
+``Cluster`` starts the ingress and the workers as real processes (through
+:mod:`pipeline.process`, each optionally in a network namespace), waits until
 the ingress says it is ready, and stops them all (SIGTERM, then SIGKILL).
 """
 
@@ -14,19 +15,18 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from pipeline import process
 from pipeline import topology as topo
 from pipeline.errors import Unavailable
 
 #: a cold start imports TensorFlow in every process; on a busy 2-core machine that takes a while.
 START_TIMEOUT_S = 240.0
-STOP_TIMEOUT_S = 6.0
+STOP_TIMEOUT_S = process.STOP_TIMEOUT_S
 
 
 #: lowest port ``free_ports`` hands out; it picks below the kernel's ephemeral range (see there).
@@ -111,7 +111,14 @@ def _link(src: Path, dst: Path) -> None:
 
 
 class Cluster:
-    """The ingress and every worker of a topology as real processes (a context manager)."""
+    """The ingress and every worker of a topology as real processes (a context manager).
+
+    Processes start through :mod:`pipeline.process`: ``netns`` maps a process
+    name to the network namespace it runs in, ``wrap`` to a command prefix
+    (``faketime``, ``taskset``). ``ready`` replaces the readiness probe (by
+    default a gRPC ``ServerReady`` to the ingress from this process, which
+    cannot reach an ingress inside a namespace).
+    """
 
     def __init__(
         self,
@@ -122,6 +129,9 @@ class Cluster:
         common_worker_args: Sequence[str] = (),
         ingress_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        netns: Mapping[str, str] | None = None,
+        wrap: Mapping[str, Sequence[str]] | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         self.topology = topology
         self.log_dir = log_dir
@@ -129,24 +139,38 @@ class Cluster:
         self.common_worker_args = list(common_worker_args)
         self.ingress_args = list(ingress_args)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.netns = dict(netns or {})
+        self.wrap = {k: list(v) for k, v in (wrap or {}).items()}
+        self.ready = ready
+        self.procs: dict[str, process.Process] = {}
 
     @property
     def target(self) -> str:
         return self.topology.ingress.grpc
 
-    def start_process(self, name: str) -> subprocess.Popen[bytes]:
+    def command(self, name: str) -> list[str]:
+        """The ``pipeline ingress`` or ``pipeline worker`` command line of one process."""
         d = str(self.topology.directory)
         if name == topo.INGRESS:
-            cmd = [sys.executable, "-m", "pipeline.cli", "ingress", d, *self.ingress_args]
-        else:
-            cmd = [
-                sys.executable, "-m", "pipeline.cli", "worker", d, "--shard", name,
-                *self.common_worker_args, *self.worker_args.get(name, ()),
-            ]  # fmt: skip
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+            return process.pipeline_command("ingress", d, *self.ingress_args)
+        self.topology.shard(name)  # a clear error for an unknown shard
+        return process.pipeline_command(
+            "worker", d, "--shard", name, *self.common_worker_args, *self.worker_args.get(name, ())
+        )
+
+    def start_process(self, name: str) -> process.Process:
+        """Start (or start again, after a stop or a crash) one process of the topology."""
+        old = self.procs.get(name)
+        if old is not None and old.alive:
+            raise Unavailable(f"expected {name!r} stopped before starting it again; it runs as pid {old.pid}")
+        proc = process.start(
+            name,
+            self.command(name),
+            self.log_dir,
+            env=self.env,
+            netns=self.netns.get(name),
+            wrap=self.wrap.get(name, ()),
+        )
         self.procs[name] = proc
         return proc
 
@@ -162,53 +186,42 @@ class Cluster:
         return self
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Wait until the ingress says every shard is up and warm; raise :class:`Unavailable` if not in time."""
+        deadline = time.monotonic() + timeout_s
+        probe = self.ready or self._grpc_ready()
+        while time.monotonic() < deadline:
+            dead = {n: p.returncode for n, p in self.procs.items() if not p.alive}
+            if dead:
+                tails = "\n".join(self.procs[n].tail(15) for n in dead)
+                raise Unavailable(f"processes exited while starting: {dead}; logs in {self.log_dir}\n{tails}")
+            if probe():
+                return
+            time.sleep(0.2)
+        raise Unavailable(f"the pipeline at {self.target} was not ready within {timeout_s:.0f} s; logs in {self.log_dir}")
+
+    def _grpc_ready(self) -> Callable[[], bool]:
         import grpc
 
         from pipeline.pb import grpc_service_pb2 as kpb
         from pipeline.pb import grpc_service_pb2_grpc as kgrpc
 
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.target) as channel:
-            stub = kgrpc.GRPCInferenceServiceStub(channel)
-            while time.monotonic() < deadline:
-                dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
-                if dead:
-                    raise Unavailable(f"processes exited while starting: {dead}; logs in {self.log_dir}")
+        def ready() -> bool:
+            with grpc.insecure_channel(self.target) as channel:
                 try:
-                    if stub.ServerReady(kpb.ServerReadyRequest(), timeout=1.0).ready:
-                        return
+                    return bool(kgrpc.GRPCInferenceServiceStub(channel).ServerReady(kpb.ServerReadyRequest(), timeout=1.0).ready)
                 except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise Unavailable(f"the pipeline at {self.target} was not ready within {timeout_s:.0f} s; logs in {self.log_dir}")
+                    return False
+
+        return ready
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """Stop one process (``sig``, then SIGKILL after ``timeout_s``); its exit status (``None``: never started)."""
         proc = self.procs.get(name)
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout_s)
-        return proc.returncode
+        return None if proc is None else proc.stop(sig, timeout_s)
 
     def stop(self) -> dict[str, int | None]:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        codes: dict[str, int | None] = {}
-        for name, proc in self.procs.items():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT_S)
-            codes[name] = proc.returncode
-        return codes
+        """Stop every process within one bound; their exit statuses."""
+        return process.stop_all(self.procs.values(), timeout_s=STOP_TIMEOUT_S)
 
     def __enter__(self) -> Cluster:
         return self.start()

@@ -257,7 +257,7 @@ class FakeWorker(threading.Thread):
                 kind=kind,
                 request_id=req.request_id,
                 model=req.model,
-                deadline_ns=req.deadline_ns,
+                budget_ns=req.budget_ns,  # passed on as received (this fake's compute takes no time to speak of)
                 sender=self.shard,
                 sent_ns=time.time_ns(),
             )

@@ -7,9 +7,6 @@ started here is meant to be stopped by the caller in a ``finally``.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -22,6 +19,7 @@ import numpy as np
 import pytest
 import zmq
 
+from pipeline import process
 from pipeline.pb import envelope_pb2 as pb
 from pipeline.wire import codec
 
@@ -35,63 +33,37 @@ SEND_TIMEOUT_MS = 5_000
 
 def worker_command(directory: Path, shard: str, *extra: str) -> list[str]:
     """``python -m pipeline.cli worker DIR --shard NAME`` (the CLI imports only the chosen command's module)."""
-    return [sys.executable, "-m", "pipeline.cli", "worker", str(directory), "--shard", shard, *extra]
+    return process.pipeline_command("worker", str(directory), "--shard", shard, *extra)
 
 
-@dataclass
-class WorkerProcess:
-    shard: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+#: a started worker (the one launcher of ``pipeline.process``; ``name`` is the shard).
+WorkerProcess = process.Process
 
 
 def start_worker(
-    directory: Path, shard: str, log_dir: Path, *extra: str, env: Mapping[str, str] | None = None
+    directory: Path,
+    shard: str,
+    log_dir: Path,
+    *extra: str,
+    env: Mapping[str, str] | None = None,
+    netns: str | None = None,
+    wrap: Sequence[str] = (),
 ) -> WorkerProcess:
-    log_path = log_dir / f"worker-{shard}-{time.monotonic_ns()}.log"
+    """Start one worker (in ``netns``, behind ``wrap``: e.g. ``faketime``), its output in a log under ``log_dir``."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_LOG_LEVEL": "info", **(env or {})}
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            worker_command(directory, shard, *extra), stdout=out, stderr=subprocess.STDOUT, env=full_env
-        )
-    return WorkerProcess(shard, proc, log_path)
+    return process.start(
+        shard, worker_command(directory, shard, *extra), log_dir, env=full_env, netns=netns, wrap=wrap
+    )
 
 
 def stop_worker(worker: WorkerProcess, timeout_s: float = 5.0) -> int | None:
     """SIGTERM, then SIGKILL after ``timeout_s``; return the exit status."""
-    proc = worker.proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
+    return worker.stop(timeout_s=timeout_s)
 
 
 def stop_workers(workers: Sequence[WorkerProcess], timeout_s: float = 5.0) -> dict[str, int | None]:
     """SIGTERM them all at once, then wait (SIGKILL after ``timeout_s``); return their exit statuses."""
-    for worker in workers:
-        if worker.proc.poll() is None:
-            worker.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for worker in workers:
-        try:
-            worker.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            worker.proc.kill()
-            worker.proc.wait(5)
-    return {w.shard: w.proc.returncode for w in workers}
+    return process.stop_all(workers, timeout_s=timeout_s)
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
@@ -233,12 +205,13 @@ def send_part(
     *,
     model: str,
     sender: str = "ingress",
-    deadline_ns: int = 0,
+    budget_ns: int = 0,
     spans: Sequence[tuple[str, int, int]] = (),
     followers: int = 0,
 ) -> None:
+    """Send one REQUEST part; ``budget_ns`` is the time left for it (0: no deadline, negative: spent)."""
     env = pb.Envelope(
-        kind=pb.REQUEST, request_id=request_id, model=model, sender=sender, deadline_ns=deadline_ns, followers=followers
+        kind=pb.REQUEST, request_id=request_id, model=model, sender=sender, budget_ns=budget_ns, followers=followers
     )
     for name, start, end in spans:
         env.spans.add(name=name, start_ns=start, end_ns=end)
@@ -249,5 +222,6 @@ def send_part(
         pytest.fail(f"could not send request {request_id} within {SEND_TIMEOUT_MS} ms: is the worker up?")
 
 
-def deadline_in(seconds: float) -> int:
-    return time.time_ns() + int(seconds * 1e9)
+def budget_of(seconds: float) -> int:
+    """The ``budget_ns`` of a request with ``seconds`` left."""
+    return int(seconds * 1e9)

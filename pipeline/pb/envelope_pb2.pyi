@@ -78,12 +78,11 @@ class Heartbeat(_message.Message):
     def __init__(self, process: _Optional[str] = ..., ready: _Optional[bool] = ..., pid: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., host: _Optional[str] = ..., stats: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("version", "kind", "request_id", "model", "deadline_ns", "sender", "tensors", "error", "spans", "heartbeat", "sent_ns", "attempt", "followers")
+    __slots__ = ("version", "kind", "request_id", "model", "sender", "tensors", "error", "spans", "heartbeat", "sent_ns", "attempt", "followers", "budget_ns")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    DEADLINE_NS_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -92,11 +91,11 @@ class Envelope(_message.Message):
     SENT_NS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     FOLLOWERS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_NS_FIELD_NUMBER: _ClassVar[int]
     version: int
     kind: Kind
     request_id: int
     model: str
-    deadline_ns: int
     sender: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
     error: Error
@@ -105,4 +104,5 @@ class Envelope(_message.Message):
     sent_ns: int
     attempt: int
     followers: int
-    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., request_id: _Optional[int] = ..., model: _Optional[str] = ..., deadline_ns: _Optional[int] = ..., sender: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., sent_ns: _Optional[int] = ..., attempt: _Optional[int] = ..., followers: _Optional[int] = ...) -> None: ...
+    budget_ns: int
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., request_id: _Optional[int] = ..., model: _Optional[str] = ..., sender: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., sent_ns: _Optional[int] = ..., attempt: _Optional[int] = ..., followers: _Optional[int] = ..., budget_ns: _Optional[int] = ...) -> None: ...

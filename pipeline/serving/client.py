@@ -48,7 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--random", action="store_true", help="random inputs (the default when --input is absent)")
     parser.add_argument("--batch", type=int, default=1, help="batch size of random inputs (default 1)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
-    parser.add_argument("--timing", action="store_true", help="ask for the pipeline's timing spans and print them")
+    parser.add_argument(
+        "--timing",
+        action="store_true",
+        help="ask for the pipeline's timing spans and print them (across hosts, only as good as their clocks)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of random inputs (default 0)")
     env = os.environ.get
     parser.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's roots unless --tls-ca")
@@ -127,6 +131,10 @@ def infer(stub: kpb_grpc.GRPCInferenceServiceStub, args: argparse.Namespace, out
         for span in timing["spans"]:
             print(f"  span {span['name']}: {span['duration_ns'] / 1e6:.3f} ms", file=out)
         print(f"  total in the ingress: {timing['total_ns'] / 1e6:.3f} ms", file=out)
+        print(
+            "  (spans use each process's wall clock: a hop between two hosts includes the skew of their clocks)",
+            file=out,
+        )
     return 0
 
 

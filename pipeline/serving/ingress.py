@@ -76,6 +76,7 @@ from pipeline.serving import metrics as prom
 from pipeline.serving.pending import Liveness, PendingTable
 from pipeline.security import tls
 from pipeline.wire import codec, security, sockets
+from pipeline.wire import deadline as dl
 
 log = get_logger("pipeline.ingress")
 
@@ -451,14 +452,15 @@ class Ingress:
     # ----------------------------------------------------------------- infer
     async def infer(self, request: kpb.ModelInferRequest, time_remaining: float | None) -> kpb.ModelInferResponse:
         """Run one request through the pipeline; raise a :class:`PipelineError` for every failure."""
-        t0 = time.time_ns()
+        t0 = time.time_ns()  # wall clock, for spans and durations
+        started = dl.now_ns()  # monotonic, for the deadline
         rid = next(self._ids)
         code = grpc.StatusCode.INTERNAL  # until it ends otherwise (for the metrics)
         self.metrics.request_started(request.model_name)
         with bound_contextvars(request_id=rid):
             try:
                 decoded = kserve.decode_request(self.topology, request, self.config.max_batch_size)
-                response = await self._run(rid, request, decoded, t0, time_remaining)
+                response = await self._run(rid, request, decoded, t0, time_remaining, started)
                 code = grpc.StatusCode.OK
                 return response
             except PipelineError as exc:
@@ -481,6 +483,7 @@ class Ingress:
         decoded: kserve.DecodedRequest,
         t0: int,
         time_remaining: float | None,
+        started: int,
     ) -> kpb.ModelInferResponse:
         if self.closing:
             raise Unavailable("the ingress is shutting down")
@@ -493,7 +496,8 @@ class Ingress:
                 f"expected at most {self.table.capacity} requests in flight (max_inflight), received one more"
             )
         timeout_s = self.config.timeout_s if time_remaining is None else max(0.0, time_remaining)
-        deadline_ns = t0 + int(timeout_s * 1e9)
+        # on this host's monotonic clock; each message carries what is left of it (pipeline.wire.deadline)
+        deadline_ns = dl.deadline_after(timeout_s, started)
         t_decoded = time.time_ns()
         for attempt in itertools.count():
             try:
@@ -533,7 +537,7 @@ class Ingress:
         try:
             await self._send(rid, decoded, deadline_ns)
             t_sent = time.time_ns()
-            remaining = (deadline_ns - t_sent) / 1e9
+            remaining = (deadline_ns - dl.now_ns()) / 1e9
             try:
                 return await asyncio.wait_for(future, timeout=max(0.0, remaining)), t_sent
             except TimeoutError:
@@ -548,7 +552,7 @@ class Ingress:
     async def _wait_up(self, deadline_ns: int) -> bool:
         """Wait until every shard is up again; False when the deadline (or shutdown) comes first."""
         period = min(0.05, self.config.heartbeat_interval_s / 4)
-        while not self.closing and time.time_ns() + period * 1e9 < deadline_ns:
+        while not self.closing and dl.now_ns() + period * 1e9 < deadline_ns:
             if self.liveness.all_up():
                 return True
             await asyncio.sleep(period)
@@ -560,7 +564,7 @@ class Ingress:
                 kind=pb.REQUEST,
                 request_id=rid,
                 model=self.topology.name,
-                deadline_ns=deadline_ns,
+                budget_ns=dl.budget(deadline_ns, dl.now_ns()),
                 sender=topo.INGRESS,
                 sent_ns=time.time_ns(),
             )

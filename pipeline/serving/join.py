@@ -4,7 +4,8 @@ A shard whose inputs come from several producers (``Topology.producers``)
 receives one message per producer for each request. The buffer holds the
 parts, keyed by request id, until every input tensor has arrived, then hands
 the whole request back as :class:`Ready`. Pure logic: no sockets, no clocks
-(the caller passes ``now_ns``), so it is tested directly.
+(the caller passes ``now_ns``, and deadlines on the same clock: the worker's
+monotonic one, see :mod:`pipeline.wire.deadline`), so it is tested directly.
 
 Bounds, all named: at most ``max_pending`` requests wait at once (a new one
 beyond that is refused, and the caller answers ``RESOURCE_EXHAUSTED``); every
@@ -31,7 +32,7 @@ from pipeline.log import get_logger
 
 #: requests waiting for parts at once, per worker.
 DEFAULT_MAX_PENDING = 1024
-#: how long a request whose envelope has no deadline (``deadline_ns == 0``) may wait for its parts.
+#: how long a request whose envelope has no deadline (``budget_ns == 0``) may wait for its parts.
 DEFAULT_PART_TIMEOUT_S = 30.0
 
 log = get_logger("pipeline.join")
@@ -62,7 +63,7 @@ class Ready:
 
     request_id: int
     model: str
-    deadline_ns: int  # as the envelopes carry it (0: none)
+    deadline_ns: int  # on the caller's clock (the worker's monotonic one, from the envelopes' budgets; 0: none)
     tensors: dict[str, Any]
     spans: tuple[Any, ...]  # the parts' spans, merged (duplicates removed), in arrival order
     first_ns: int  # arrival of the first part
@@ -82,7 +83,7 @@ class Outcome:
 @dataclass(slots=True)
 class _Pending:
     model: str
-    deadline_ns: int  # from the envelopes (0: none)
+    deadline_ns: int  # on the caller's clock, from the envelopes' budgets (0: none)
     expires_ns: int  # when ``expire`` drops it
     first_ns: int
     attempt: int

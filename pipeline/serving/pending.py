@@ -37,7 +37,7 @@ class Entry:
     future: asyncio.Future[Outcome]
     expected: set[str]
     batch_size: int
-    deadline_ns: int
+    deadline_ns: int  # time.monotonic_ns() of this process (pipeline.wire.deadline); 0: none
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     spans: list[pb.Span] = field(default_factory=list)
 
@@ -119,7 +119,7 @@ class PendingTable:
 
     def expired(self, now_ns: int | None = None) -> list[int]:
         """Ids whose deadline has passed (the caller ends them)."""
-        now_ns = time.time_ns() if now_ns is None else now_ns
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
         return [rid for rid, e in self._entries.items() if e.deadline_ns and e.deadline_ns <= now_ns]
 
 

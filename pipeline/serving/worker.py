@@ -70,6 +70,7 @@ from pipeline.serving.runtime import (
     quiet_tensorflow,
 )
 from pipeline.wire import codec, security, sockets
+from pipeline.wire import deadline as dl
 
 EXIT_OK = 0
 #: time to finish held work after SIGTERM; honcho kills at 5 s, and the process needs some to exit.
@@ -296,7 +297,7 @@ class _Done:
     requests: list[Ready]
     outputs: list[dict[str, Any] | None]
     errors: list[PipelineError | None]
-    start_ns: int
+    start_ns: int  # monotonic (``dl.now_ns``), like ``Ready.first_ns``
     end_ns: int
     rows: int
     traces: int
@@ -358,7 +359,7 @@ class _ComputeThread(threading.Thread):
     def run_batch(self, requests: list[Ready]) -> _Done:
         """Compute one batch; the network loop calls this itself for short batches (see _inline_ok)."""
         sizes = [batching.rows(r.tensors) for r in requests]
-        start = time.time_ns()
+        start = dl.now_ns()  # monotonic, like every time in the loop; spans are made wall-clock when sent
         outputs: list[dict[str, Any] | None]
         errors: list[PipelineError | None]
         try:
@@ -382,7 +383,7 @@ class _ComputeThread(threading.Thread):
             outputs=outputs,
             errors=errors,
             start_ns=start,
-            end_ns=time.time_ns(),
+            end_ns=dl.now_ns(),
             rows=sum(sizes),
             traces=self.traces,
         )
@@ -512,7 +513,7 @@ class Worker:
 
     # -------------------------------------------------------------- one turn
     def _turn(self) -> None:
-        events = dict(self.poller.poll(self._poll_timeout_ms(time.time_ns())))
+        events = dict(self.poller.poll(self._poll_timeout_ms(dl.now_ns())))
         if self._wake_r in events:
             self._drain_wake_pipe()
         if self.compute.failure is not None:
@@ -521,10 +522,10 @@ class Worker:
         self._collect_done()
         if self.pull in events:
             self._read_messages()
-        now = time.time_ns()
+        now = dl.now_ns()
         self._sweep(now)
         self._dispatch(now)
-        self._maybe_heartbeat(time.time_ns())
+        self._maybe_heartbeat(dl.now_ns())
 
     def _poll_timeout_ms(self, now: int) -> int:
         wait_ns = [self._next_heartbeat_ns - now, (BACKLOG_RETRY_MS if self._error_backlog else MAX_POLL_MS) * 1_000_000]
@@ -577,9 +578,10 @@ class Worker:
                 return
             self.stats.messages_in += 1
             if message is not None:
-                self._on_message(message, time.time_ns())
+                self._on_message(message, dl.now_ns())
 
     def _on_message(self, message: codec.Message, now: int) -> None:
+        """Take one received message; ``now`` is monotonic (``dl.now_ns``), like the deadlines it makes."""
         env = message.envelope
         if env.kind != pb.REQUEST:
             self.drops.inc("unexpected_kind")
@@ -593,14 +595,15 @@ class Worker:
             if env.sender not in self._followers:
                 self._followers = {k: v for k, v in self._followers.items() if v[1] > now}
             self._followers[env.sender] = (min(env.followers, self.batcher.max_batch), now + self.batcher.max_delay_ns)
-        if env.sent_ns:
-            spans.append(pb.Span(name=f"{env.sender or '?'}->{self.name}.hop", start_ns=env.sent_ns, end_ns=now))
-            self.metrics.hopped(env.sender, now - env.sent_ns)
+        if env.sent_ns:  # wall clocks of two processes: across hosts, off by their clocks' skew
+            received = time.time_ns()
+            spans.append(pb.Span(name=f"{env.sender or '?'}->{self.name}.hop", start_ns=env.sent_ns, end_ns=received))
+            self.metrics.hopped(env.sender, received - env.sent_ns)
         outcome = self.join.add(
             rid,
             message.tensors,
             now_ns=now,
-            deadline_ns=env.deadline_ns,
+            deadline_ns=dl.deadline(env.budget_ns, now),  # the sender's budget, on this host's monotonic clock
             sender=env.sender,
             model=env.model,
             spans=spans,
@@ -657,7 +660,7 @@ class Worker:
             self._fail(rid, self.model, grpc.StatusCode.DEADLINE_EXCEEDED, f"shard {self.name!r}: deadline passed while waiting for the other parts of the request")
         if now >= self._next_sweep_ns:
             self._next_sweep_ns = now + SWEEP_INTERVAL_NS
-            for r in self.batcher.drop(lambda r: bool(r.deadline_ns) and r.deadline_ns <= now):
+            for r in self.batcher.drop(lambda r: dl.expired(r.deadline_ns, now)):
                 self._fail_deadline(r)
 
     def _fail_deadline(self, r: Ready) -> None:
@@ -680,7 +683,7 @@ class Worker:
                 return
             live = []
             for r in batch:
-                if r.deadline_ns and r.deadline_ns <= now:
+                if dl.expired(r.deadline_ns, now):
                     self._fail_deadline(r)
                 else:
                     live.append(r)
@@ -787,10 +790,11 @@ class Worker:
     def _send_outputs(
         self, r: Ready, outputs: Mapping[str, Any], start_ns: int, end_ns: int, *, followers: int = 0
     ) -> None:
+        queued_ns, start_wall, end_wall = dl.wall_ns(r.first_ns), dl.wall_ns(start_ns), dl.wall_ns(end_ns)
         spans = [
             *r.spans,
-            pb.Span(name=f"{self.name}.queue", start_ns=r.first_ns, end_ns=start_ns),
-            pb.Span(name=f"{self.name}.compute", start_ns=start_ns, end_ns=end_ns),
+            pb.Span(name=f"{self.name}.queue", start_ns=queued_ns, end_ns=start_wall),
+            pb.Span(name=f"{self.name}.compute", start_ns=start_wall, end_ns=end_wall),
         ]
         for consumer, names in self.routes.items():
             kind = pb.RESULT if consumer == topo.INGRESS else pb.REQUEST
@@ -798,12 +802,12 @@ class Worker:
                 kind=kind,
                 request_id=r.request_id,
                 model=r.model or self.model,
-                deadline_ns=r.deadline_ns,
                 sender=self.name,
                 attempt=r.attempt,
                 followers=followers if kind == pb.REQUEST else 0,
             )
             env.spans.extend(spans)
+            env.budget_ns = dl.budget(r.deadline_ns, dl.now_ns())  # what is left of it, as the next hop's budget
             env.sent_ns = time.time_ns()
             try:
                 codec.send(self.push[consumer], env, {n: outputs[n] for n in names}, flags=zmq.NOBLOCK)
@@ -848,7 +852,7 @@ class Worker:
 
     # -------------------------------------------------------------- shutdown
     def _drain(self) -> None:
-        started = time.time_ns()
+        started = dl.now_ns()
         self._draining_deadline_ns = started + int(self.config.drain_timeout_s * 1e9)
         log.info("worker_stopping", shard=self.name, pending_joins=len(self.join), queued=len(self.batcher), in_flight=len(self._in_flight))
         # 1. stop intake; answer what is already queued in the socket
@@ -870,19 +874,19 @@ class Worker:
             self._fail(rid, self.model, grpc.StatusCode.UNAVAILABLE, f"shard {self.name!r} is stopping")
         # 3. finish held work within the budget
         self._draining = True
-        while (self.batcher or self._in_flight) and self.compute.ready.is_set() and time.time_ns() < self._draining_deadline_ns:
-            now = time.time_ns()
+        while (self.batcher or self._in_flight) and self.compute.ready.is_set() and dl.now_ns() < self._draining_deadline_ns:
+            now = dl.now_ns()
             wait_ms = max(0, min(self._draining_deadline_ns - now, self._next_heartbeat_ns - now) // 1_000_000) + 1
             events = dict(self.poller.poll(min(wait_ms, MAX_POLL_MS)))
             if self._wake_r in events:
                 self._drain_wake_pipe()
             self._collect_done()
-            self._dispatch(time.time_ns())
-            self._maybe_heartbeat(time.time_ns())
+            self._dispatch(dl.now_ns())
+            self._maybe_heartbeat(dl.now_ns())
         # 4. what is left
         for r in [*self._in_flight, *self.batcher.clear()]:
             self._fail(r.request_id, r.model, grpc.StatusCode.UNAVAILABLE, f"shard {self.name!r} stopped before computing it")
-        while self._error_backlog and time.time_ns() < self._draining_deadline_ns:
+        while self._error_backlog and dl.now_ns() < self._draining_deadline_ns:
             time.sleep(BACKLOG_RETRY_MS / 1000)
             self._flush_errors()
         if self._error_backlog:
@@ -893,7 +897,7 @@ class Worker:
         except queue.Full:
             pass
         self.compute.join(COMPUTE_JOIN_TIMEOUT_S)
-        log.info("worker_stopped", shard=self.name, drain_ms=round((time.time_ns() - started) / 1e6, 1))
+        log.info("worker_stopped", shard=self.name, drain_ms=round((dl.now_ns() - started) / 1e6, 1))
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:

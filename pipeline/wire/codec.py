@@ -28,7 +28,8 @@ from pipeline.log import get_logger
 from pipeline.pb import envelope_pb2 as pb
 from pipeline.topology import DTYPES
 
-WIRE_VERSION = 1
+#: 2: deadlines travel as the remaining budget (``budget_ns``), no longer as an absolute time (``deadline_ns``).
+WIRE_VERSION = 2
 
 #: numpy dtype objects for the whitelisted dtype names.
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {

@@ -179,7 +179,7 @@ def _intruder(ctx: zmq.Context, endpoint: str, pair: security.KeyPair | None, se
 
 
 def _forged(kind: int, rid: int, sender: str, tensors: dict[str, np.ndarray]) -> list[object]:
-    env = pb.Envelope(kind=kind, request_id=rid, model="chain", sender=sender, deadline_ns=time.time_ns() + 60_000_000_000)
+    env = pb.Envelope(kind=kind, request_id=rid, model="chain", sender=sender, budget_ns=60_000_000_000)
     return codec.encode(env, tensors)
 
 

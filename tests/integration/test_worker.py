@@ -38,7 +38,7 @@ from helpers_worker import (  # noqa: E402
     WORKER_START_TIMEOUT_S,
     FakeIngress,
     WorkerProcess,
-    deadline_in,
+    budget_of,
     pusher,
     send_part,
     start_worker,
@@ -443,7 +443,7 @@ def test_malformed_messages_are_dropped_counted_and_the_worker_goes_on(fleet: Fl
 def test_request_past_its_deadline_is_not_computed(fleet: Fleet) -> None:
     before = fleet.stats("tiny", "s3")
     rid = next(ids)
-    send_part(fleet.push("tiny", "s3"), rid, {"x": np.ones((1, 4), np.float32)}, model="tiny", deadline_ns=time.time_ns() - 1)
+    send_part(fleet.push("tiny", "s3"), rid, {"x": np.ones((1, 4), np.float32)}, model="tiny", budget_ns=-1)
     error = fleet.ingress["tiny"].error(rid)
     assert error.code == code(grpc.StatusCode.DEADLINE_EXCEEDED) and error.origin == "s3"
     after = fleet.stats("tiny", "s3", lambda s: s["errors"] > before["errors"])
@@ -455,8 +455,8 @@ def test_join_parts_past_their_deadline_are_expired_and_the_buffer_empties(fleet
     fleet.stats("tiny", "s4", lambda s: s["pending_joins"] == 0)
     rids = [next(ids) for _ in range(5)]
     for rid in rids:  # only a and d: c:0 never comes
-        send_part(push, rid, {"a": np.ones((1, 4), np.float32)}, model="tiny", sender="s1", deadline_ns=deadline_in(1.5))
-        send_part(push, rid, {"d": np.ones((1, 4), np.float32)}, model="tiny", sender="s3", deadline_ns=deadline_in(1.5))
+        send_part(push, rid, {"a": np.ones((1, 4), np.float32)}, model="tiny", sender="s1", budget_ns=budget_of(1.5))
+        send_part(push, rid, {"d": np.ones((1, 4), np.float32)}, model="tiny", sender="s3", budget_ns=budget_of(1.5))
     fleet.stats("tiny", "s4", lambda s: s["pending_joins"] == 5)
     for rid in rids:
         error = fleet.ingress["tiny"].error(rid, timeout_s=5)
@@ -469,7 +469,7 @@ def test_a_full_join_buffer_refuses_new_requests(fleet: Fleet) -> None:
     fleet.stats("tiny", "s4", lambda s: s["pending_joins"] == 0)
     rids = [next(ids) for _ in range(S4_MAX_PENDING + 10)]
     for rid in rids:
-        send_part(push, rid, {"a": np.ones((1, 4), np.float32)}, model="tiny", sender="s1", deadline_ns=deadline_in(3.0))
+        send_part(push, rid, {"a": np.ones((1, 4), np.float32)}, model="tiny", sender="s1", budget_ns=budget_of(3.0))
     codes = [fleet.ingress["tiny"].error(rid, timeout_s=10).code for rid in rids]
     assert codes.count(code(grpc.StatusCode.RESOURCE_EXHAUSTED)) == 10
     assert codes.count(code(grpc.StatusCode.DEADLINE_EXCEEDED)) == S4_MAX_PENDING
@@ -485,7 +485,7 @@ def test_worker_memory_returns_to_base_after_a_burst_of_incomplete_requests(flee
     part = np.ones((rows, 4), np.float32)
     rids = [next(ids) for _ in range(burst)]
     for rid in rids:
-        send_part(push, rid, {"a": part}, model="tiny", sender="s1", deadline_ns=deadline_in(4.0))
+        send_part(push, rid, {"a": part}, model="tiny", sender="s1", budget_ns=budget_of(4.0))
     full = fleet.ingress["tiny"].heartbeat("s4", lambda hb: hb.stats["pending_joins"] == burst, timeout_s=10)
     assert full.rss_bytes > base + burst * part.nbytes * 0.6, (base, full.rss_bytes)  # the burst is visible
     for rid in rids:
@@ -550,7 +550,7 @@ def test_signal_stops_the_worker_cleanly_within_3_s(fleet: Fleet, shard: str, si
     last = fleet.ingress["solo"].wait(lambda: fleet.ingress["solo"].latest(shard), 1, "a heartbeat")
     fleet.ingress["solo"].wait(lambda: not fleet.ingress["solo"].latest(shard).ready, 2, f"a last heartbeat from {shard} with ready=false")
     assert last is not None
-    assert "worker_stopped" in worker.log_text()
+    assert "worker_stopped" in worker.text()
 
 
 # ------------------------------------------------------------------- runtime, in process

@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import pytest
 
+from pipeline import process
 from pipeline import topology as topo
 from pipeline.pb import admin_pb2 as apb
 from pipeline.pb import admin_pb2_grpc as apb_grpc
@@ -94,63 +95,26 @@ def join_topology(directory: Path, sock_dir: str | None = None) -> Path:
 
 
 # ------------------------------------------------------------------- processes
-@dataclasses.dataclass
-class Proc:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, chars: int = 4000) -> str:
-        return f"--- {self.name} ({self.log_path}) ---\n{self.text()[-chars:]}"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+#: a started process (the one launcher of ``pipeline.process``).
+Proc = process.Process
 
 
-def start(name: str, argv: Sequence[str], log_dir: Path, *, group: bool = False) -> Proc:
+def start(name: str, argv: Sequence[str], log_dir: Path, *, group: bool = False, netns: str | None = None) -> Proc:
     """Start a process with its output in a log file (``group``: in its own process group, e.g. honcho)."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=env(), cwd=ROOT, start_new_session=group)
-    return Proc(name, proc, log_path)
+    return process.start(name, argv, log_dir, env=env(), cwd=ROOT, group=group, netns=netns)
 
 
 def start_ingress(directory: Path, log_dir: Path, *extra: str) -> Proc:
-    return start("ingress", [sys.executable, "-m", "pipeline.cli", "ingress", str(directory), "--address", "127.0.0.1:0", *extra], log_dir)
+    return start("ingress", process.pipeline_command("ingress", str(directory), "--address", "127.0.0.1:0", *extra), log_dir)
 
 
 def start_worker(directory: Path, shard: str, log_dir: Path, *extra: str) -> Proc:
-    return start(shard, [sys.executable, "-m", "pipeline.cli", "worker", str(directory), "--shard", shard, *extra], log_dir)
+    return start(shard, process.pipeline_command("worker", str(directory), "--shard", shard, *extra), log_dir)
 
 
 def stop(p: Proc | None, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
     """Signal a process (its whole group when it leads one), then SIGKILL after ``timeout_s``."""
-    if p is None:
-        return None
-    proc = p.proc
-    group = os.getpgid(proc.pid) == proc.pid if proc.poll() is None else False
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
-    return proc.returncode
+    return None if p is None else p.stop(sig, timeout_s)
 
 
 def grpc_port(p: Proc, timeout_s: float = START_TIMEOUT_S) -> int:

@@ -64,11 +64,11 @@ headers = st.builds(
 def structured(draw: st.DrawFn) -> list[bytes]:
     """An envelope that parses, with headers and frames that may or may not agree."""
     env = pb.Envelope(
-        version=draw(st.sampled_from([codec.WIRE_VERSION, codec.WIRE_VERSION, 0, 2, 2**32 - 1])),
+        version=draw(st.sampled_from([codec.WIRE_VERSION, codec.WIRE_VERSION, 0, 1, 3, 2**32 - 1])),
         kind=draw(st.sampled_from([pb.REQUEST, pb.RESULT, pb.ERROR, pb.HEARTBEAT, pb.KIND_UNSPECIFIED, 99])),
         request_id=draw(st.integers(0, 2**64 - 1)),
         model=draw(st.text(max_size=8)),
-        deadline_ns=draw(INT64),
+        budget_ns=draw(INT64),
         sender=draw(st.text(max_size=8)),
     )
     env.tensors.extend(draw(st.lists(headers, max_size=4)))

@@ -90,8 +90,8 @@ class FakePush:
         self.closed = True
 
 
-def part(sender: str, rid: int, deadline_ns: int, good: bool) -> list[bytes]:
-    env = pb.Envelope(kind=pb.REQUEST, request_id=rid, model="fuzz", sender=sender, deadline_ns=deadline_ns)
+def part(sender: str, rid: int, budget_ns: int, good: bool) -> list[bytes]:
+    env = pb.Envelope(kind=pb.REQUEST, request_id=rid, model="fuzz", sender=sender, budget_ns=budget_ns)
     if sender == "p":
         tensors = {"a": np.ones((2, 2), np.float32) if good else np.ones((2, 5), np.float64)}
     else:
@@ -104,9 +104,8 @@ def messages(draw: st.DrawFn) -> list[bytes]:
     kind = draw(st.sampled_from(["part", "part", "part", "raw", "mutated", "other_kind"]))
     if kind == "raw":
         return draw(st.lists(st.binary(max_size=64), max_size=4))
-    now = time.time_ns()
-    deadline = draw(st.sampled_from([0, now - 1_000_000, now + 60_000_000_000]))
-    frames = part(draw(st.sampled_from(["p", "q"])), draw(st.integers(0, 6)), deadline, draw(st.booleans()))
+    budget = draw(st.sampled_from([0, -1_000_000, 60_000_000_000]))  # none, spent, 60 s
+    frames = part(draw(st.sampled_from(["p", "q"])), draw(st.integers(0, 6)), budget, draw(st.booleans()))
     if kind == "other_kind":
         env = pb.Envelope.FromString(frames[0])
         env.kind = draw(st.sampled_from([pb.RESULT, pb.ERROR, pb.HEARTBEAT, 77]))
@@ -152,7 +151,7 @@ def test_any_messages_are_joined_or_counted_and_the_loop_never_raises(turns: lis
                 if exc is not None and exc.envelope is not None and exc.envelope.kind == pb.REQUEST:
                     must_answer.add(exc.envelope.request_id)
             worker._read_messages()  # the loop body under test: must not raise
-            worker._sweep(time.time_ns())
+            worker._sweep(time.monotonic_ns())
             assert len(worker.join) <= MAX_PENDING
         assert not pull.queue
         assert worker.stats.messages_in == fed
@@ -163,8 +162,8 @@ def test_any_messages_are_joined_or_counted_and_the_loop_never_raises(turns: lis
         answers = [codec.decode(m) for m in ingress.sent]
         assert all(a.envelope.kind == pb.ERROR and a.envelope.error.code for a in answers)
         assert must_answer <= {a.envelope.request_id for a in answers}
-        # nothing is held past the deadlines: a flipped envelope byte can push a deadline anywhere up to
-        # the int64 limit (a drawn one is 60 s away; without one, part_timeout_s applies)
+        # nothing is held past the deadlines: a flipped envelope byte can make any budget, and budgets are
+        # capped at 2**62 ns (a drawn one is 60 s; without one, part_timeout_s applies)
         worker._sweep(2**63 - 1)
         assert len(worker.join) == 0
     finally:
@@ -177,7 +176,7 @@ def test_batch_announcements_wait_at_most_max_delay_and_any_sender_names_cannot_
     worker.pull, worker.push = FakePull(), {topo.INGRESS: FakePush()}  # type: ignore[assignment]
     delay = worker.batcher.max_delay_ns
     try:
-        now = time.time_ns()
+        now = time.monotonic_ns()
 
         def announce(sender: str, followers: int, at: int) -> None:
             env = pb.Envelope(kind=pb.REQUEST, request_id=at, model="fuzz", sender=sender, followers=followers)
@@ -223,7 +222,7 @@ def test_errors_wait_in_order_for_room_toward_the_ingress_and_the_wait_is_bounde
         for rid in range(35):
             worker._fail(rid, "fuzz", grpc.StatusCode.DEADLINE_EXCEEDED, f"expired {rid}")
         assert not ingress.sent and worker.stats_snapshot()["error_backlog"] == 30  # 5 beyond the bound dropped
-        assert worker._poll_timeout_ms(time.time_ns()) <= worker_mod.BACKLOG_RETRY_MS  # the loop comes back soon
+        assert worker._poll_timeout_ms(time.monotonic_ns()) <= worker_mod.BACKLOG_RETRY_MS  # the loop comes back soon
         ingress.clogged = False
         worker._flush_errors()
         answers = [codec.decode(m).envelope for m in ingress.sent]
