@@ -114,6 +114,28 @@ class ShardSpec:
 
 
 @dataclass(frozen=True)
+class ProcessSpec:
+    """Shards served by one worker process (one thread each, joined by ``inproc://``; see :mod:`pipeline.colocation`).
+
+    ``threads`` sizes the process's TensorFlow intra-op pool, shared by its shards (0: the default).
+    """
+
+    name: str
+    shards: tuple[str, ...]
+    threads: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name, "shards": list(self.shards)}
+        if self.threads:
+            data["threads"] = self.threads
+        return data
+
+
+#: ``processes: per-shard`` (or no ``processes`` key): one worker process per shard.
+PER_SHARD = "per-shard"
+
+
+@dataclass(frozen=True)
 class IngressSpec:
     grpc: str
     results: str
@@ -138,6 +160,8 @@ class Topology:
     security: str = "none"
     heartbeat_interval_s: float = 0.5
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: worker processes and their shards; empty: one process per shard (``processes: per-shard``)
+    processes: tuple[ProcessSpec, ...] = ()
 
     # ----------------------------------------------------------------- lookups
     def shard(self, name: str) -> ShardSpec:
@@ -255,6 +279,8 @@ class Topology:
             ],
             "tensors": {name: {"dtype": t.dtype, "shape": list(t.shape)} for name, t in self.tensors.items()},
         }
+        if self.processes:
+            data["processes"] = [p.to_dict() for p in self.processes]
         data.update(self.extra)
         return data
 
@@ -282,6 +308,7 @@ _KNOWN_KEYS = {
     "ingress",
     "shards",
     "tensors",
+    "processes",
 }
 
 
@@ -374,6 +401,7 @@ def from_dict(data: Mapping[str, Any], *, directory: Path, where: str = TOPOLOGY
         security=str(data.get("security", "none")),
         heartbeat_interval_s=float(data.get("heartbeat_interval_s", 0.5)),
         extra=extra,
+        processes=_processes_from(data.get("processes"), where),
     )
 
 
@@ -464,6 +492,28 @@ def validate(topology: Topology, *, check_files: bool = True) -> None:
             raise TopologyError(
                 f"{where}: shard {shard.name!r} batching {shard.batching}; expected max_batch >= 1 and max_delay_ms >= 0"
             )
+    from pipeline import colocation  # the processes section (its own module; it imports this one)
+
+    colocation.validate(t, where)
+
+
+def _processes_from(raw: Any, where: str) -> tuple[ProcessSpec, ...]:
+    """``processes:``: absent or ``per-shard`` -> ``()``; else a list of ``{name, shards, threads?}``."""
+    if raw is None or raw == PER_SHARD:
+        return ()
+    if not isinstance(raw, list):
+        raise TopologyError(f"{where}: 'processes' should be {PER_SHARD!r} or a list of {{name, shards}}, received {raw!r}")
+    out = []
+    for i, p in enumerate(raw):
+        pwhere = f"{where} processes[{i}]"
+        if not isinstance(p, dict):
+            raise TopologyError(f"{pwhere}: expected a mapping with name and shards, received {p!r}")
+        shards = _require(p, "shards", list, pwhere)
+        threads = p.get("threads", 0)
+        if not isinstance(threads, int) or threads < 0:
+            raise TopologyError(f"{pwhere} ({p.get('name')!r}): threads is {threads!r}; expected an integer >= 1 (or absent)")
+        out.append(ProcessSpec(name=_require(p, "name", str, pwhere), shards=tuple(map(str, shards)), threads=threads))
+    return tuple(out)
 
 
 # ------------------------------------------------------------------ endpoints

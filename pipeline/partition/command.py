@@ -60,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slack", type=float, default=DEFAULT_SLACK, help="balance slack the planner may trade for fewer bytes")
     p.add_argument("--unsafe", action="store_true", help="allow models that need unsafe deserialization (Lambda layers)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--colocate",
+        action="store_true",
+        help="run the shards of each host in one process (threads joined by inproc://; topology 'processes' section)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the exactness check at the end")
     p.add_argument("--list-ops", action="store_true", help="print every operation (the names --cut takes) and exit")
 
@@ -108,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         plan_batch=args.plan_batch,
         slack=args.slack,
         force=args.force,
+        colocate=args.colocate,
         verify=not args.no_verify,
         unsafe=args.unsafe,
     )
@@ -147,6 +153,7 @@ def partition(
     plan_batch: int | None = None,
     slack: float = DEFAULT_SLACK,
     force: bool = False,
+    colocate: bool = False,
     verify: bool = True,
     unsafe: bool = False,
 ) -> PartitionResult:
@@ -250,6 +257,10 @@ def partition(
                 },
             },
         )
+        if colocate:  # a cluster file should default to this (pipeline.colocation.colocate, one process per host)
+            from pipeline import colocation
+
+            topology = colocation.colocate(topology)
         topology.write(tmp)
         if verify:
             from pipeline.partition.verify import verify_directory
