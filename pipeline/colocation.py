@@ -185,6 +185,16 @@ def validate(t: topo.Topology, where: str = topo.TOPOLOGY_FILE) -> None:
             )
 
 
+def worker_threads(t: topo.Topology) -> int:
+    """The intra-op threads the workers' processes run with by default: 0 for one process per shard (the worker's
+    own default), else the largest pool of a grouped process (``threads``, or one per CPU). A reference computed
+    with this count matches the co-located shards bitwise, one request at a time."""
+    import os
+
+    pools = [p.threads or len(os.sched_getaffinity(0)) for p in t.processes if len(p.shards) > 1]
+    return max(pools, default=0)
+
+
 def describe(t: topo.Topology) -> Mapping[str, tuple[str, ...]]:
     """Process name -> its shards (for ``pipeline show`` and logs)."""
     return {p.name: p.shards for p in groups(t)}
