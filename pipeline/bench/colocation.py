@@ -226,6 +226,7 @@ def bench_colocation(source: topo.Topology, work: Path, logs: Path, requests: in
         runs["triton"].append(tri)
         if "skipped" in tri:
             break
+    out["overlap"] = [overlap_in_subprocess(source.directory, n) for n in sorted({1, threads or cpus})]
     out["local"] = local_reference(source, requests)
     for name, rows in runs.items():
         good = [row for row in rows if "skipped" not in row]
@@ -271,4 +272,90 @@ def render(c: dict[str, Any]) -> list[str]:
             text += f"  errors {row['errors']}"
         lines.append(text)
     lines.append("  (local: no server, its rate at its best batch; RSS of local: the bench process itself)")
+    for o in c.get("overlap", []):
+        if "skipped" in o:
+            lines.append(f"  overlap: skipped ({o['skipped'][:200]})")
+            continue
+        lines.append(
+            f"  overlap of the {c['shards']} shards on threads of one process, {o['threads']} intra-op thread(s): "
+            f"{o['work']:.2f} shards' worth of work at once (1.00: they only take turns)"
+        )
     return lines
+
+
+# ------------------------------------------------------------------ overlap of shards in one process
+def overlap(directory: Path, threads: int, seconds: float = 4.0) -> dict[str, Any]:
+    """How much the shards of one process compute at once: each shard alone, then all on threads together.
+
+    ``work`` is the sum over shards of (calls per second together / calls per second alone): 1.0 means the
+    shards only took turns (no overlap), N means N shards' worth of work got done at once. Run it in a
+    process of its own (``python -m pipeline.bench.colocation DIR --threads N``): TensorFlow's pools are
+    sized once per process.
+    """
+    import threading
+
+    from pipeline.serving.runtime import ShardRuntime, configure_tensorflow, zeros_like_spec
+
+    configure_tensorflow(threads, 1)
+    t = topo.load(directory)
+    runtimes = [ShardRuntime.load(t, s.name) for s in t.shards]
+    for r in runtimes:
+        r.warm_up(2, 1)
+    rng = np.random.default_rng(0)
+    inputs = [{n: rng.standard_normal(zeros_like_spec(s).shape).astype(np.float32) for n, s in r.input_specs.items()} for r in runtimes]
+
+    def loop(r: ShardRuntime, x: dict[str, np.ndarray], out: list[float]) -> None:
+        n, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            r(x)
+            n += 1
+        out.append(n / seconds)
+
+    alone = []
+    for r, x in zip(runtimes, inputs):
+        o: list[float] = []
+        loop(r, x, o)
+        alone.append(o[0])
+    outs: list[list[float]] = [[] for _ in runtimes]
+    threads_ = [threading.Thread(target=loop, args=(r, x, o)) for r, x, o in zip(runtimes, inputs, outs)]
+    for th in threads_:
+        th.start()
+    for th in threads_:
+        th.join()
+    together = [o[0] for o in outs]
+    return {
+        "threads": threads,
+        "alone_per_s": alone,
+        "together_per_s": together,
+        "work": sum(c / a for c, a in zip(together, alone)),
+    }
+
+
+def overlap_in_subprocess(directory: Path, threads: int) -> dict[str, Any]:
+    import json
+
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench.colocation", str(directory), "--threads", str(threads)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )  # fmt: skip
+    if r.returncode != 0:
+        return {"skipped": f"overlap run failed: {r.stderr[-500:]}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.bench.colocation DIR --threads N``: print the overlap measurement as one JSON line."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="overlap of a topology's shards computing on threads of one process")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--seconds", type=float, default=4.0)
+    args = p.parse_args(argv)
+    print(json.dumps(overlap(args.directory, args.threads, args.seconds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

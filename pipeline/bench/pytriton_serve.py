@@ -53,7 +53,15 @@ def main(argv: list[str]) -> int:
             result = next(iter(result.values()))
         return {out_name: result.numpy()}
 
-    config = TritonConfig(grpc_port=int(grpc_port), http_port=int(http_port), metrics_port=int(metrics_port), log_verbose=0)
+    config = TritonConfig(
+        grpc_address="127.0.0.1",
+        grpc_port=int(grpc_port),
+        http_address="127.0.0.1",
+        http_port=int(http_port),
+        metrics_address="127.0.0.1",
+        metrics_port=int(metrics_port),
+        log_verbose=0,
+    )
     with Triton(config=config) as triton:
         triton.bind(
             model_name=name,
