@@ -45,7 +45,8 @@ from helpers_worker import (  # noqa: E402
 from pipeline.pb import envelope_pb2 as pb  # noqa: E402
 from pipeline.topology import INGRESS, Batching, IngressSpec, ShardOutput, ShardSpec, TensorSpec, Topology  # noqa: E402
 
-LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
+#: Debian's libfaketime (package faketime), the multi-threaded variant (a worker runs several threads).
+LIBFAKETIME = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"))), Path("/usr/lib/faketime/libfaketimeMT.so.1"))
 SKEW_S = 30.0
 HEARTBEAT_S = 0.2
 #: the budget of a request whose second part never comes: long enough to see it held, far shorter than the skew.
