@@ -68,6 +68,25 @@ def channel_credentials(
     )
 
 
+def open_aio_channel(
+    target: str,
+    options: Sequence[tuple[str, Any]] = (),
+    *,
+    tls: bool = False,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    server_name: str | None = None,
+) -> grpc.aio.Channel:
+    """:func:`open_channel` for asyncio clients (``pipeline soak``)."""
+    options = list(options)
+    if not (tls or ca or cert or key):
+        return grpc.aio.insecure_channel(target, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.aio.secure_channel(target, channel_credentials(ca, cert, key), options=options)
+
+
 def open_channel(
     target: str,
     options: Sequence[tuple[str, Any]] = (),

@@ -58,6 +58,7 @@ from pipeline.pb import admin_pb2 as apb
 from pipeline.pb import admin_pb2_grpc as apb_grpc
 from pipeline.pb import grpc_service_pb2 as kpb
 from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc
+from pipeline.security import tls
 from pipeline.serving import kserve
 from pipeline.soak import replay as replay_mod
 from pipeline.wire.codec import dtype_name
@@ -96,6 +97,10 @@ class SoakConfig:
     timeout_s: float = DEFAULT_TIMEOUT_S
     tolerance: float | None = None  # None: the replay's batching tolerance (else bitwise); 0: bitwise
     allow_input_independent: bool = False
+    tls: bool = False  # connect with TLS (implied by any of the three below)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     interval_s: float = DEFAULT_INTERVAL_S
     warmup_s: float = -1.0  # < 0: WARMUP_FRACTION of the duration, bounded
     max_rss_growth_mib: float = DEFAULT_MAX_RSS_GROWTH_MIB
@@ -308,7 +313,10 @@ class Soak:
     async def run(self) -> dict[str, Any]:
         cfg = self.config
         options = [("grpc.max_send_message_length", MESSAGE_BYTES), ("grpc.max_receive_message_length", MESSAGE_BYTES)]
-        async with grpc.aio.insecure_channel(cfg.target, options=options) as channel:
+        channel_cm = tls.open_aio_channel(
+            cfg.target, options, tls=cfg.tls, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key
+        )
+        async with channel_cm as channel:
             infer = kpb_grpc.GRPCInferenceServiceStub(channel)
             admin = apb_grpc.PipelineAdminStub(channel)
             await self._wait_ready(infer)
@@ -654,6 +662,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait-ready", type=float, default=DEFAULT_WAIT_READY_S, metavar="S", help=f"wait this long for the pipeline to be ready (default {DEFAULT_WAIT_READY_S:g})")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="write the JSON report here")
     p.add_argument("--chart", type=Path, metavar="FILE.png", help="write a PNG chart of latency, throughput and memory here")
+    p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's roots unless --tls-ca")
+    p.add_argument("--tls-ca", metavar="PEM", help="trust this CA (implies --tls)")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS (implies --tls)")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     progress = p.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_const", const=True, help="a progress bar even when not on a TTY")
     progress.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress output")
@@ -669,6 +681,10 @@ def config_from_args(args: argparse.Namespace) -> SoakConfig:
         timeout_s=args.timeout,
         tolerance=args.tolerance,
         allow_input_independent=args.allow_input_independent,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         interval_s=args.interval,
         warmup_s=args.warmup,
         max_rss_growth_mib=args.max_rss_growth,

@@ -212,3 +212,25 @@ def test_tls_settings_are_read_from_the_command_line_and_environment_and_checked
     bad = dataclasses.replace(config, address="127.0.0.1:0", tls_cert=str(not_pem), tls_client_ca="")
     with pytest.raises(UsageError, match="not a PEM file"):
         asyncio.run(ingress.create_server(toy, bad))
+
+
+def test_pipeline_soak_speaks_mutual_tls(toy: Topology, pki: Pki, tmp_path: Path) -> None:
+    """`pipeline soak --tls-ca/--tls-cert/--tls-key` checks answers over mutual TLS; without a client certificate nothing passes."""
+    from pipeline.soak import replay
+    from pipeline.soak import soak as soak_mod
+    from tests.helpers_ingress import toy_inputs
+
+    inputs = [toy_inputs(1, seed=i) for i in range(6)]
+    path = replay.write(
+        tmp_path / "toy.npz", "toy", [("x", "float32"), ("ids", "int64")], [("y", "float32")],
+        [replay.Request(x, toy_compute(x)) for x in inputs],
+    )  # fmt: skip
+    config = {"tls_cert": pki.server_cert, "tls_key": pki.server_key, "tls_client_ca": pki.ca}
+    with IngressThread(toy, **config) as ing, fake_workers(FakeWorker(toy, "s0", toy_compute)):
+        base = soak_mod.SoakConfig(target=ing.target, replay=path, duration_s=2.0, concurrency=2, interval_s=1.0, wait_ready_s=20, progress=False)
+        good = dataclasses.replace(base, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key)
+        report = asyncio.run(soak_mod.Soak(good, replay.load(path)).run())
+        assert report["verdict"]["ok"] and report["totals"]["correct"] > 0 and report["totals"]["wrong"] == 0, report["totals"]
+        anonymous = dataclasses.replace(base, tls_ca=pki.ca, wait_ready_s=2)
+        with pytest.raises(Exception, match="ready|UNAVAILABLE|handshake"):
+            asyncio.run(soak_mod.Soak(anonymous, replay.load(path)).run())
