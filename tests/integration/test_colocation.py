@@ -245,3 +245,65 @@ def test_curve_still_guards_the_tcp_side_of_a_grouped_shard(curve_join) -> None:
     inputs = [q.inputs for q in files[0].requests[:3]]
     references = [q.outputs for q in files[0].requests[:3]]
     assert mismatches(cluster.target, t.name, inputs, references, tolerance=0.0, concurrency=1) == []
+
+
+# ------------------------------------------------------------------ the process's own lifecycle
+def _tiny_group(directory: Path) -> topo.Topology:
+    """Two Rescaling shards (x -> a -> y) in one process, ipc endpoints in the folder."""
+    import keras
+
+    from pipeline.topology import Batching, IngressSpec, ShardOutput, ShardSpec, TensorSpec, Topology
+
+    def rescale(in_name: str, out_name: str, file: str) -> None:
+        inp = keras.Input(shape=(4,), name=in_name)
+        keras.Model({in_name: inp}, {out_name: keras.layers.Rescaling(2.0)(inp)}).save(directory / file)
+
+    rescale("x", "a", "s1.keras")
+    rescale("a", "y", "s2.keras")
+    specs = {n: TensorSpec(n, "float32", (-1, 4)) for n in ("x", "a", "y")}
+
+    def shard(name: str, inputs: tuple[str, ...], outputs: dict[str, tuple[str, ...]]) -> ShardSpec:
+        endpoint = f"ipc://{directory}/{name}.ipc"
+        outs = tuple(ShardOutput(o, c) for o, c in outputs.items())
+        return ShardSpec(name, f"{name}.keras", inputs, outs, endpoint, "127.0.0.1", endpoint, batching=Batching(4, 0.5))
+
+    results = f"ipc://{directory}/ingress.ipc"
+    t = Topology(
+        name="tiny",
+        inputs=(specs["x"],),
+        outputs=(specs["y"],),
+        tensors=specs,
+        shards=(shard("s1", ("x",), {"a": ("s2",)}), shard("s2", ("a",), {"y": (topo.INGRESS,)})),
+        ingress=IngressSpec(grpc="127.0.0.1:0", results=results, host="127.0.0.1", bind=results),
+        directory=directory,
+        processes=(topo.ProcessSpec("pair", ("s1", "s2")),),
+    )
+    t.write(directory)
+    return topo.load(directory)
+
+
+def test_sigterm_drains_every_shard_of_the_process_and_a_bad_shard_stops_them_all(tmp_path: Path) -> None:
+    from pipeline import process
+
+    t = _tiny_group(tmp_path)
+    argv = process.pipeline_command("worker", str(t.directory), "--process", "pair", "--metrics", "none")
+    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = process.start("pair", argv, tmp_path / "logs", env=env)
+    try:
+        _wait(lambda: proc.text().count('"worker_ready"') == 2 or not proc.alive, "both shards ready", 180)
+        assert proc.alive, proc.tail()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, proc.tail()
+        text = proc.text()
+        assert text.count('"worker_stopped"') == 2 and '"process_stopped"' in text, proc.tail()
+    finally:
+        proc.stop()
+    # a shard whose file does not load takes the whole process down with its error (exit 2), naming it
+    (tmp_path / "s2.keras").write_bytes(b"not a keras file")
+    proc = process.start("pair", argv, tmp_path / "logs", env=env)
+    try:
+        code = proc.wait(180)
+        assert code == 2, proc.tail()
+        assert "s2.keras" in proc.text() and "shard_failed" in proc.text(), proc.tail()
+    finally:
+        proc.stop()
