@@ -153,3 +153,18 @@ def test_a_grouped_shard_cannot_be_started_alone(tmp_path: Path) -> None:
     assert all(c.threads == group.default_threads() for c in configs)  # the process's pool: one thread per CPU
     _, configs, _ = group.load_configs(parser.parse_args([str(tmp_path), "--process", "workers", "--threads", "3"]), {})
     assert {c.threads for c in configs} == {3}
+
+
+def test_the_colocate_command_regroups_a_topology_without_recutting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline import cli
+
+    _load(_data()).replace(directory=tmp_path).write(tmp_path)
+    assert cli.main(["colocate", str(tmp_path), "--threads", "2"]) == 0
+    assert capsys.readouterr().out == "workers: a, b, c\n"
+    t = topo.load(tmp_path, check_files=False)
+    assert t.processes == (topo.ProcessSpec("workers", ("a", "b", "c"), 2),)
+    assert [s.endpoint for s in t.shards] == ["tcp://127.0.0.1:6000", "tcp://127.0.0.1:6001", "tcp://127.0.0.1:6002"]
+    assert colocation.worker_threads(t) == 2
+    assert cli.main(["colocate", str(tmp_path), "--per-shard"]) == 0
+    assert topo.load(tmp_path, check_files=False).processes == ()
+    assert cli.main(["colocate", str(tmp_path), "--threads", "-1"]) == 2
