@@ -479,7 +479,12 @@ class Worker:
         self._open()
         self.metrics.start(self.config.metrics)
         self.compute.start()
-        log.info("worker_listening", shard=self.name, bind=self.config.bind, consumers=sorted(self.routes))
+        log.info(
+            "worker_listening",
+            shard=self.name,
+            bind=[p.getsockopt(zmq.LAST_ENDPOINT).decode() for p in self.pulls],
+            consumers=sorted(self.routes),
+        )
         try:
             while not self._stop_requested:
                 self._turn()
