@@ -1,6 +1,8 @@
 """``pipeline procfile``: the Procfile lines that start a topology under honcho (or foreman).
 
-One line for the ingress and one per shard; with ``--host H``, only the
+One line for the ingress and one per worker process (a shard alone, or the
+shards that the topology's ``processes`` section groups: ``pipeline worker
+DIR --process NAME``); with ``--host H``, only the
 processes that the topology places on host H, so the same topology file
 starts the right processes on each machine. Each line ``exec``s the command,
 so the process honcho signals is the pipeline process itself (not a shell
@@ -13,6 +15,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from pipeline import colocation
 from pipeline import topology as topo
 from pipeline.errors import UsageError
 from pipeline.topology import INGRESS, Topology
@@ -29,7 +32,7 @@ def lines(topology: Topology, directory: str, host: str | None = None, command: 
     """The Procfile lines of every process, or of those on ``host`` (a cluster host's name or an address)."""
     from pipeline.cluster import resolve_host
 
-    names = topology.processes_on(None if host is None else resolve_host(topology, host))
+    names = colocation.process_names_on(topology, None if host is None else resolve_host(topology, host))
     if not names:
         from pipeline.cluster import host_names
 
@@ -44,8 +47,10 @@ def lines(topology: Topology, directory: str, host: str | None = None, command: 
     for name in names:
         if name == INGRESS:
             out.append(f"{INGRESS}: exec {command} ingress {d}")
-        else:
+        elif colocation.group(topology, name).shards == (name,):
             out.append(f"{name}: exec {command} worker {d} --shard {shlex.quote(name)}")
+        else:
+            out.append(f"{name}: exec {command} worker {d} --process {shlex.quote(name)}")
     return out
 
 

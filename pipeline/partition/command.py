@@ -88,6 +88,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "must be importable on every host, see docs/CUSTOM_LAYERS.md)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    grouping = p.add_mutually_exclusive_group()
+    grouping.add_argument(
+        "--colocate",
+        dest="colocate",
+        action="store_const",
+        const=True,
+        default=None,
+        help="run the shards of each host in one process (threads joined by inproc://; topology 'processes' section); "
+        "the default with --cluster",
+    )
+    grouping.add_argument(
+        "--per-shard", dest="colocate", action="store_const", const=False, help="one process per shard (the default without --cluster)"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the exactness check at the end")
     p.add_argument("--list-ops", action="store_true", help="print every operation (the names --cut takes) and exit")
 
@@ -148,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         plan_batch=args.plan_batch,
         slack=args.slack,
         force=args.force,
+        colocate=args.colocate,
         verify=not args.no_verify,
         unsafe=args.unsafe,
         imports=imports,
@@ -190,6 +204,7 @@ def partition(
     plan_batch: int | None = None,
     slack: float = DEFAULT_SLACK,
     force: bool = False,
+    colocate: bool | None = None,
     verify: bool = True,
     unsafe: bool = False,
     imports: tuple[str, ...] = (),
@@ -320,6 +335,10 @@ def partition(
 
             topology = placement.assign_hosts(topology, cluster, placed.hosts, base_port=base_port, grpc_address=grpc_address)
             topology = placement.record_placement(topology, placed, cluster)
+        if colocate or (colocate is None and cluster is not None):  # with a cluster file: one process per host by default
+            from pipeline import colocation
+
+            topology = colocation.colocate(topology)
         topology.write(tmp)
         if verify:
             from pipeline.partition.verify import verify_directory

@@ -30,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-port", type=int, default=None, help="first port on every host (default 5550)")
     p.add_argument("--grpc-address", default=None, help="ingress gRPC address (default: the ingress host's address, port 8001)")
     p.add_argument("--dry-run", action="store_true", help="print the placement without writing topology.yaml")
+    p.add_argument(
+        "--per-shard",
+        action="store_true",
+        help="one process per shard (default: the shards placed on one host share one process, threads joined by inproc://)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     placed = place_topology(
         topology, cluster, args.objective, slack=args.slack, base_port=args.base_port, grpc_address=args.grpc_address
     )
+    from pipeline import colocation
+
+    # the old grouping may join shards that now sit on different hosts: group them again, by host
+    placed = colocation.per_shard(placed) if args.per_shard else colocation.colocate(colocation.per_shard(placed))
     topo.validate(placed, check_files=True)
     _, hosts = estimate_topology(placed, cluster)
     print(placement_text(placed).lstrip("\n"))
