@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,3 +398,9 @@ def resolve_host(topology: Any, host: str) -> str:
         raise UsageError(f"--host {host!r}: no such host in topology {topology.name!r}; its hosts are {listed}")
     raise UsageError(f"--host {host!r}: no process of topology {topology.name!r} is placed there; its hosts are {addresses}")
 
+
+
+def worker_process_namer(cluster: Cluster) -> Callable[[str, int], str]:
+    """Names the one worker process of each host after the host (``workers-edge``), for co-located topologies."""
+    by_address = {h.address: h.name for h in cluster.hosts}
+    return lambda address, _count: f"workers-{by_address.get(address, address)}"

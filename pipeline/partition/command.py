@@ -338,7 +338,9 @@ def partition(
         if colocate or (colocate is None and cluster is not None):  # with a cluster file: one process per host by default
             from pipeline import colocation
 
-            topology = colocation.colocate(topology)
+            from pipeline.cluster import worker_process_namer
+
+            topology = colocation.colocate(topology, name=worker_process_namer(cluster) if cluster is not None else None)
         topology.write(tmp)
         if verify:
             from pipeline.partition.verify import verify_directory

@@ -50,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
     from pipeline import colocation
 
     # the old grouping may join shards that now sit on different hosts: group them again, by host
-    placed = colocation.per_shard(placed) if args.per_shard else colocation.colocate(colocation.per_shard(placed))
+    from pipeline.cluster import worker_process_namer
+
+    placed = colocation.per_shard(placed)
+    if not args.per_shard:
+        placed = colocation.colocate(placed, name=worker_process_namer(cluster))
     topo.validate(placed, check_files=True)
     _, hosts = estimate_topology(placed, cluster)
     print(placement_text(placed).lstrip("\n"))

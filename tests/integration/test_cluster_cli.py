@@ -120,15 +120,19 @@ def test_procfile_by_host_name_or_address(placed: tuple[Path, str]) -> None:
     for name in ADDRESS:
         r_name = pipeline("procfile", str(out), "--host", name)
         r_addr = pipeline("procfile", str(out), "--host", ADDRESS[name])
-        on_host = [s.name for s in t.shards if by_name[s.host] == name] + (["ingress"] if name == "edge" else [])
+        # with a cluster file the shards of a host share one worker process, named after the host
+        shards_here = [s.name for s in t.shards if by_name[s.host] == name]
+        on_host = ([f"workers-{name}"] if shards_here else []) + (["ingress"] if name == "edge" else [])
         if not on_host:
             assert r_name.returncode == 2 and "no process" in r_name.stderr
             continue
         assert r_name.returncode == 0, r_name.stderr
         assert r_name.stdout == r_addr.stdout
         assert sorted(line.split(":")[0] for line in r_name.stdout.splitlines()) == sorted(on_host)
+        if shards_here:
+            assert f"--process workers-{name}" in r_name.stdout
         everything += r_name.stdout.splitlines()
-    assert len(everything) == len(t.shards) + 1  # every process on exactly one host
+    assert len(everything) == len({s.host for s in t.shards}) + 1  # every process on exactly one host
     r = pipeline("procfile", str(out), "--host", "moon")
     assert r.returncode == 2
     assert "--host 'moon': no such host" in r.stderr and "edge (198.18.0.1)" in r.stderr and "cloud (198.18.0.3)" in r.stderr
