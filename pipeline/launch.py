@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from pipeline import colocation
 from pipeline import process
@@ -158,6 +159,16 @@ class Cluster:
         which = ["--shard", name] if spec.shards == (name,) else ["--process", name]
         return process.pipeline_command("worker", d, *which, *self.common_worker_args, *self.worker_args.get(name, ()))
 
+    def _per_process(self, table: Mapping[str, Any], name: str) -> Any:
+        """A process's entry in ``table``, keyed by its name or, for a group of shards, by any of its shards'."""
+        if name in table or name == topo.INGRESS:
+            return table.get(name)
+        shards = colocation.group(self.topology, name).shards
+        values = {repr(table[s]) for s in shards if s in table}
+        if len(values) > 1:
+            raise Unavailable(f"process {name!r} groups shards {list(shards)} that are given different settings {sorted(values)}")
+        return next((table[s] for s in shards if s in table), None)
+
     def start_process(self, name: str) -> process.Process:
         """Start (or start again, after a stop or a crash) one process of the topology."""
         old = self.procs.get(name)
@@ -168,8 +179,8 @@ class Cluster:
             self.command(name),
             self.log_dir,
             env=self.env,
-            netns=self.netns.get(name),
-            wrap=self.wrap.get(name, ()),
+            netns=self._per_process(self.netns, name),
+            wrap=self._per_process(self.wrap, name) or (),
         )
         self.procs[name] = proc
         return proc
