@@ -184,7 +184,7 @@ def test_the_checks_fail_on_broken_variants(residual: Topology, tmp_path: Path) 
     assert any("no generated Service is named by 'residual-shard-1" in p for p in broken(wrong_name))
     assert any("expected to reach 'ingress' port 5555, it reaches 'ingress' port 8001" in p for p in broken(wrong_port_in_topology))
     assert any("NetworkPolicy of 'shard0'" in p for p in broken(open_policy))
-    assert any("expected only shard0.key_secret" in p for p in broken(two_keys))
+    assert any("expected exactly ['shard0.key_secret']" in p for p in broken(two_keys))
 
 
 # -------------------------------------------------------------- behaviour
