@@ -23,12 +23,19 @@ shard files live in the image, is in docs/DEPLOY.md; the short version:
   (the topology's producers), Prometheus on the metrics port, and anyone on
   the ingress's gRPC port;
 - with ``security: curve``, per process a **Secret** holding only its own
-  CURVE secret key, mounted read-only into that pod's init container alone,
+  CURVE secret keys (the ingress's, or those of the process's shards), mounted read-only into that pod's init container alone,
   which installs it with mode 0600 into a memory volume the process reads
   (a Secret volume cannot give a non-root process a file of mode 0600: with
   ``fsGroup`` Kubernetes adds the group read bit, which the key loader
   refuses); and the ingress's TLS certificate and key as a ``kubernetes.io/tls``
   Secret when given.
+
+A process is what the topology's ``processes`` section says
+(:mod:`pipeline.colocation`): a group of shards is one pod running
+``pipeline worker DIR --process NAME``, its i-th shard on PULL port
+``PULL_PORT + i`` and metrics port ``METRICS_PORT + i`` (the shards share the
+pod's address), only the shards fed over TCP on its Service's PULL ports, and
+an exec probe that passes only when every shard's ``/ready`` does.
 """
 
 from __future__ import annotations
