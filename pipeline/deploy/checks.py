@@ -5,13 +5,16 @@ as what was expected and what was found:
 
 - every Service selects exactly one pod template, and its target ports are
   ports of that pod's container;
-- every address in the rewritten topology (the ConfigMap) names a generated
-  Service, in the right namespace, on a port of it that leads to the right
-  container port of the right process;
+- every TCP address in the rewritten topology (the ConfigMap) names a
+  generated Service, in the right namespace, on a port of it that leads to
+  the right container port of the pod of the process serving that shard (with
+  ``processes`` groups: the shard's own port in its group's pod); a shard fed
+  only inside its process (``inproc://``) is reached by no Service port;
 - every Secret is mounted into the pod of the process it belongs to only, and
-  a CURVE Secret holds that process's key alone;
-- each process's NetworkPolicy admits on its PULL port exactly the processes
-  that feed it.
+  a CURVE Secret holds the keys of that process's shards (or the ingress's)
+  and no other;
+- each process's NetworkPolicy admits on its PULL ports exactly the processes
+  that feed one of its shards over TCP.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from pipeline import colocation
 from pipeline import topology as topo
 from pipeline.deploy import kubernetes as k8s
 from pipeline.topology import INGRESS
@@ -96,10 +100,19 @@ def _resolve(objects: Sequence[Obj], host: str, port: int) -> tuple[str | None, 
 def address_problems(objects: Sequence[Obj]) -> list[str]:
     """Every endpoint, gRPC and metrics address of the pods' topology leads to the right process and port."""
     t = pod_topology(objects)
+    parsed = topo.from_dict(t, directory=Path("."))
     wanted: list[tuple[str, str, str, int]] = []  # (what, address, process, container port)
+    unreached: list[tuple[str, str]] = []  # (what, address): no Service port may lead there
+    bind_ports: dict[str, int | None] = {}
     for s in t["shards"]:
-        wanted.append((f"shard {s['name']} endpoint", s["endpoint"], s["name"], k8s.PULL_PORT))
-        wanted.append((f"shard {s['name']} metrics", s["metrics"], s["name"], k8s.METRICS_PORT))
+        process = colocation.process_of(parsed, s["name"]).name
+        (ports,) = [p for p in k8s.shard_ports(parsed, process) if p.shard == s["name"]]
+        bind_ports[s["name"]] = ports.pull
+        if ports.pull is not None:
+            wanted.append((f"shard {s['name']} endpoint", s["endpoint"], process, ports.pull))
+        else:
+            unreached.append((f"shard {s['name']} endpoint (fed only inside process {process!r})", s["endpoint"]))
+        wanted.append((f"shard {s['name']} metrics", s["metrics"], process, ports.metrics))
     ing = t["ingress"]
     wanted += [
         ("ingress results", ing["results"], INGRESS, k8s.PULL_PORT),
@@ -117,14 +130,23 @@ def address_problems(objects: Sequence[Obj]) -> list[str]:
             problems.append(f"{what} {address!r}: {problem}")
         elif (got, got_port) != (process, cport):
             problems.append(f"{what} {address!r}: expected to reach {process!r} port {cport}, it reaches {got!r} port {got_port}")
+    for what, address in unreached:
+        parts = urlsplit(address)
+        if parts.hostname is not None and parts.port is not None:
+            got, got_port, problem = _resolve(objects, parts.hostname, parts.port)
+            if not problem:
+                problems.append(f"{what} {address!r}: expected no Service port to lead there, it reaches {got!r} port {got_port}")
     for s in t["shards"]:
-        if urlsplit(s["bind"]).port != k8s.PULL_PORT:
-            problems.append(f"shard {s['name']} binds {s['bind']!r}, not its container port {k8s.PULL_PORT}")
+        want = bind_ports[s["name"]]
+        if want is not None and urlsplit(s["bind"]).port != want:
+            problems.append(f"shard {s['name']} binds {s['bind']!r}, not its container port {want}")
     return problems
 
 
 def secret_problems(objects: Sequence[Obj]) -> list[str]:
-    """Each Secret is mounted only into its own process's pod; a CURVE Secret holds only that process's key."""
+    """Each Secret is mounted only into its own process's pod; a CURVE Secret holds the keys of that process's
+    shards (or the ingress's) and no other."""
+    parsed = topo.from_dict(pod_topology(objects), directory=Path("."))
     problems = []
     secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
     mounted: dict[str, list[str]] = {name: [] for name in secrets}
@@ -147,26 +169,31 @@ def secret_problems(objects: Sequence[Obj]) -> list[str]:
             problems.append(f"Secret {name!r}: expected mounted into the pod of {owner!r} only, it is mounted into {mounted[name]}")
         if secret["type"] == "Opaque":
             keys = sorted(secret.get("data", {}))
-            if keys != [f"{owner}.key_secret"]:
-                problems.append(f"Secret {name!r}: expected only {owner}.key_secret, it holds {keys}")
+            want = sorted(f"{k}.key_secret" for k in k8s.key_owners(parsed, owner))
+            if keys != want:
+                problems.append(f"Secret {name!r} of process {owner!r}: expected exactly {want}, it holds {keys}")
     return problems
 
 
 def policy_problems(objects: Sequence[Obj]) -> list[str]:
-    """Each process's PULL port admits exactly the processes that feed it (the topology's producers)."""
+    """Each process's PULL ports admit exactly the processes that feed one of its shards over TCP."""
     t = topo.from_dict(pod_topology(objects), directory=Path("."))
     problems = []
     policies = by_kind(objects, "NetworkPolicy")
-    for process in t.processes_on(None):
+    for process in colocation.process_names_on(t, None):
         want = sorted(k8s.feeders(t, process))
+        pull = set(k8s.pull_ports(t, process))
         mine = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].get(k8s.PROCESS_LABEL) == process]
         if len(mine) != 1:
             problems.append(f"process {process!r}: expected one NetworkPolicy, found {len(mine)}")
             continue
         allowed: list[str] = []
         for rule in mine[0]["spec"]["ingress"]:
-            if not any(p["port"] == k8s.PULL_PORT for p in rule.get("ports", [])):
+            ports = {p["port"] for p in rule.get("ports", [])}
+            if not ports & pull:
                 continue
+            if ports != pull:
+                problems.append(f"NetworkPolicy of {process!r}: a rule opens ports {sorted(ports)}, expected its PULL ports {sorted(pull)}")
             if "from" not in rule:
                 allowed.append("(anyone)")
             for peer in rule.get("from", []):

@@ -23,12 +23,19 @@ shard files live in the image, is in docs/DEPLOY.md; the short version:
   (the topology's producers), Prometheus on the metrics port, and anyone on
   the ingress's gRPC port;
 - with ``security: curve``, per process a **Secret** holding only its own
-  CURVE secret key, mounted read-only into that pod's init container alone,
+  CURVE secret keys (the ingress's, or those of the process's shards), mounted read-only into that pod's init container alone,
   which installs it with mode 0600 into a memory volume the process reads
   (a Secret volume cannot give a non-root process a file of mode 0600: with
   ``fsGroup`` Kubernetes adds the group read bit, which the key loader
   refuses); and the ingress's TLS certificate and key as a ``kubernetes.io/tls``
   Secret when given.
+
+A process is what the topology's ``processes`` section says
+(:mod:`pipeline.colocation`): a group of shards is one pod running
+``pipeline worker DIR --process NAME``, its i-th shard on PULL port
+``PULL_PORT + i`` and metrics port ``METRICS_PORT + i`` (the shards share the
+pod's address), only the shards fed over TCP on its Service's PULL ports, and
+an exec probe that passes only when every shard's ``/ready`` does.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import colocation
 from pipeline import topology as topo
 from pipeline.errors import UsageError
 from pipeline.topology import INGRESS, Topology
@@ -85,6 +93,20 @@ INGRESS_CPU_MILLI = 250
 MIN_WORKER_CPU_MILLI = 100
 #: seconds between the preStop pause's end and SIGKILL beyond the drain: closing sockets, the compute thread.
 EXIT_MARGIN_S = 5
+#: a process serving several shards drains them at once, then waits this long for their threads
+#: (pipeline.serving.group.JOIN_MARGIN_S, not imported: that module loads the serving stack).
+GROUP_JOIN_MARGIN_S = 2
+#: resident memory each further shard of a process adds to the first: it shares the process's TensorFlow
+#: runtime. Measured: about 0.9 GB for MobileNetV3Large's four shards in one process against 585-633 MiB for
+#: each single-shard worker; 600 + 3 x 60 + the weights (4 x 22 MiB) = 868 MiB.
+GROUP_SHARD_MIB = 60
+#: the readiness and liveness of a process serving several shards: every shard's metrics endpoint must answer
+#: 2xx on the path (argv: path, then the ports). Run as an exec probe with the image's python3 (no extra tool).
+ALL_SHARDS_PROBE = (
+    "import sys, urllib.request\n"
+    "for port in sys.argv[2:]:\n"
+    "    urllib.request.urlopen(f'http://127.0.0.1:{port}{sys.argv[1]}', timeout=1).read()\n"
+)
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -107,8 +129,13 @@ class KubeOptions:
 
     @property
     def grace_s(self) -> int:
-        """terminationGracePeriodSeconds: the preStop pause, the drain, and the exit."""
+        """terminationGracePeriodSeconds of a one-shard process: the preStop pause, the drain, and the exit."""
         return int(self.prestop_s + math.ceil(self.drain_s) + EXIT_MARGIN_S)
+
+    def grace_for(self, shards: int) -> int:
+        """terminationGracePeriodSeconds of a process serving ``shards`` shards: its shards drain at the same
+        time (one drain budget), then the process waits for every shard's threads before it exits."""
+        return self.grace_s + (GROUP_JOIN_MARGIN_S if shards > 1 else 0)
 
 
 # --------------------------------------------------------------------- names
@@ -142,7 +169,7 @@ class Names:
 def names_of(topology: Topology) -> Names:
     app = dns_label(topology.name, "topology name")
     process = {}
-    for name in topology.processes_on(None):
+    for name in colocation.process_names_on(topology, None):
         process[name] = dns_label(f"{app}-{name}", f"process {name!r} of topology")
     clash = sorted({n for n in process.values() if list(process.values()).count(n) > 1})
     results = dns_label(f"{app}-{INGRESS}-results", "the ingress's results Service")
@@ -153,6 +180,48 @@ def names_of(topology: Topology) -> Names:
 
 def fqdn(service: str, options: KubeOptions) -> str:
     return f"{service}.{options.namespace}.svc.{options.cluster_domain}"
+
+
+# ------------------------------------------------------------- processes
+def shards_of(topology: Topology, process: str) -> tuple[str, ...]:
+    """The shards a worker process serves (one for a process of its own); none for the ingress."""
+    return () if process == INGRESS else colocation.group(topology, process).shards
+
+
+def is_group(topology: Topology, process: str) -> bool:
+    return len(shards_of(topology, process)) > 1
+
+
+@dataclass(frozen=True)
+class ShardPorts:
+    """Where one shard listens inside its pod: the shards of one pod share its address, so each has its own ports."""
+
+    shard: str
+    index: int  # its place in its process
+    pull: int | None  # None: fed only from inside its process (inproc), no TCP socket
+    metrics: int
+
+    @property
+    def pull_name(self) -> str:
+        return "pull" if self.index == 0 else f"pull-{self.index}"
+
+    @property
+    def metrics_name(self) -> str:
+        return "metrics" if self.index == 0 else f"metrics-{self.index}"
+
+
+def shard_ports(topology: Topology, process: str) -> list[ShardPorts]:
+    """The ports of every shard of ``process``: PULL_PORT + i and METRICS_PORT + i for its i-th shard."""
+    out = []
+    for i, shard in enumerate(shards_of(topology, process)):
+        tcp = colocation.binds(topology, shard).tcp is not None
+        out.append(ShardPorts(shard, i, PULL_PORT + i if tcp else None, METRICS_PORT + i))
+    return out
+
+
+def _ports_of_shard(topology: Topology, shard: str) -> ShardPorts:
+    process = colocation.process_of(topology, shard).name
+    return next(p for p in shard_ports(topology, process) if p.shard == shard)
 
 
 # -------------------------------------------------------------- placement
@@ -168,7 +237,7 @@ def placed_host(topology: Topology, process: str) -> str | None:
     than an address (a hand-placed topology) is taken as it is. Addresses alone (one machine, or a topology
     edited by hand with addresses) mean no placement.
     """
-    host = topology.ingress.host if process == INGRESS else topology.shard(process).host
+    host = topology.ingress.host if process == INGRESS else topology.shard(shards_of(topology, process)[0]).host
     cluster = topology.extra.get(CLUSTER_KEY)
     entries = (cluster.get("hosts") or []) if isinstance(cluster, Mapping) else []
     for entry in entries:
@@ -189,9 +258,13 @@ def rewrite(topology: Topology, options: KubeOptions, names: Names | None = None
     names = names or names_of(topology)
     shards = []
     for s in topology.shards:
-        host = fqdn(names.process[s.name], options)
+        # the shard's process's Service; a shard fed only inside its process keeps a TCP address no Service port
+        # leads to (the topology needs one; nobody connects to it: its producers use inproc://)
+        host = fqdn(names.process[colocation.process_of(topology, s.name).name], options)
+        ports = _ports_of_shard(topology, s.name)
+        pull = ports.pull or PULL_PORT + ports.index
         shards.append(
-            replace(s, endpoint=f"tcp://{host}:{PULL_PORT}", bind=f"tcp://0.0.0.0:{PULL_PORT}", metrics=f"{host}:{METRICS_PORT}")
+            replace(s, endpoint=f"tcp://{host}:{pull}", bind=f"tcp://0.0.0.0:{pull}", metrics=f"{host}:{ports.metrics}")
         )
     ingress_host = fqdn(names.process[INGRESS], options)
     ingress = replace(
@@ -232,17 +305,19 @@ def _mib(n: float) -> str:
 
 
 def resources(topology: Topology, process: str, options: KubeOptions) -> dict[str, Any]:
-    """Requests from what the process needs: measured memory plus the shard's weights; CPU by compute share."""
+    """Requests from what the process needs: measured memory (one TensorFlow runtime per process, a little more
+    per further shard) plus its shards' weights; CPU by the compute share of its shards."""
     if process == INGRESS:
         memory = float(INGRESS_MEMORY_MIB)
         cpu_milli = INGRESS_CPU_MILLI
     else:
-        path = topology.shard_path(process)
-        weights_mib = path.stat().st_size / 2**20 if path.is_file() else 0.0
-        memory = options.worker_base_mib + WEIGHTS_FACTOR * weights_mib
+        shards = shards_of(topology, process)
+        paths = [topology.shard_path(s) for s in shards]
+        weights_mib = sum(p.stat().st_size for p in paths if p.is_file()) / 2**20
+        memory = options.worker_base_mib + GROUP_SHARD_MIB * (len(shards) - 1) + WEIGHTS_FACTOR * weights_mib
         shares = {r.get("shard"): float(r.get("share", 0.0)) for r in (topology.extra.get("plan") or {}).get("shards", [])}
         n = len(topology.shards)
-        share = shares.get(process) or 1.0 / n
+        share = sum(shares.get(s) or 1.0 / n for s in shards)
         total = options.cpu_total if options.cpu_total is not None else float(n)
         cpu_milli = max(MIN_WORKER_CPU_MILLI, round(share * total * 1000))
     return {
@@ -251,11 +326,21 @@ def resources(topology: Topology, process: str, options: KubeOptions) -> dict[st
     }
 
 
-def _probes(process: str, options: KubeOptions) -> dict[str, Any]:
+def _all_shards(path: str, ports: Sequence[int]) -> dict[str, Any]:
+    return {"exec": {"command": ["python3", "-c", ALL_SHARDS_PROBE, path, *map(str, ports)]}}
+
+
+def _probes(topology: Topology, process: str, options: KubeOptions) -> dict[str, Any]:
     startup_period = 5
+    ready_action: dict[str, Any]
+    live_action: dict[str, Any]
     if process == INGRESS and not options.tls:
         action: dict[str, Any] = {"grpc": {"port": GRPC_PORT, "service": INGRESS_HEALTH_SERVICE}}
         ready_action, live_action = action, action
+    elif is_group(topology, process):
+        # a pod is ready when every shard of its process is (each loads, warms and drains on its own)
+        ports = [p.metrics for p in shard_ports(topology, process)]
+        ready_action, live_action = _all_shards("/ready", ports), _all_shards("/live", ports)
     else:
         # workers: /ready says so only once loaded and warm; the ingress with TLS: the probe cannot do TLS everywhere
         ready_action = {"httpGet": {"path": "/ready", "port": "metrics"}}
@@ -280,7 +365,8 @@ def container_args(topology: Topology, process: str, options: KubeOptions) -> li
         if options.tls:
             args += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
         return args
-    return ["worker", MODEL_DIR, "--shard", process, "--drain-timeout", drain]
+    which = ["--shard", process] if shards_of(topology, process) == (process,) else ["--process", process]
+    return ["worker", MODEL_DIR, *which, "--drain-timeout", drain]
 
 
 _SECURITY_CONTEXT = {
@@ -295,10 +381,18 @@ _SECURITY_CONTEXT = {
 
 def deployment(topology: Topology, process: str, options: KubeOptions, names: Names, topology_sha: str) -> dict[str, Any]:
     curve = topology.security == security.CURVE
-    ports = [{"name": "pull", "containerPort": PULL_PORT, "protocol": "TCP"}]
     if process == INGRESS:
-        ports.append({"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"})
-    ports.append({"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"})
+        ports = [
+            {"name": "pull", "containerPort": PULL_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ]
+    else:
+        ports = []
+        for sp in shard_ports(topology, process):
+            if sp.pull is not None:
+                ports.append({"name": sp.pull_name, "containerPort": sp.pull, "protocol": "TCP"})
+            ports.append({"name": sp.metrics_name, "containerPort": sp.metrics, "protocol": "TCP"})
     env = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "TF_CPP_MIN_LOG_LEVEL", "value": "2"},
@@ -315,11 +409,12 @@ def deployment(topology: Topology, process: str, options: KubeOptions, names: Na
     ]
     init: list[dict[str, Any]] = []
     if curve:
-        key_file = security.secret_path(KEYS_DIR, process).name
+        key_files = [security.secret_path(KEYS_DIR, p).name for p in key_owners(topology, process)]
         env.append({"name": security.ENV_KEYS_DIR, "value": KEYS_DIR})
         mounts.append({"name": "curve-key", "mountPath": KEYS_DIR, "readOnly": True})
+        items = [{"key": f, "path": f} for f in key_files]
         volumes += [
-            {"name": "curve-secret", "secret": {"secretName": names.secret(process), "defaultMode": 0o440, "items": [{"key": key_file, "path": key_file}]}},
+            {"name": "curve-secret", "secret": {"secretName": names.secret(process), "defaultMode": 0o440, "items": items}},
             {"name": "curve-key", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         ]
         init.append(
@@ -328,7 +423,7 @@ def deployment(topology: Topology, process: str, options: KubeOptions, names: Na
                 "image": options.image,
                 "imagePullPolicy": options.pull_policy,
                 # the key loader refuses a file others or the group can read; a Secret volume cannot be 0600 for a non-root user
-                "command": ["install", "-m", "0600", f"{CURVE_SECRET_DIR}/{key_file}", f"{KEYS_DIR}/{key_file}"],
+                "command": ["install", "-m", "0600", "-t", KEYS_DIR, *(f"{CURVE_SECRET_DIR}/{f}" for f in key_files)],
                 "volumeMounts": [
                     {"name": "curve-secret", "mountPath": CURVE_SECRET_DIR, "readOnly": True},
                     {"name": "curve-key", "mountPath": KEYS_DIR},
@@ -350,7 +445,7 @@ def deployment(topology: Topology, process: str, options: KubeOptions, names: Na
         "env": env,
         "volumeMounts": mounts,
         "resources": resources(topology, process, options),
-        **_probes(process, options),
+        **_probes(topology, process, options),
         # leave the Services' endpoints (a terminating pod is removed from them), then SIGTERM starts the drain
         "lifecycle": {"preStop": {"sleep": {"seconds": options.prestop_s}}},
         "securityContext": _SECURITY_CONTEXT,
@@ -358,7 +453,7 @@ def deployment(topology: Topology, process: str, options: KubeOptions, names: Na
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": options.grace_s,
+        "terminationGracePeriodSeconds": options.grace_for(len(shards_of(topology, process))),
         "securityContext": {"runAsNonRoot": True, "fsGroup": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
         **({"initContainers": init} if init else {}),
         "containers": [container],
@@ -395,7 +490,12 @@ def deployment(topology: Topology, process: str, options: KubeOptions, names: Na
 def services(topology: Topology, process: str, options: KubeOptions, names: Names) -> list[dict[str, Any]]:
     metrics_port = {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}
     if process != INGRESS:
-        ports = [{"name": "pull", "port": PULL_PORT, "targetPort": "pull", "protocol": "TCP"}, metrics_port]
+        # one Service per worker process: the PULL port of each shard fed over TCP, every shard's metrics port
+        ports = []
+        for sp in shard_ports(topology, process):
+            if sp.pull is not None:
+                ports.append({"name": sp.pull_name, "port": sp.pull, "targetPort": sp.pull_name, "protocol": "TCP"})
+            ports.append({"name": sp.metrics_name, "port": sp.metrics, "targetPort": sp.metrics_name, "protocol": "TCP"})
         return [_service(names.process[process], topology, process, options, ports)]
     return [
         _service(
@@ -420,10 +520,35 @@ def _service(
 
 
 def feeders(topology: Topology, process: str) -> list[str]:
-    """The processes that send to ``process``: its producers; for the ingress, every shard (results, heartbeats)."""
+    """The processes that send to ``process`` over TCP: those of its shards' producers outside it; for the
+    ingress, every worker process (results, heartbeats)."""
     if process == INGRESS:
-        return [s.name for s in topology.shards]
-    return sorted(topology.producers(process))
+        return [p.name for p in colocation.groups(topology)]
+    out = set()
+    for shard in shards_of(topology, process):
+        for producer in topology.producers(shard):
+            owner = INGRESS if producer == INGRESS else colocation.process_of(topology, producer).name
+            if owner != process:
+                out.add(owner)
+    return sorted(out)
+
+
+def pull_ports(topology: Topology, process: str) -> list[int]:
+    """The TCP PULL ports of ``process``'s pod (its shards fed from outside it; the ingress's results)."""
+    if process == INGRESS:
+        return [PULL_PORT]
+    return [sp.pull for sp in shard_ports(topology, process) if sp.pull is not None]
+
+
+def metrics_ports(topology: Topology, process: str) -> list[int]:
+    if process == INGRESS:
+        return [METRICS_PORT]
+    return [sp.metrics for sp in shard_ports(topology, process)]
+
+
+def key_owners(topology: Topology, process: str) -> list[str]:
+    """Whose CURVE secret keys a process's pod holds: the ingress's, or every shard's of the process."""
+    return [INGRESS] if process == INGRESS else list(shards_of(topology, process))
 
 
 def network_policy(topology: Topology, process: str, options: KubeOptions, names: Names) -> dict[str, Any]:
@@ -437,13 +562,15 @@ def network_policy(topology: Topology, process: str, options: KubeOptions, names
                     }
                 }
             ],
-            "ports": [{"protocol": "TCP", "port": PULL_PORT}],
+            "ports": [{"protocol": "TCP", "port": port} for port in pull_ports(topology, process)],
         },
         {
             "from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": dict(options.prometheus_labels)}}],
-            "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
+            "ports": [{"protocol": "TCP", "port": port} for port in metrics_ports(topology, process)],
         },
     ]
+    if not rules[0]["from"][0]["podSelector"]["matchExpressions"][0]["values"]:
+        rules.pop(0)  # nobody feeds it over TCP (an "In" with no values is invalid)
     if process == INGRESS:
         rules.append({"ports": [{"protocol": "TCP", "port": GRPC_PORT}]})  # clients, from anywhere
     return {
@@ -470,10 +597,10 @@ def manifests(
     names = names_of(topology)
     if options.tls != (tls_pair is not None):
         raise UsageError("TLS for the ingress needs both its certificate and its key (--tls-cert and --tls-key)")
-    processes = topology.processes_on(None)
+    processes = colocation.process_names_on(topology, None)
     curve = topology.security == security.CURVE
     if curve:
-        missing = [p for p in processes if not curve_keys or p not in curve_keys]
+        missing = [k for p in processes for k in key_owners(topology, p) if not curve_keys or k not in curve_keys]
         if missing:
             raise UsageError(f"security is curve but there is no secret key for {missing}; run `pipeline keys DIR` first")
     pod_topology = rewrite(topology, options, names)
@@ -493,14 +620,13 @@ def manifests(
     for process in processes:
         if curve:
             assert curve_keys is not None
-            key_file = security.secret_path(KEYS_DIR, process).name
             objects.append(
                 {
                     "apiVersion": "v1",
                     "kind": "Secret",
                     "type": "Opaque",
                     "metadata": _meta(names.secret(process), topology, process, options),
-                    "data": {key_file: _b64(curve_keys[process])},
+                    "data": {security.secret_path(KEYS_DIR, k).name: _b64(curve_keys[k]) for k in key_owners(topology, process)},
                 }
             )
         if process == INGRESS and tls_pair is not None:

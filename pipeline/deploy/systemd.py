@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline.deploy.kubernetes import EXIT_MARGIN_S, dns_label
+from pipeline import colocation
+from pipeline.deploy.kubernetes import EXIT_MARGIN_S, GROUP_JOIN_MARGIN_S, dns_label, shards_of
 from pipeline.errors import UsageError
 from pipeline.topology import INGRESS, Topology
 
@@ -42,6 +43,10 @@ class UnitOptions:
     def stop_timeout_s(self) -> int:
         return int(math.ceil(self.drain_s) + EXIT_MARGIN_S)
 
+    def stop_timeout_for(self, shards: int) -> int:
+        """TimeoutStopSec of a process serving ``shards`` shards: they drain at once, then it joins their threads."""
+        return self.stop_timeout_s + (GROUP_JOIN_MARGIN_S if shards > 1 else 0)
+
 
 def unit_name(topology: Topology, process: str) -> str:
     return f"keras-pipeline-{dns_label(topology.name, 'topology name')}-{dns_label(process, 'process')}.service"
@@ -57,7 +62,7 @@ def environment_file(topology: Topology, options: UnitOptions) -> str:
 
 def _ipc_dirs(topology: Topology, process: str) -> list[str]:
     """Folders of the ipc:// endpoints a process binds or connects to: the only places it writes."""
-    endpoints = [topology.ingress.bind if process == INGRESS else topology.shard(process).bind]
+    endpoints = [topology.ingress.bind] if process == INGRESS else [topology.shard(s).bind for s in shards_of(topology, process)]
     endpoints += [topology.ingress.results] + [s.endpoint for s in topology.shards]
     dirs = sorted({str(Path(urlsplit(e).path or e[len("ipc://"):]).parent) for e in endpoints if e.startswith("ipc://")})
     return dirs
@@ -67,12 +72,17 @@ def _command(topology: Topology, process: str, options: UnitOptions) -> list[str
     drain = f"{options.drain_s:g}"
     if process == INGRESS:
         return [options.executable, "ingress", options.directory, "--drain", drain]
-    return [options.executable, "worker", options.directory, "--shard", process, "--drain-timeout", drain]
+    which = ["--shard", process] if shards_of(topology, process) == (process,) else ["--process", process]
+    return [options.executable, "worker", options.directory, *which, "--drain-timeout", drain]
 
 
 def unit(topology: Topology, process: str, host: str, options: UnitOptions) -> str:
     """One service unit's text."""
-    role = "ingress (KServe v2 gRPC)" if process == INGRESS else "shard worker"
+    shards = shards_of(topology, process)
+    if process == INGRESS:
+        role = "ingress (KServe v2 gRPC)"
+    else:
+        role = "shard worker" if len(shards) == 1 else f"worker process of shards {', '.join(shards)}"
     rw = _ipc_dirs(topology, process)
     exec_start = " ".join(shlex.quote(a) for a in _command(topology, process, options))
     lines = [
@@ -93,7 +103,7 @@ def unit(topology: Topology, process: str, host: str, options: UnitOptions) -> s
         f"ExecStart={exec_start}",
         "KillSignal=SIGTERM",
         "KillMode=mixed",
-        f"TimeoutStopSec={options.stop_timeout_s}",
+        f"TimeoutStopSec={options.stop_timeout_for(len(shards))}",
         "Restart=on-failure",
         f"RestartSec={options.restart_s:g}",
         # hardening
@@ -143,14 +153,15 @@ def target(topology: Topology, host: str, units: list[str]) -> str:
 
 
 def units(topology: Topology, host: str, options: UnitOptions) -> dict[str, str]:
-    """File name -> text: one service per process on ``host`` (a host name or address) and the target."""
+    """File name -> text: one service per process on ``host`` (a host name or address; a ``processes`` group
+    is one process, one unit) and the target."""
     if not Path(options.executable).is_absolute() or not Path(options.directory).is_absolute():
         raise UsageError(
             f"systemd needs absolute paths; received executable {options.executable!r} and topology {options.directory!r}"
         )
     from pipeline.cluster import address_of
 
-    processes = topology.processes_on(address_of(topology, host))  # a cluster host's name works too
+    processes = colocation.process_names_on(topology, address_of(topology, host))  # a cluster host's name works too
     if not processes:
         hosts = sorted({topology.ingress.host, *(s.host for s in topology.shards)})
         raise UsageError(f"no process of topology {topology.name!r} is placed on host {host!r}; its hosts are {hosts}")

@@ -13,7 +13,9 @@ heartbeat's host. Services become names in every namespace's hosts file:
 the Service's DNS name to the address of the one pod its selector picks
 (``retarget`` moves a Service to another pod, for a rolling update) (a Service port must equal its target port here,
 since nothing translates ports). Probes are asked like a kubelet asks them:
-HTTP GET or the gRPC health check to the pod's address, from the host.
+HTTP GET or the gRPC health check to the pod's address, from the host; an
+exec probe runs its command inside the pod's namespace (the image's
+``python3`` is the project's interpreter).
 """
 
 from __future__ import annotations
@@ -297,7 +299,19 @@ class PodRunner:
             return self.http_get(f"http://{pod.address}:{port}{probe['httpGet']['path']}")
         if "grpc" in probe:
             return self.grpc_health(f"{pod.address}:{probe['grpc']['port']}", probe["grpc"].get("service", ""))
-        raise AssertionError(f"{process}: probe {probe} is neither httpGet nor grpc")
+        if "exec" in probe:
+            return self.exec_probe(pod, probe["exec"]["command"], float(probe.get("timeoutSeconds", 1)))
+        raise AssertionError(f"{process}: probe {probe} is neither httpGet, grpc nor exec")
+
+    def exec_probe(self, pod: Pod, command: Sequence[str], timeout_s: float) -> tuple[bool, str]:
+        """An exec probe: the command in the pod's namespace; exit status 0 passes (a timeout fails, as a kubelet's)."""
+        argv = [sys.executable if i == 0 and c == "python3" else pod.inside(c) if i == 0 else c for i, c in enumerate(command)]
+        try:
+            result = subprocess.run(self.lab.command(pod.namespace, argv), capture_output=True, text=True, timeout=timeout_s + 5, env=BASE_ENV)
+        except subprocess.TimeoutExpired:
+            return False, f"timed out after {timeout_s} s"
+        said = (result.stdout + result.stderr).strip().splitlines()
+        return result.returncode == 0, f"exit {result.returncode}: {said[-1] if said else ''}"
 
     def http_get(self, url: str) -> tuple[bool, str]:
         """GET from the kubelet's namespace: (2xx or 3xx, body or reason)."""

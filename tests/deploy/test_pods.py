@@ -15,7 +15,11 @@ missing file or a key in the wrong pod makes these tests fail.
    pipeline answers again;
 4. rolling updates (a new pod beside the old one, then the old one
    terminated as a kubelet does: preStop, SIGTERM, the grace period) of a
-   shard and of the ingress, under load: no wrong answer.
+   shard and of the ingress, under load: no wrong answer;
+5. co-located (``processes``: both shards in one process, as ``pipeline
+   partition --colocate`` makes it), with CURVE: one pod for both shards,
+   holding both their keys, ready only when both are, answers bitwise equal
+   through the ingress's Service name, drained within its grace period.
 
 The residual test model is used: two shards, the second a join of the model
 input (from the ingress) and the first shard's output, so one pod is fed by
@@ -146,9 +150,9 @@ def check_bitwise(result: dict[str, Any], y: np.ndarray) -> int:
     return ok
 
 
-def run_pods(objects: list[dict[str, Any]], context: Path, lab: NetnsLab, tmp: Path) -> PodRunner:
+def run_pods(objects: list[dict[str, Any]], context: Path, lab: NetnsLab, tmp: Path, name: str = "residual") -> PodRunner:
     assert checks.all_problems(objects) == []
-    t = topo.load(context / "topology" / "residual")
+    t = topo.load(context / "topology" / name)
     image = image_files(containerfile.render(t, context), context)
     assert sorted(image) == sorted(f"{kubernetes.MODEL_DIR}/{f}" for f in ["shard0.keras", "shard1.keras", "topology.yaml"])
     runner = PodRunner(objects, lab, tmp, image)
@@ -353,3 +357,56 @@ def test_a_rolling_update_of_the_ingress(context: Path, reference: Any, lab: Net
     finally:
         codes_at_stop = runner.stop_all()
     assert set(codes_at_stop.values()) == {0}, codes_at_stop
+
+
+# ------------------------------------------------------------- co-located
+def test_colocated_shards_run_as_one_pod(context: Path, reference: Any, lab: NetnsLab, tmp_path: Path) -> None:
+    """Both shards in one process (``--colocate``), with CURVE: one worker pod, its probe over both shards."""
+    from pipeline import colocation
+
+    x, y = reference
+    source = topo.load(context / "topology" / "residual")
+    dest = context / "topology" / "residual-coloc"  # inside the build context: the Containerfile copies from there
+    dest.mkdir(exist_ok=True)
+    for f in [*(s.file for s in source.shards), topo.MODEL_FILE]:
+        if not (dest / f).exists():
+            (dest / f).symlink_to((source.directory / f).resolve())
+    grouped = colocation.colocate(source.replace(directory=dest))
+    grouped.write(dest)
+    keys_dir = tmp_path / "keys"
+    generate_keys(topo.load(dest), keys_dir, force=True)
+    secured: Topology = topo.load(dest)
+    assert secured.security == security.CURVE and [p.name for p in colocation.groups(secured)] == ["workers"]
+    keys = {p: security.secret_path(keys_dir, p).read_bytes() for p in secured.processes_on(None)}
+    objects = kubernetes.manifests(secured, OPTIONS, curve_keys=keys)
+    assert [d["metadata"]["name"] for d in objects if d["kind"] == "Deployment"] == ["residual-ingress", "residual-workers"]
+    runner = run_pods(objects, context, lab, tmp_path, name="residual-coloc")
+    assert sorted(runner.pods) == [INGRESS, "workers"]
+    try:
+        held = sorted(os.listdir(runner.pods["workers"].root / ".volumes" / "curve-key"))
+        assert held == ["shard0.key_secret", "shard1.key_secret"], held  # its shards' keys, and no other
+        worker = runner.pods["workers"]
+        runner.start("workers")
+        # a pod is ready only when every shard is: the probe asked for shard0's port alone and for a port with
+        # nothing behind it (a shard that is not up) shows the command really asks each port it is given
+        runner.wait_ready("workers", READY_TIMEOUT_S)
+        probe = worker.spec["containers"][0]["readinessProbe"]["exec"]["command"]
+        assert probe[-2:] == [str(kubernetes.METRICS_PORT), str(kubernetes.METRICS_PORT + 1)]
+        assert runner.exec_probe(worker, probe[:-1], 2)[0]
+        assert not runner.exec_probe(worker, [*probe, str(kubernetes.METRICS_PORT + 2)], 2)[0]
+        runner.start(INGRESS)
+        runner.wait_ready(INGRESS, READY_TIMEOUT_S)
+        wait_pipeline_ready(runner)
+        target = str(checks.pod_topology(runner.objects)["ingress"]["grpc"])
+        assert target == "residual-ingress.default.svc.cluster.local:8001"
+        np.savez(tmp_path / "inputs.npz", image=x)
+        result = answers(run_client(lab, tmp_path, "first", target, tmp_path / "inputs.npz", "--count", str(3 * ROWS)), tmp_path)
+        assert list(result["codes"]) == ["OK"] * 3 * ROWS
+        assert check_bitwise(result, y) == 3 * ROWS
+        rss = {p: pod_rss(pod.proc.pid) for p, pod in runner.pods.items() if pod.proc}  # type: ignore[union-attr]
+        print(f"resident memory of the warm co-located pods (MiB): {rss}")
+        assert "--process" in " ".join(worker.spec["containers"][0]["args"])
+    finally:
+        codes = runner.stop_all()
+    # the process drained both shards and exited 0 on SIGTERM, within the grace period the manifest gives
+    assert sorted(codes) == sorted(p.hostname for p in runner.pods.values()) and set(codes.values()) == {0}, codes
