@@ -38,6 +38,10 @@ class TopologyError(UsageError):
     """A topology directory or ``topology.yaml`` that does not hold together."""
 
 
+class ClusterError(UsageError):
+    """A cluster file (hosts, the ingress's host, links) that does not hold together."""
+
+
 class InvalidInput(PipelineError):
     """A request whose tensors do not match the model's declared inputs."""
 

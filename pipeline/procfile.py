@@ -20,16 +20,25 @@ from pipeline.topology import INGRESS, Topology
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path, metavar="DIR", help="a topology directory")
-    p.add_argument("--host", default=None, help="only the processes placed on this host")
+    p.add_argument("--host", default=None, help="only the processes placed on this host (its name in the cluster file, or its address)")
     p.add_argument("--out", type=Path, default=None, help="write to this file instead of printing")
     p.add_argument("--invoke", default="pipeline", help="how to invoke the pipeline command (default: pipeline)")
 
 
 def lines(topology: Topology, directory: str, host: str | None = None, command: str = "pipeline") -> list[str]:
-    names = topology.processes_on(host)
+    """The Procfile lines of every process, or of those on ``host`` (a cluster host's name or an address)."""
+    from pipeline.cluster import resolve_host
+
+    names = topology.processes_on(None if host is None else resolve_host(topology, host))
     if not names:
-        hosts = sorted({topology.ingress.host, *(s.host for s in topology.shards)})
-        raise UsageError(f"no process of topology {topology.name!r} is placed on host {host!r}; its hosts are {hosts}")
+        from pipeline.cluster import host_names
+
+        placed = host_names(topology)
+        hosts = sorted(set(placed.values()))
+        raise UsageError(
+            f"no process of topology {topology.name!r} is placed on host {host!r} (the planner left it out, or the "
+            f"topology was placed elsewhere); the hosts with processes are {hosts}"
+        )
     d = shlex.quote(directory)
     out = []
     for name in names:

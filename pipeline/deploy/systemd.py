@@ -148,7 +148,9 @@ def units(topology: Topology, host: str, options: UnitOptions) -> dict[str, str]
         raise UsageError(
             f"systemd needs absolute paths; received executable {options.executable!r} and topology {options.directory!r}"
         )
-    processes = topology.processes_on(host)
+    from pipeline.cluster import address_of
+
+    processes = topology.processes_on(address_of(topology, host))  # a cluster host's name works too
     if not processes:
         hosts = sorted({topology.ingress.host, *(s.host for s in topology.shards)})
         raise UsageError(f"no process of topology {topology.name!r} is placed on host {host!r}; its hosts are {hosts}")

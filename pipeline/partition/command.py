@@ -7,6 +7,7 @@ failure leaves nothing half-written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import socket
 import tempfile
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.cluster import Cluster
 from pipeline.errors import PartitionError, UsageError
 from pipeline.log import get_logger
 from pipeline.partition.planner import DEFAULT_SLACK
@@ -47,7 +49,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="[NAME=]D1,D2,...",
         help="input shape without the batch axis, for models with unknown axes (repeat per input as NAME=...)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="host of every process in the topology (edit topology.yaml to spread them)")
+    p.add_argument("--host", default=None, help="host of every process in the topology (default 127.0.0.1; see --cluster to spread them)")
+    p.add_argument(
+        "--cluster",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a cluster file (hosts, ingress host, links): choose the cuts and each shard's host together",
+    )
+    p.add_argument(
+        "--objective",
+        choices=["throughput", "latency"],
+        default=None,
+        help="with --cluster: the slowest stage first, then latency (throughput, the default), or the latency first",
+    )
     p.add_argument("--base-port", type=int, default=None, help="first port to use (default: free local ports)")
     p.add_argument("--grpc-address", default=None, help=f"ingress gRPC address (default {DEFAULT_GRPC_ADDRESS})")
     p.add_argument("--max-batch", type=int, default=Batching.max_batch, help="dynamic batching: largest batch per shard")
@@ -86,8 +101,17 @@ class PartitionResult:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.shards is None and not args.cut and not args.list_ops:
-        raise UsageError("expected --shards K or at least one --cut NAME (or --list-ops); received neither")
+    if args.shards is None and not args.cut and not args.list_ops and args.cluster is None:
+        raise UsageError("expected --shards K, at least one --cut NAME, or --cluster FILE (or --list-ops); received none of them")
+    if args.cluster is not None and args.host is not None:
+        raise UsageError(f"--host {args.host} with --cluster: the cluster file says where each process goes; pass one or the other")
+    if args.objective is not None and args.cluster is None:
+        raise UsageError(f"--objective {args.objective} needs --cluster FILE: without hosts and links there is only the compute to balance")
+    cluster = None
+    if args.cluster is not None:
+        from pipeline.cluster import load_cluster
+
+        cluster = load_cluster(args.cluster)  # before the model loads: a typo fails fast
     if args.shards is not None and args.cut:
         if args.shards != len(args.cut) + 1:
             raise UsageError(f"--shards {args.shards} with {len(args.cut)} --cut names: expected --shards {len(args.cut) + 1} or no --shards")
@@ -117,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         shards=args.shards,
         cuts=args.cut,
         input_shapes={**({model.inputs[0]._keras_history.operation.name: single_shape} if single_shape else {}), **shapes},
-        host=args.host,
+        host=args.host or "127.0.0.1",
         base_port=args.base_port,
         grpc_address=args.grpc_address,
         batching=Batching(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms),
@@ -127,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         unsafe=args.unsafe,
         imports=imports,
+        cluster=cluster,
+        objective=args.objective or "throughput",
     )
     print(result.table)
     if result.warning:
@@ -167,8 +193,15 @@ def partition(
     verify: bool = True,
     unsafe: bool = False,
     imports: tuple[str, ...] = (),
+    cluster: Cluster | None = None,
+    objective: str = "throughput",
 ) -> PartitionResult:
-    """Split ``model`` and write the topology directory ``out``; return the topology and the plan table."""
+    """Split ``model`` and write the topology directory ``out``; return the topology and the plan table.
+
+    With ``cluster``, the cuts and the host of every shard are chosen together
+    (:mod:`pipeline.partition.placement`; ``shards=None`` lets the planner choose how many), and every
+    process gets its host's address, ports unique per host; ``host`` is then ignored.
+    """
     from pipeline.partition import cost, planner
     from pipeline.partition.build import build_shard_model, split
     from pipeline.partition.graph import build_graph
@@ -201,13 +234,25 @@ def partition(
     seconds = [c.seconds(plan_batch) for c in costs]
     tbytes = [cost.tensor_bytes(graph, shapes, t.id) if t.id in shapes else 0 for t in graph.tensors]
     cross = planner.crossings(graph, tbytes)
+    placed = None
     if cuts:
         boundaries = planner.boundaries_for_cuts(graph, cuts, cross)
-    else:
+    elif cluster is None:
         boundaries = planner.plan_balanced(seconds, cross, shards or 1, slack)
+    if cluster is not None:
+        from pipeline.partition import placement
+
+        problem = placement.problem_from_graph(graph, seconds, tbytes, cross)
+        if cuts:  # the cuts are given: choose the hosts only
+            allowed = [False] * (len(graph.ops) + 1)
+            for b in boundaries:
+                allowed[b] = True
+            problem = dataclasses.replace(problem, allowed=tuple(allowed), fixed=True)
+        placed = placement.plan(problem, cluster, objective=objective, shards=None if cuts else shards, slack=slack)
+        boundaries = placed.boundaries
     plans = split(graph, boundaries)
 
-    endpoints = _allocate(host, base_port, 2 * len(plans) + 2)
+    endpoints = list(range(2 * len(plans) + 2)) if cluster is not None else _allocate(host, base_port, 2 * len(plans) + 2)
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
@@ -262,7 +307,7 @@ def partition(
                 "unsafe": bool(unsafe),
                 "weights": weights_of(model),
                 "plan": {
-                    "method": "cuts" if cuts else "balanced",
+                    "method": "cuts" if cuts else ("placed" if cluster is not None else "balanced"),
                     "cost_model": "estimated FLOPs and bytes (pipeline/partition/cost.py)",
                     "batch": plan_batch,
                     "operations": len(graph.ops),
@@ -270,6 +315,11 @@ def partition(
                 },
             },
         )
+        if cluster is not None and placed is not None:
+            from pipeline.partition import placement
+
+            topology = placement.assign_hosts(topology, cluster, placed.hosts, base_port=base_port, grpc_address=grpc_address)
+            topology = placement.record_placement(topology, placed, cluster)
         topology.write(tmp)
         if verify:
             from pipeline.partition.verify import verify_directory
@@ -292,6 +342,17 @@ def partition(
         raise
     topology = topology.replace(directory=out)
     table = plan_table(rows, name=name, operations=len(graph.ops), batch=plan_batch)
+    if cluster is not None and placed is not None:
+        from pipeline.partition.placement import placement_table
+
+        table += "\n\n" + placement_table(
+            placed.estimate,
+            shard_names=[p.name for p in plans],
+            hosts=placed.hosts,
+            cluster=cluster,
+            objective=objective,
+            first_last=[(graph.ops[p.ops[0]].name, graph.ops[p.ops[-1]].name) for p in plans],
+        )
     return PartitionResult(topology=topology, table=table, seconds=time.perf_counter() - start, warning=warning)
 
 
@@ -311,6 +372,31 @@ def _warn_foreign_classes(graph: Any, imports: tuple[str, ...]) -> None:
 
 def _spec(t: Any, mask_of: str = "") -> TensorSpec:
     return TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(-1 if d is None else d for d in t.shape), mask_of=mask_of)
+
+
+def partition_source(
+    source: str | Path,
+    out: Path,
+    *,
+    cluster: Cluster | str | Path | None = None,
+    shards: int | None = None,
+    objective: str = "throughput",
+    unsafe: bool = False,
+    **options: Any,
+) -> PartitionResult:
+    """``pipeline partition SOURCE [--cluster FILE]`` as a function: load ``source`` (a ``.keras`` file or a
+    ``keras.applications`` name) and :func:`partition` it, placed on ``cluster`` (a :class:`Cluster` or a
+    cluster file) when given. ``options`` are :func:`partition`'s other keyword arguments."""
+    from pipeline.cluster import load_cluster
+    from pipeline.partition.source import load_source
+
+    if cluster is not None and not isinstance(cluster, Cluster):
+        cluster = load_cluster(cluster)
+    if cluster is None and shards is None and not options.get("cuts"):
+        raise UsageError("expected shards, cuts or a cluster; received none of them")
+    model, default_name = load_source(str(source), unsafe=unsafe)
+    name = options.pop("name", None) or default_name
+    return partition(model, name=name, out=out, shards=shards, cluster=cluster, objective=objective, unsafe=unsafe, **options)
 
 
 def _allocate(host: str, base_port: int | None, count: int) -> list[int]:

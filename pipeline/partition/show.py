@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
         plan = topology.extra.get("plan") or {}
         text = plan_table(plan.get("shards", []), name=topology.name, operations=plan.get("operations"), batch=plan.get("batch"))
         text += "\n" + weights_lines(topology.extra.get("weights"))
+        text += placement_text(topology)
     elif args.format == "dot":
         text = to_dot(topology)
     else:
@@ -32,6 +33,30 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(text)
     return 0
+
+
+def placement_text(topology: Topology) -> str:
+    """The hosts of the shards, bytes and estimated ms per link, the stages and the bottleneck, for a
+    topology placed on a cluster (empty for one that was not)."""
+    from pipeline.cluster import cluster_of
+    from pipeline.partition.placement import estimate_topology, placement_table
+
+    cluster = cluster_of(topology)
+    if cluster is None:
+        return ""
+    estimate, hosts = estimate_topology(topology, cluster)
+    plan = topology.extra.get("plan") or {}
+    objective = (plan.get("placement") or {}).get("objective")
+    rows = {r.get("shard"): r for r in plan.get("shards") or [] if isinstance(r, dict)}
+    spans = [(str(rows[s.name].get("first", "")), str(rows[s.name].get("last", ""))) if s.name in rows else ("", "") for s in topology.shards]
+    return "\n\n" + placement_table(
+        estimate,
+        shard_names=[s.name for s in topology.shards],
+        hosts=hosts,
+        cluster=cluster,
+        objective=objective,
+        first_last=spans,
+    )
 
 
 def weights_lines(weights: Any) -> str:
@@ -108,6 +133,15 @@ def plan_table(rows: list[dict[str, Any]], *, name: str, operations: int | None 
     return "\n".join(lines)
 
 
+def _host_names(t: Topology) -> dict[str, str]:
+    """``"NAME "`` per process for a topology placed on a cluster, else ``""``: prefixes the endpoint in labels."""
+    from pipeline.cluster import cluster_of, host_names
+
+    if cluster_of(t) is None:
+        return {s.name: "" for s in t.shards}
+    return {k: f"{v} " for k, v in host_names(t).items()}
+
+
 def _edges(t: Topology) -> list[tuple[str, str, list[str]]]:
     edges = [(INGRESS, shard, list(names)) for shard, names in t.entry_routes().items()]
     for shard in t.shards:
@@ -129,8 +163,9 @@ def to_dot(t: Topology) -> str:
     lines = [f'digraph "{t.name}" {{', "  rankdir=LR;", '  node [shape=box, style=rounded, fontname="Helvetica"];']
     lines.append(f'  ingress [label="ingress\\n{t.ingress.grpc}", shape=oval];')
     lines.append('  results [label="ingress\\nresults", shape=oval];')
+    hosts = _host_names(t)
     for s in t.shards:
-        lines.append(f'  "{s.name}" [label="{s.name}\\n{s.file}\\n{s.endpoint}"];')
+        lines.append(f'  "{s.name}" [label="{s.name}\\n{s.file}\\n{hosts[s.name]}{s.endpoint}"];')
     for a, b, names in _edges(t):
         lines.append(f'  "{a}" -> "{b}" [label="{_label(names, t)}", fontsize=9];')
     lines.append("}")
@@ -142,8 +177,9 @@ def to_mermaid(t: Topology) -> str:
         return "".join(c if c.isalnum() else "_" for c in name)
 
     lines = ["flowchart LR", f'  ingress(["ingress {t.ingress.grpc}"])', '  results(["ingress results"])']
+    hosts = _host_names(t)
     for s in t.shards:
-        lines.append(f'  {node_id(s.name)}["{s.name}<br/>{s.endpoint}"]')
+        lines.append(f'  {node_id(s.name)}["{s.name}<br/>{hosts[s.name]}{s.endpoint}"]')
     for a, b, names in _edges(t):
         label = "<br/>".join(_label([n], t).replace('"', "'") for n in names)
         lines.append(f'  {node_id(a)} -->|"{label}"| {node_id(b)}')
