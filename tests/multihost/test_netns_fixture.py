@@ -89,7 +89,7 @@ def test_leftovers_of_a_dead_run_are_removed_and_a_live_run_is_kept() -> None:
 
 
 def test_without_root_or_iproute2_the_reason_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tests.netns as netns
+    import pipeline.netns as netns
 
     monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
     assert netns.unavailable_reason() == "network namespaces need root (euid 1000)"
