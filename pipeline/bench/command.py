@@ -12,7 +12,10 @@ test). Sections:
    one thread;
 4. the hop: a tensor through encode, send, receive and decode against a bare
    ZeroMQ multipart hop of the same bytes;
-5. where the time goes in one request (the timing spans).
+5. where the time goes in one request (the timing spans);
+6. ``multihost`` (not in the default list: it needs root and takes minutes):
+   the model over three namespace hosts with shaped links, the compute-only
+   plan against the cluster-aware one (:mod:`pipeline.bench.multihost`).
 
 The pipeline runs from a copy of the topology on fresh ports (``launch``),
 started and stopped by the bench, so a pipeline already running from the same
@@ -47,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sections", default="latency,throughput,parallel,hop,curve,spans", help="which sections to run (comma-separated)"
     )
+    p.add_argument("--only", default=None, metavar="SECTIONS", help="run only these sections (same as --sections; e.g. multihost)")
+    p.add_argument("--rates", default="100mbit,1gbit", help="multihost: link rates in tc units (comma-separated)")
+    p.add_argument("--load-seconds", type=float, default=8.0, help="multihost: seconds of load per plan (after 2 s of warm-up)")
+    p.add_argument("--load-concurrency", type=int, default=16, help="multihost: requests in flight")
+    p.add_argument("--no-heterogeneous", action="store_true", help="multihost: skip the case with one faster host")
     p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     p.add_argument("--chart", type=Path, default=None, help="draw the ratios beside their goals in this PNG")
     p.add_argument("--logs", type=Path, default=None, help="keep the pipeline's process logs here")
@@ -56,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.partition.source import quiet_tensorflow
 
     quiet_tensorflow()
-    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    sections = {s.strip() for s in (args.only or args.sections).split(",") if s.strip()}
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     source = topo.load(args.directory)
@@ -82,6 +90,16 @@ def run(args: argparse.Namespace) -> int:
             from pipeline.wire.security import bench_curve
 
             report["curve"] = bench_curve(nbytes=1 << 20, hops=200)
+        if "multihost" in sections:
+            from pipeline.bench.multihost import Options, bench_multihost
+
+            options = Options(
+                rates=tuple(r.strip() for r in args.rates.split(",") if r.strip()),
+                concurrency=args.load_concurrency,
+                seconds=args.load_seconds,
+                heterogeneous=not args.no_heterogeneous,
+            )
+            report["multihost"] = bench_multihost(source, work, logs / "multihost", options)
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
@@ -315,6 +333,11 @@ def render(r: dict[str, Any]) -> str:
             f"  CurveZMQ                                              {c['curve_ms']:6.2f}   x{c['ratio']:.2f}",
             "",
         ]
+    mh = r.get("multihost")
+    if mh:
+        from pipeline.bench.multihost import render as render_multihost
+
+        lines += [render_multihost(mh), ""]
     s = r.get("spans")
     if s:
         lines.append("where the time goes in one request (median ms)")
