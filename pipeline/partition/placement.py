@@ -262,7 +262,25 @@ class _Index:
         self._incoming_cache: dict[tuple[Any, ...], tuple[tuple[int, float], ...]] = {}
         self._fast_cache: dict[tuple[Any, ...], tuple[float, float]] = {}
         self.bytes_per_s = [[link.bytes_per_s for link in row] for row in self.links]
+        # twins: hosts that differ only by name (same speed, same links to every other host, neither the
+        # ingress's) are interchangeable, so the search tries only the first unused one of each group
+        self.twin_of: list[int] = list(range(m))
+        for h in range(m):
+            for t in range(h):
+                if self.twin_of[t] == t and self._twins(t, h):
+                    self.twin_of[h] = t
+                    break
         self.latency = [[link.latency_s for link in row] for row in self.links]
+
+    def _twins(self, x: int, y: int) -> bool:
+        if self.ingress in (x, y) or self.speed[x] != self.speed[y]:
+            return False
+        return all(self.links[x][z] == self.links[y][z] for z in range(self.m) if z not in (x, y))
+
+    def skip_twin(self, h: int, used: int) -> bool:
+        """True when an unused host earlier in ``h``'s group of twins would give the same plans."""
+        group = self.twin_of[h]
+        return any(self.twin_of[t] == group and not used >> t & 1 for t in range(h))
 
     def first_use(self, fid: int, a: int) -> int:
         cons = self.flows[fid].consumers
@@ -561,7 +579,7 @@ def _search(
         for key, entry in sorted(table[a].items()):
             used, live, k = key
             for h in range(m):
-                if used >> h & 1:
+                if used >> h & 1 or index.skip_twin(h, used):
                     continue
                 for b in points[ai + 1 :]:
                     # a run's compute only grows with b: past the limit, no longer run on h can be any good
