@@ -65,6 +65,7 @@ class Options:
     concurrency: int = 16
     seconds: float = 8.0
     warmup_s: float = 2.0
+    latency_s: float = 3.0  # then one request at a time: the p50 of an idle pipeline
     shards: int = 3
     heterogeneous: bool = True
     fast_speed: float = 2.0
@@ -104,7 +105,7 @@ def plan_summary(t: topo.Topology, cluster: Any) -> dict[str, Any]:
         "cuts": cuts,
         "compute_share": {h: round(v / norm, 3) for h, v in share.items()},
         "links": [
-            {"from": u.src, "to": u.dst, "bytes": int(round(u.nbytes)), "ms": round((u.transfer_s + u.hop_s) * 1e3, 3)}
+            {"from": u.src, "to": u.dst, "bytes": round(u.nbytes), "ms": round((u.transfer_s + u.hop_s) * 1e3, 3)}
             for u in estimate.links
             if u.src != u.dst
         ],
@@ -152,9 +153,9 @@ class _Runner:
             argv = [
                 *ingress.exec_prefix(), sys.executable, "-m", "pipeline.bench.netload", str(t.directory),
                 "--target", t.ingress.grpc, "--concurrency", str(o.concurrency), "--seconds", str(o.seconds),
-                "--warmup", str(o.warmup_s), "--wait-ready", "60",
+                "--warmup", str(o.warmup_s), "--wait-ready", "60", "--latency-seconds", str(o.latency_s),
             ]  # fmt: skip
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=o.seconds + o.warmup_s + 180, env=self.env, cwd=PACKAGE_ROOT)
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=o.seconds + o.warmup_s + o.latency_s + 180, env=self.env, cwd=PACKAGE_ROOT)
         lines = r.stdout.strip().splitlines()
         import json
 
@@ -178,12 +179,12 @@ def _placed_copy(source_dir: Path, dest: Path, placed: topo.Topology) -> topo.To
 
 def bench_multihost(source: topo.Topology, work: Path, logs: Path, options: Options = Options()) -> dict[str, Any]:
     """The section's numbers (``{"skipped": reason}`` where namespaces cannot be made)."""
+    import yaml
+
     from pipeline import netns
     from pipeline.cluster import cluster_from_dict
     from pipeline.partition.command import partition_source
     from pipeline.partition.placement import assign_hosts
-
-    import yaml
 
     reason = netns.unavailable_reason()
     if reason:
@@ -241,7 +242,7 @@ def bench_multihost(source: topo.Topology, work: Path, logs: Path, options: Opti
                 names = host_names(t)
                 return {s.name: fast_args if names[s.name] == FAST_HOST else slow_args for s in t.shards}
 
-            het: dict[str, Any] = {"fast_host": FAST_HOST, "fast_args": fast_args, "slow_args": slow_args, "rate": rate}
+            het: dict[str, Any] = {"fast_host": FAST_HOST, "fast_speed": options.fast_speed, "fast_args": fast_args, "slow_args": slow_args, "rate": rate}
             for label, speeds in (("uniform", {}), ("aware", {FAST_HOST: options.fast_speed})):
                 cluster = cluster_for(rate, speeds)
                 cut = partition_source(model, work / f"het-{label}-cut", cluster=cluster, **common).topology
@@ -270,6 +271,12 @@ def _bytes(n: float) -> str:
     return f"{n / 1e3:.1f} KB" if n >= 1000 else f"{n:.0f} B"
 
 
+def _row(x: Mapping[str, Any]) -> str:
+    alone = x.get("p50_alone_ms")
+    tail = f" {alone:8.1f}" if alone is not None else "        -"
+    return f"{x.get('rate', 0):9.1f} {x.get('p50_ms', 0):8.1f} {x.get('p95_ms', 0):8.1f} {tail}{_errors(x)}"
+
+
 def _errors(r: Mapping[str, Any]) -> str:
     if "error" in r:
         return f"  FAILED: {r['error']}"
@@ -285,21 +292,23 @@ def render(r: Mapping[str, Any]) -> str:
     lines = [
         f"multihost: 3 namespace hosts, tbf-shaped links, load at concurrency {o['concurrency']} for {o['seconds']:.0f} s from the ingress's host",
         f"  load average before {r['load_before']}, after {r.get('load_after')}",
-        "  plan                          link       samples/s   p50 ms   p95 ms",
-        f"  single host (reference)       loopback   {s.get('rate', 0):9.1f} {s.get('p50_ms', 0):8.1f} {s.get('p95_ms', 0):8.1f}{_errors(s)}",
+        "  plan                          link       samples/s   p50 ms   p95 ms   p50 ms at concurrency 1",
+        f"  single host (reference)       loopback   {_row(s)}",
     ]
     for rate, row in r["rates"].items():
         for key, label in (("compute", "compute-only, in order"), ("aware", "cluster-aware")):
             x = row[key]
-            lines.append(f"  {label:<29} {rate:<10} {x.get('rate', 0):9.1f} {x.get('p50_ms', 0):8.1f} {x.get('p95_ms', 0):8.1f}{_errors(x)}")
+            lines.append(f"  {label:<29} {rate:<10} {_row(x)}")
     lines.append("")
     for rate, row in r["rates"].items():
         c, a = row["compute"], row["aware"]
         lines.append(
             f"  at {rate}: cluster-aware / compute-only throughput x{_ratio(a.get('rate', 0), c.get('rate', 0))}, "
-            f"cluster-aware / single host {_ratio(a.get('rate', 0), s.get('rate', 0))}, p50 {a.get('p50_ms', 0):.1f} ms"
+            f"cluster-aware / single host {_ratio(a.get('rate', 0), s.get('rate', 0))}, p50 {a.get('p50_ms', 0):.1f} ms "
+            f"(at concurrency 1: {a.get('p50_alone_ms', float('nan')):.1f} ms)"
         )
     lines.append("  (goals: at 100mbit x >= 8 and p50 <= 25 ms; at 1gbit cluster-aware within 10 % of the single host)")
+    lines.append(f"  (a closed loop keeps {o['concurrency']} requests in flight: p50 is about {o['concurrency']} / samples per second)")
     lines += ["", "  plans:", f"    single host: {_plan_line(s['plan'])}"]
     for rate, row in r["rates"].items():
         lines.append(f"    compute-only at {rate}: {_plan_line(row['compute']['plan'])}")
@@ -310,11 +319,11 @@ def render(r: Mapping[str, Any]) -> str:
         lines += [
             "",
             f"  heterogeneous at {h['rate']}: {h['fast_host']} faster (workers {' '.join(h['fast_args'])}; others {' '.join(h['slow_args'])})",
-            f"  plan with every speed 1.0          {u.get('rate', 0):9.1f} {u.get('p50_ms', 0):8.1f} {u.get('p95_ms', 0):8.1f}{_errors(u)}",
-            f"  plan with {h['fast_host']} speed 2.0             {a.get('rate', 0):9.1f} {a.get('p50_ms', 0):8.1f} {a.get('p95_ms', 0):8.1f}{_errors(a)}",
+            f"  {'plan with every speed 1.0':<40} {_row(u)}",
+            f"  {'plan with ' + h['fast_host'] + ' speed ' + str(h.get('fast_speed', 2.0)):<40} {_row(a)}",
             f"  gain x{_ratio(a.get('rate', 0), u.get('rate', 0))}; share of the model's compute on {h['fast_host']}: "
             f"{u['plan']['compute_share'].get(h['fast_host'], 0):.0%} -> {a['plan']['compute_share'].get(h['fast_host'], 0):.0%}",
             f"    every speed 1.0: {_plan_line(u['plan'])}",
-            f"    {h['fast_host']} speed 2.0: {_plan_line(a['plan'])}",
+            f"    {h['fast_host']} speed {h.get('fast_speed', 2.0)}: {_plan_line(a['plan'])}",
         ]
     return "\n".join(lines)

@@ -25,8 +25,18 @@ from pipeline.bench.load import MAX_MESSAGE_BYTES
 from pipeline.serving import kserve
 
 
-async def measure(target: str, directory: Path, concurrency: int, seconds: float, warmup_s: float, wait_ready_s: float, timeout_s: float) -> dict[str, Any]:
-    """Requests of one random sample each (8 different inputs), ``concurrency`` in flight for ``seconds``."""
+async def measure(
+    target: str,
+    directory: Path,
+    concurrency: int,
+    seconds: float,
+    warmup_s: float,
+    wait_ready_s: float,
+    timeout_s: float,
+    latency_s: float = 0.0,
+) -> dict[str, Any]:
+    """Requests of one random sample each (8 different inputs), ``concurrency`` in flight for ``seconds``;
+    then, with ``latency_s``, one request at a time for that long (the latency of an idle pipeline)."""
     import grpc
 
     from pipeline.bench.local import sample_inputs
@@ -49,7 +59,7 @@ async def measure(target: str, directory: Path, concurrency: int, seconds: float
                 return {"error": f"the pipeline at {target} was not ready within {wait_ready_s:.0f} s"}
             await asyncio.sleep(0.3)
 
-        async def phase(length_s: float) -> tuple[list[float], Counter[str], float]:
+        async def phase(length_s: float, concurrency: int = concurrency) -> tuple[list[float], Counter[str], float]:
             latencies: list[float] = []
             errors: Counter[str] = Counter()
             end = time.monotonic() + length_s
@@ -72,8 +82,14 @@ async def measure(target: str, directory: Path, concurrency: int, seconds: float
 
         await phase(warmup_s)
         latencies, errors, wall = await phase(seconds)
+        alone: list[float] = []
+        if latency_s > 0:
+            alone, alone_errors, _ = await phase(latency_s, 1)
+            errors.update(alone_errors)
     ms = np.asarray(latencies) * 1e3 if latencies else np.asarray([float("nan")])
+    extra = {"p50_alone_ms": float(np.percentile(np.asarray(alone) * 1e3, 50))} if alone else {}
     return {
+        **extra,
         "rate": len(latencies) / wall if wall else 0.0,
         "p50_ms": float(np.percentile(ms, 50)),
         "p95_ms": float(np.percentile(ms, 95)),
@@ -92,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     p.add_argument("--wait-ready", type=float, default=300.0, help="seconds to wait for ServerReady")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline of each request, seconds")
+    p.add_argument("--latency-seconds", type=float, default=0.0, help="then one request at a time for this long (p50_alone_ms)")
     args = p.parse_args(argv)
-    out = asyncio.run(measure(args.target, args.directory, args.concurrency, args.seconds, args.warmup, args.wait_ready, args.timeout))
+    out = asyncio.run(measure(args.target, args.directory, args.concurrency, args.seconds, args.warmup, args.wait_ready, args.timeout, args.latency_seconds))
     sys.stdout.write(json.dumps(out) + "\n")
     return 0 if "error" not in out else 1
 
