@@ -52,6 +52,7 @@ def test_bench_multihost_prints_every_row_and_removes_its_namespaces(tmp_path: P
     out = r.stdout
     rows = [
         "single host (reference)       loopback",
+        "single host again, last       loopback",
         "compute-only, in order        100mbit",
         "cluster-aware                 100mbit",
         "compute-only, in order        1gbit",
@@ -71,8 +72,8 @@ def test_bench_multihost_prints_every_row_and_removes_its_namespaces(tmp_path: P
     assert "FAILED" not in out, out
     report = json.loads((tmp_path / "bench.json").read_text())["multihost"]
     plans = [report["single"], *(p for row in report["rates"].values() for p in row.values())]
-    plans += [report["heterogeneous"]["uniform"], report["heterogeneous"]["aware"]]
-    assert len(plans) == 7
+    plans += [report["heterogeneous"]["uniform"], report["heterogeneous"]["aware"], report["single_after"]]
+    assert len(plans) == 8
     for p in plans:  # each plan answered (no number is judged, only that it was measured)
         assert p["requests"] > 0 and p["errors"] == {}, p
     assert _dead_runs(namespaces()) - _dead_runs(list(before)) == set(), "the bench left namespaces behind"
