@@ -4,7 +4,7 @@
 its own (so a stop reaches every child: ``honcho``'s processes, or the
 program that ``ip netns exec`` or a wrapper such as ``faketime`` runs), and
 returns a :class:`Process`. ``netns="h1"`` runs it as
-``ip netns exec h1 ...`` (the namespace must exist; see ``tests/netns.py``);
+``ip netns exec h1 ...`` (the namespace must exist; see ``pipeline/netns.py``);
 ``wrap`` puts a prefix such as ``["faketime", "-f", "+30s"]`` before the
 command, inside the namespace. :meth:`Process.stop` sends a signal to the
 whole group, waits, and kills after a bound; :func:`stop_all` stops several at

@@ -17,6 +17,9 @@ test). Sections:
    servers one after another): local, one process per shard, shards
    co-located in one process, and a real Triton via PyTriton, through one load
    generator (:mod:`pipeline.bench.colocation`).
+7. ``multihost`` (not in the default list: it needs root and takes minutes):
+   the model over three namespace hosts with shaped links, the compute-only
+   plan against the cluster-aware one (:mod:`pipeline.bench.multihost`).
 
 The pipeline runs from a copy of the topology on fresh ports (``launch``),
 started and stopped by the bench, so a pipeline already running from the same
@@ -42,6 +45,10 @@ from pipeline import topology as topo
 from pipeline.serving import kserve
 
 
+#: every section ``--sections``/``--only`` accepts (``multihost`` is not in the default list: it needs root).
+KNOWN_SECTIONS = {"latency", "throughput", "parallel", "hop", "curve", "spans", "colocation", "multihost"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path, metavar="DIR", help="a topology directory")
     p.add_argument("--requests", type=int, default=200, help="requests per latency and load measurement (default 200)")
@@ -51,8 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sections", default="latency,throughput,parallel,hop,curve,spans", help="which sections to run (comma-separated)"
     )
-    p.add_argument("--only", metavar="SECTION", default=None, help="run this one section (e.g. colocation), whatever --sections says")
+    p.add_argument("--only", default=None, metavar="SECTIONS", help="run only these sections (same as --sections; e.g. colocation or multihost)")
     p.add_argument("--rounds", type=int, default=1, help="colocation: serve each configuration this many times in turn, keep the best")
+    p.add_argument("--rates", default="100mbit,1gbit", help="multihost: link rates in tc units (comma-separated)")
+    p.add_argument("--load-seconds", type=float, default=8.0, help="multihost: seconds of load per plan (after 2 s of warm-up)")
+    p.add_argument("--load-concurrency", type=int, default=16, help="multihost: requests in flight")
+    p.add_argument("--no-heterogeneous", action="store_true", help="multihost: skip the case with one faster host")
     p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     p.add_argument("--chart", type=Path, default=None, help="draw the ratios beside their goals in this PNG")
     p.add_argument("--logs", type=Path, default=None, help="keep the pipeline's process logs here")
@@ -62,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.partition.source import quiet_tensorflow
 
     quiet_tensorflow()
-    sections = {args.only} if args.only else {s.strip() for s in args.sections.split(",") if s.strip()}
+    sections = {s.strip() for s in (args.only or args.sections).split(",") if s.strip()}
+    unknown = sorted(sections - KNOWN_SECTIONS)
+    if unknown:
+        from pipeline.errors import UsageError
+
+        raise UsageError(f"unknown bench section(s) {unknown}: expected some of {sorted(KNOWN_SECTIONS)}")
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     source = topo.load(args.directory)
@@ -92,6 +108,16 @@ def run(args: argparse.Namespace) -> int:
             from pipeline.bench.colocation import bench_colocation
 
             report["colocation"] = bench_colocation(source, work, logs, args.requests, args.threads, args.rounds)
+        if "multihost" in sections:
+            from pipeline.bench.multihost import Options, bench_multihost
+
+            options = Options(
+                rates=tuple(r.strip() for r in args.rates.split(",") if r.strip()),
+                concurrency=args.load_concurrency,
+                seconds=args.load_seconds,
+                heterogeneous=not args.no_heterogeneous,
+            )
+            report["multihost"] = bench_multihost(source, work, logs / "multihost", options)
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
@@ -329,6 +355,11 @@ def render(r: dict[str, Any]) -> str:
         from pipeline.bench.colocation import render as render_colocation
 
         lines += [*render_colocation(r["colocation"]), ""]
+    mh = r.get("multihost")
+    if mh:
+        from pipeline.bench.multihost import render as render_multihost
+
+        lines += [render_multihost(mh), ""]
     s = r.get("spans")
     if s:
         lines.append("where the time goes in one request (median ms)")

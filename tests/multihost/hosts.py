@@ -1,15 +1,16 @@
 """Helpers for pipelines spread over namespace hosts: placement, start, readiness and load from the ingress host.
 
-:func:`place_on_hosts` is the only place that decides where processes live
-and which ports they use; once ``pipeline place DIR --cluster`` lands, it is
-the one function to replace with that command.
+Where processes live and which ports they use is decided by the project's
+own planner, as a user would run it: :func:`cluster_file` writes a cluster
+file with the namespaces' addresses, then ``pipeline place DIR --cluster``
+(:func:`place`) or ``pipeline partition --cluster`` (:func:`partition`) fills
+in every process's host, endpoint, bind and metrics address.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import subprocess
 import sys
 import time
@@ -17,10 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
 from pipeline import process
 from pipeline import topology as topo
-from pipeline.launch import PORT_FLOOR, Cluster, ephemeral_range
+from pipeline.launch import Cluster
 from tests.netns import Network
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,48 +39,35 @@ with grpc.insecure_channel(sys.argv[1]) as ch:
 """
 
 
-def place_on_hosts(directory: Path, placement: Mapping[str, str], *, seed: int | None = None) -> topo.Topology:
-    """Rewrite ``DIR/topology.yaml`` so each process (``ingress`` or a shard) runs on its host address.
+def cluster_file(net: Network, path: Path, *, speed: float = 1.0, bandwidth: str = "1Gbit", latency: str = "0.1ms") -> Path:
+    """A cluster file naming the namespaces' hosts (``h1``.. at ``198.18.0.X``), ingress on h1, every link alike.
 
-    ``placement`` maps every process name to a host address (``198.18.0.X``).
-    Each process gets ``host``, ``endpoint`` (``tcp://ADDRESS:PORT``), ``bind``
-    (``tcp://0.0.0.0:PORT``) and ``metrics``; the ingress also its ``grpc``
-    address and ``results`` endpoint. Ports are drawn at random (distinct on the
-    whole machine): the namespaces are fresh, so nothing else holds them.
+    ``speed`` below 1 makes a toy model's microseconds of compute weigh like a real
+    model's milliseconds, so that spreading it over the hosts pays (the planner
+    rightly keeps a model cheaper than its transfers on one host).
     """
-    t = topo.load(directory)
-    missing = sorted(set(t.processes_on(None)) - set(placement))
-    if missing:
-        raise ValueError(f"expected a host for every process, none given for {missing}")
-    # below the ephemeral range: an outgoing connection from the same namespace cannot hold one of them
-    ports = iter(random.Random(seed).sample(range(PORT_FLOOR, ephemeral_range()[0]), 3 * len(placement) + 4))
+    lines = ["version: 1", "hosts:"]
+    lines += [f"- {{name: {h.name}, address: {h.address}, speed: {speed}}}" for h in net.hosts]
+    lines += [f"ingress: {net.hosts[0].name}", "links:", f"  default: {{bandwidth: {bandwidth}, latency: {latency}}}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
-    def where(name: str) -> tuple[str, int]:
-        return placement[name], next(ports)
 
-    shards = []
-    for s in t.shards:
-        address, port = where(s.name)
-        shards.append(
-            dataclasses.replace(
-                s,
-                host=address,
-                endpoint=f"tcp://{address}:{port}",
-                bind=f"tcp://0.0.0.0:{port}",
-                metrics=f"{address}:{next(ports)}",
-            )
-        )
-    address, port = where(topo.INGRESS)
-    ingress = dataclasses.replace(
-        t.ingress,
-        host=address,
-        grpc=f"{address}:{next(ports)}",
-        results=f"tcp://{address}:{port}",
-        bind=f"tcp://0.0.0.0:{port}",
-        metrics=f"{address}:{next(ports)}",
-    )
-    t.replace(shards=tuple(shards), ingress=ingress).write(directory)
+def place(directory: Path, cluster: Path, *args: str, timeout_s: float = 300.0) -> topo.Topology:
+    """``pipeline place DIR --cluster FILE [ARGS]``: the planner chooses each shard's host; the placed topology."""
+    result = subprocess.run(
+        process.pipeline_command("place", str(directory), "--cluster", str(cluster), *args),
+        capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, f"place failed\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return topo.load(directory)
+
+
+def hosts_of(t: topo.Topology) -> dict[str, str]:
+    """Process name -> the host name (``h1``...) its placed topology gives it (from the recorded cluster)."""
+    from pipeline.cluster import host_names
+
+    return host_names(t)
 
 
 @dataclasses.dataclass
@@ -156,7 +143,7 @@ def counts(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 
 def partition(source: str | Path, out: Path, *args: str, timeout_s: float = 900.0) -> Path:
-    """``pipeline partition SOURCE ... --out OUT --no-verify`` (placement follows, by :func:`place_on_hosts`)."""
+    """``pipeline partition SOURCE ... --out OUT --no-verify`` (with ``--cluster FILE`` among ``args``: placed too)."""
     result = subprocess.run(
         [*process.pipeline_command("partition", str(source), *args, "--out", str(out), "--no-verify")],
         capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,

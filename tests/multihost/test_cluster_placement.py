@@ -20,22 +20,14 @@ from tests.netns import Network
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cluster_file(net: Network, path: Path) -> Path:
-    lines = ["version: 1", "hosts:"]
-    # the toy model's compute is a few microseconds, less than moving 1 KB over 1 Gbit, so on hosts of speed
-    # 1.0 the planner rightly keeps it on one host; speed 0.001 makes it weigh like a real model (milliseconds)
-    lines += [f"- {{name: {h.name}, address: {h.address}, speed: 0.001}}" for h in net.hosts]
-    lines += ["ingress: h1", "links:", "  default: {bandwidth: 1Gbit, latency: 0.1ms}"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.mark.timeout(900)
 def test_a_join_placed_by_the_planner_answers_bitwise(make_network: Callable[[int], Network], tmp_path: Path) -> None:
     net = make_network(3)
     directory = join_directory(tmp_path)
     replay = mh.record(directory, tmp_path / "replay.npz", 8)
-    cluster = _cluster_file(net, tmp_path / "cluster.yaml")
+    # the toy model's compute is a few microseconds, less than moving 1 KB over 1 Gbit, so on hosts of speed
+    # 1.0 the planner rightly keeps it on one host; speed 0.001 makes it weigh like a real model (milliseconds)
+    cluster = mh.cluster_file(net, tmp_path / "cluster.yaml", speed=0.001)
     r = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "place", str(directory), "--cluster", str(cluster)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,

@@ -36,8 +36,9 @@ TESTS = Path(__file__).resolve().parents[1]
 DEADLINE_S = 3.0
 #: a comparison under load accepts this much (dynamic batching may change the last bits); references must differ by far more.
 TOLERANCE = 1e-5
-#: the join pipeline: inception cut in 3 (shard0, shard1 -> shard2, which also takes the image).
-JOIN_PLACEMENT = {topo.INGRESS: "h1", "shard0": "h2", "shard1": "h3", "shard2": "h2"}
+#: the toy models' compute is microseconds; at this relative speed it weighs like a real model's, so that the
+#: planner spreads them over the hosts (see tests/multihost/hosts.cluster_file).
+TOY_SPEED = 0.001
 
 
 def _model_file(directory: Path, builder: str) -> Path:
@@ -55,8 +56,25 @@ def join_directory(base: Path) -> Path:
     return mh.partition(source, base / "inception", "--cut", "branch_a", "--cut", "branch_b2")
 
 
-def placement_on(net: Network, placement: dict[str, str]) -> dict[str, str]:
-    return {name: net.host(h).address for name, h in placement.items()}
+def placed_join(net: Network, base: Path, *place_args: str) -> tuple[topo.Topology, dict[str, str]]:
+    """The join model cut by hand, its hosts chosen by ``pipeline place --cluster`` (the namespaces' addresses)."""
+    directory = join_directory(base)
+    cluster = mh.cluster_file(net, base / "cluster.yaml", speed=TOY_SPEED)
+    t = mh.place(directory, cluster, *place_args)
+    hosts = mh.hosts_of(t)
+    assert hosts[topo.INGRESS] == "h1", hosts
+    assert len(set(hosts.values())) >= 2, f"the planner kept the join on one host, nothing crosses a link: {hosts}"
+    return t, hosts
+
+
+def remote_producer(run: mh.MultiHost) -> str:
+    """A shard on another host than the ingress's whose output another shard takes (a join's producer if any)."""
+    t = run.topology
+    consumed = {name for s in t.shards for name in s.inputs}
+    remote = [s for s in t.shards if run.hosts[s.name] != run.ingress_host]
+    assert remote, f"every shard is on the ingress's host: {run.hosts}"
+    producers = [s.name for s in remote if set(s.output_names) & consumed]
+    return (producers or [s.name for s in remote])[0]
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +94,11 @@ def network3() -> Iterator[Network]:
 
 @pytest.fixture(scope="module")
 def join_pipeline(network3: Network, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[mh.MultiHost, Path]]:
-    """The join model over h1 (ingress), h2 (shard0, shard2) and h3 (shard1), and a replay of 24 requests."""
+    """The join model placed over the three hosts by ``pipeline place --cluster``, and a replay of 24 requests."""
     base = tmp_path_factory.mktemp("join3")
-    directory = join_directory(base)
-    replay = mh.record(directory, base / "replay.npz", 24)
-    t = mh.place_on_hosts(directory, placement_on(network3, JOIN_PLACEMENT))
-    run = mh.MultiHost(network3, t, base / "logs", JOIN_PLACEMENT, worker_args=["--threads", "1"])
+    t, hosts = placed_join(network3, base)
+    replay = mh.record(t.directory, base / "replay.npz", 24)
+    run = mh.MultiHost(network3, t, base / "logs", hosts, worker_args=["--threads", "1"])
     try:
         run.start()
         yield run, replay
@@ -138,7 +155,7 @@ def test_a_remote_worker_killed_and_restarted_under_load(join_pipeline: tuple[mh
     run, replay = join_pipeline
     assert run.cluster is not None
     _spread_ok(replay, TOLERANCE)
-    victim = "shard1"  # on h3: an entry shard and a producer of the join on h2
+    victim = remote_producer(run)  # on another host than the ingress's, feeding another shard
     out = tmp_path / "kill.jsonl"
 
     def fault() -> tuple[float, float]:
@@ -146,7 +163,7 @@ def test_a_remote_worker_killed_and_restarted_under_load(join_pipeline: tuple[mh
         run.cluster.stop_process(victim, signal.SIGKILL)
         time.sleep(2.0)
         run.cluster.start_process(victim)
-        mh.wait(run.ready, 300, f"{victim} to be up again on h3")
+        mh.wait(run.ready, 300, f"{victim} to be up again on {run.hosts[victim]}")
         return killed, time.time()
 
     before = _pids(run)
@@ -176,14 +193,15 @@ def test_a_link_down_for_seconds_under_load_errors_within_deadlines_and_recovers
     net = run.network
     out = tmp_path / "link.jsonl"
     down_s = 4.0
+    cut_off = run.hosts[remote_producer(run)]  # a host other than the ingress's, holding a producer
 
     def fault() -> tuple[float, float]:
         down = time.time()
-        net.link_down("h3")  # shard1's host: the join on h2 and the ingress on h1 lose it
+        net.link_down(cut_off)  # its consumers and the ingress on h1 lose it
         try:
             time.sleep(down_s)
         finally:
-            net.link_up("h3")
+            net.link_up(cut_off)
         up = time.time()
         mh.wait(run.ready, 60, "every shard up again once the link is back")
         return down, up
@@ -211,13 +229,14 @@ def test_a_link_down_for_seconds_under_load_errors_within_deadlines_and_recovers
 # ------------------------------------------------------------------ security
 @pytest.mark.timeout(900)
 def test_curve_across_three_hosts(network3: Network, tmp_path: Path) -> None:
-    directory = join_directory(tmp_path)
-    result = subprocess.run(process.pipeline_command("keys", str(directory)), capture_output=True, text=True, timeout=120)
+    # other ports than the join pipeline's, which runs on the same hosts for the whole module
+    t, hosts = placed_join(network3, tmp_path, "--base-port", "6550", "--grpc-address", f"{network3.host('h1').address}:6001")
+    result = subprocess.run(process.pipeline_command("keys", str(t.directory)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    replay = mh.record(directory, tmp_path / "replay.npz", 8)
-    t = mh.place_on_hosts(directory, placement_on(network3, JOIN_PLACEMENT))
+    t = topo.load(t.directory)
+    replay = mh.record(t.directory, tmp_path / "replay.npz", 8)
     assert t.security == "curve" and all(s.curve_public_key for s in t.shards)
-    run = mh.MultiHost(network3, t, tmp_path / "logs", JOIN_PLACEMENT, worker_args=["--threads", "1"])
+    run = mh.MultiHost(network3, t, tmp_path / "logs", hosts, worker_args=["--threads", "1"])
     try:
         run.start()
         records = run.load(replay, tmp_path / "curve.jsonl", concurrency=1, count=8, timeout=30)
@@ -231,11 +250,16 @@ def test_curve_across_three_hosts(network3: Network, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_mobilenet_v3_large_in_three_shards_over_three_hosts_answers_bitwise(network3: Network, tmp_path: Path) -> None:
-    directory = mh.partition("MobileNetV3Large", tmp_path / "mnv3", "--shards", "3", timeout_s=1200)
+    # cut and placed together by the planner, from a cluster file with the namespaces' addresses (1 Gbit links)
+    cluster = mh.cluster_file(network3, tmp_path / "cluster.yaml")
+    directory = mh.partition(
+        "MobileNetV3Large", tmp_path / "mnv3", "--cluster", str(cluster), "--shards", "3",
+        "--base-port", "7550", "--grpc-address", f"{network3.host('h1').address}:7001", timeout_s=1200,
+    )  # fmt: skip
     replay = mh.record(directory, tmp_path / "replay.npz", 4)
     t = topo.load(directory)
-    placement = {topo.INGRESS: "h1", **{s.name: f"h{i + 1}" for i, s in enumerate(t.shards)}}
-    t = mh.place_on_hosts(directory, placement_on(network3, placement))
+    placement = mh.hosts_of(t)
+    assert placement[topo.INGRESS] == "h1" and len(set(placement.values())) >= 2, placement
     run = mh.MultiHost(network3, t, tmp_path / "logs", placement)
     try:
         run.start(timeout_s=600)

@@ -7,7 +7,15 @@ import sys
 
 import pytest
 
-from tests.netns import BASE_PREFIX, Network, NetnsError, Shaping, echo, namespaces, remove_leftovers
+from tests.netns import (
+    BASE_PREFIX,
+    NetnsError,
+    Network,
+    Shaping,
+    echo,
+    namespaces,
+    remove_leftovers,
+)
 
 
 def test_hosts_reach_each_other_and_only_each_other(make_network) -> None:  # type: ignore[no-untyped-def]
@@ -89,7 +97,7 @@ def test_leftovers_of_a_dead_run_are_removed_and_a_live_run_is_kept() -> None:
 
 
 def test_without_root_or_iproute2_the_reason_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tests.netns as netns
+    from pipeline import netns
 
     monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
     assert netns.unavailable_reason() == "network namespaces need root (euid 1000)"
