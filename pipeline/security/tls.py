@@ -79,12 +79,22 @@ def open_aio_channel(
     server_name: str | None = None,
 ) -> grpc.aio.Channel:
     """:func:`open_channel` for asyncio clients (``pipeline soak``)."""
+    options, credentials = _channel_settings(options, tls, ca, cert, key, server_name)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+def _channel_settings(
+    options: Sequence[tuple[str, Any]], tls: bool, ca: str | None, cert: str | None, key: str | None, server_name: str | None
+) -> tuple[list[tuple[str, Any]], grpc.ChannelCredentials | None]:
+    """Channel options and credentials: ``None`` credentials (plaintext) unless TLS is asked for."""
     options = list(options)
     if not (tls or ca or cert or key):
-        return grpc.aio.insecure_channel(target, options=options)
+        return options, None
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
-    return grpc.aio.secure_channel(target, channel_credentials(ca, cert, key), options=options)
+    return options, channel_credentials(ca, cert, key)
 
 
 def open_channel(
@@ -98,9 +108,7 @@ def open_channel(
     server_name: str | None = None,
 ) -> grpc.Channel:
     """A channel to ``target``: TLS when asked for (``tls``, or any of ``ca``/``cert``/``key``), else plaintext."""
-    options = list(options)
-    if not (tls or ca or cert or key):
+    options, credentials = _channel_settings(options, tls, ca, cert, key, server_name)
+    if credentials is None:
         return grpc.insecure_channel(target, options=options)
-    if server_name:
-        options.append(("grpc.ssl_target_name_override", server_name))
-    return grpc.secure_channel(target, channel_credentials(ca, cert, key), options=options)
+    return grpc.secure_channel(target, credentials, options=options)

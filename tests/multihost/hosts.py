@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline import process
 from pipeline import topology as topo
+from pipeline.bench.multihost import READY_PROBE  # one probe for the bench and the tests
 from pipeline.launch import Cluster
 from tests.netns import Network
 
@@ -28,15 +29,6 @@ LOAD = Path(__file__).resolve().parent / "load.py"
 #: starting three TensorFlow processes on a busy 2-core machine.
 START_TIMEOUT_S = 300.0
 
-READY_PROBE = """
-import sys, grpc
-from pipeline.pb import grpc_service_pb2 as kpb, grpc_service_pb2_grpc as kgrpc
-with grpc.insecure_channel(sys.argv[1]) as ch:
-    try:
-        sys.exit(0 if kgrpc.GRPCInferenceServiceStub(ch).ServerReady(kpb.ServerReadyRequest(), timeout=2).ready else 1)
-    except grpc.RpcError:
-        sys.exit(1)
-"""
 
 
 def cluster_file(net: Network, path: Path, *, speed: float = 1.0, bandwidth: str = "1Gbit", latency: str = "0.1ms") -> Path:
