@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from pipeline import colocation
 from pipeline import process
 from pipeline import topology as topo
 from pipeline.errors import Unavailable
@@ -149,14 +150,13 @@ class Cluster:
         return self.topology.ingress.grpc
 
     def command(self, name: str) -> list[str]:
-        """The ``pipeline ingress`` or ``pipeline worker`` command line of one process."""
+        """The ``pipeline ingress`` or ``pipeline worker`` command line of one process (a shard, or a group of them)."""
         d = str(self.topology.directory)
         if name == topo.INGRESS:
             return process.pipeline_command("ingress", d, *self.ingress_args)
-        self.topology.shard(name)  # a clear error for an unknown shard
-        return process.pipeline_command(
-            "worker", d, "--shard", name, *self.common_worker_args, *self.worker_args.get(name, ())
-        )
+        spec = colocation.group(self.topology, name)  # a clear error for an unknown process
+        which = ["--shard", name] if spec.shards == (name,) else ["--process", name]
+        return process.pipeline_command("worker", d, *which, *self.common_worker_args, *self.worker_args.get(name, ()))
 
     def start_process(self, name: str) -> process.Process:
         """Start (or start again, after a stop or a crash) one process of the topology."""
@@ -177,7 +177,7 @@ class Cluster:
     def start(self, timeout_s: float = START_TIMEOUT_S) -> Cluster:
         """Start every process and wait until the pipeline is ready; on failure, stop what started."""
         try:
-            for name in self.topology.processes_on(None):
+            for name in colocation.process_names_on(self.topology, None):
                 self.start_process(name)
             self.wait_ready(timeout_s)
         except BaseException:

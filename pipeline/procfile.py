@@ -1,6 +1,8 @@
 """``pipeline procfile``: the Procfile lines that start a topology under honcho (or foreman).
 
-One line for the ingress and one per shard; with ``--host H``, only the
+One line for the ingress and one per worker process (a shard alone, or the
+shards that the topology's ``processes`` section groups: ``pipeline worker
+DIR --process NAME``); with ``--host H``, only the
 processes that the topology places on host H, so the same topology file
 starts the right processes on each machine. Each line ``exec``s the command,
 so the process honcho signals is the pipeline process itself (not a shell
@@ -13,6 +15,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from pipeline import colocation
 from pipeline import topology as topo
 from pipeline.errors import UsageError
 from pipeline.topology import INGRESS, Topology
@@ -26,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def lines(topology: Topology, directory: str, host: str | None = None, command: str = "pipeline") -> list[str]:
-    names = topology.processes_on(host)
+    names = colocation.process_names_on(topology, host)
     if not names:
         hosts = sorted({topology.ingress.host, *(s.host for s in topology.shards)})
         raise UsageError(f"no process of topology {topology.name!r} is placed on host {host!r}; its hosts are {hosts}")
@@ -35,8 +38,10 @@ def lines(topology: Topology, directory: str, host: str | None = None, command: 
     for name in names:
         if name == INGRESS:
             out.append(f"{INGRESS}: exec {command} ingress {d}")
-        else:
+        elif colocation.group(topology, name).shards == (name,):
             out.append(f"{name}: exec {command} worker {d} --shard {shlex.quote(name)}")
+        else:
+            out.append(f"{name}: exec {command} worker {d} --process {shlex.quote(name)}")
     return out
 
 

@@ -119,6 +119,28 @@ class ShardSpec:
 
 
 @dataclass(frozen=True)
+class ProcessSpec:
+    """Shards served by one worker process (one thread each, joined by ``inproc://``; see :mod:`pipeline.colocation`).
+
+    ``threads`` sizes the process's TensorFlow intra-op pool, shared by its shards (0: the default).
+    """
+
+    name: str
+    shards: tuple[str, ...]
+    threads: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name, "shards": list(self.shards)}
+        if self.threads:
+            data["threads"] = self.threads
+        return data
+
+
+#: ``processes: per-shard`` (or no ``processes`` key): one worker process per shard.
+PER_SHARD = "per-shard"
+
+
+@dataclass(frozen=True)
 class IngressSpec:
     grpc: str
     results: str
@@ -145,6 +167,8 @@ class Topology:
     extra: Mapping[str, Any] = field(default_factory=dict)
     #: Python modules every process that loads a shard or the whole model imports first (custom layers)
     imports: tuple[str, ...] = ()
+    #: worker processes and their shards; empty: one process per shard (``processes: per-shard``)
+    processes: tuple[ProcessSpec, ...] = ()
 
     # ----------------------------------------------------------------- lookups
     def shard(self, name: str) -> ShardSpec:
@@ -272,6 +296,8 @@ class Topology:
         }
         if self.imports:
             data["imports"] = list(self.imports)
+        if self.processes:
+            data["processes"] = [p.to_dict() for p in self.processes]
         data.update(self.extra)
         return data
 
@@ -300,6 +326,7 @@ _KNOWN_KEYS = {
     "shards",
     "tensors",
     "imports",
+    "processes",
 }
 
 
@@ -396,6 +423,7 @@ def from_dict(data: Mapping[str, Any], *, directory: Path, where: str = TOPOLOGY
         heartbeat_interval_s=float(data.get("heartbeat_interval_s", 0.5)),
         extra=extra,
         imports=tuple(imports),
+        processes=_processes_from(data.get("processes"), where),
     )
 
 
@@ -487,6 +515,28 @@ def validate(topology: Topology, *, check_files: bool = True) -> None:
             raise TopologyError(
                 f"{where}: shard {shard.name!r} batching {shard.batching}; expected max_batch >= 1 and max_delay_ms >= 0"
             )
+    from pipeline import colocation  # the processes section (its own module; it imports this one)
+
+    colocation.validate(t, where)
+
+
+def _processes_from(raw: Any, where: str) -> tuple[ProcessSpec, ...]:
+    """``processes:``: absent or ``per-shard`` -> ``()``; else a list of ``{name, shards, threads?}``."""
+    if raw is None or raw == PER_SHARD:
+        return ()
+    if not isinstance(raw, list):
+        raise TopologyError(f"{where}: 'processes' should be {PER_SHARD!r} or a list of {{name, shards}}, received {raw!r}")
+    out = []
+    for i, p in enumerate(raw):
+        pwhere = f"{where} processes[{i}]"
+        if not isinstance(p, dict):
+            raise TopologyError(f"{pwhere}: expected a mapping with name and shards, received {p!r}")
+        shards = _require(p, "shards", list, pwhere)
+        threads = p.get("threads", 0)
+        if not isinstance(threads, int) or threads < 0:
+            raise TopologyError(f"{pwhere} ({p.get('name')!r}): threads is {threads!r}; expected an integer >= 1 (or absent)")
+        out.append(ProcessSpec(name=_require(p, "name", str, pwhere), shards=tuple(map(str, shards)), threads=threads))
+    return tuple(out)
 
 
 def _validate_masks(t: Topology, where: str, produced: Mapping[str, str]) -> None:

@@ -51,8 +51,10 @@ def start_worker(
 ) -> WorkerProcess:
     """Start one worker (in ``netns``, behind ``wrap``: e.g. ``faketime``), its output in a log under ``log_dir``."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_LOG_LEVEL": "info", **(env or {})}
+    # a session of its own only behind a wrapper (whose child must get the signals too): as before, a plain
+    # worker stays in the test's session
     return process.start(
-        shard, worker_command(directory, shard, *extra), log_dir, env=full_env, netns=netns, wrap=wrap
+        shard, worker_command(directory, shard, *extra), log_dir, env=full_env, netns=netns, wrap=wrap, group=bool(wrap)
     )
 
 

@@ -12,7 +12,11 @@ test). Sections:
    one thread;
 4. the hop: a tensor through encode, send, receive and decode against a bare
    ZeroMQ multipart hop of the same bytes;
-5. where the time goes in one request (the timing spans).
+5. where the time goes in one request (the timing spans);
+6. co-location (``--only colocation``, not in the default set: it starts four
+   servers one after another): local, one process per shard, shards
+   co-located in one process, and a real Triton via PyTriton, through one load
+   generator (:mod:`pipeline.bench.colocation`).
 
 The pipeline runs from a copy of the topology on fresh ports (``launch``),
 started and stopped by the bench, so a pipeline already running from the same
@@ -47,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sections", default="latency,throughput,parallel,hop,curve,spans", help="which sections to run (comma-separated)"
     )
+    p.add_argument("--only", metavar="SECTION", default=None, help="run this one section (e.g. colocation), whatever --sections says")
+    p.add_argument("--rounds", type=int, default=1, help="colocation: serve each configuration this many times in turn, keep the best")
     p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     p.add_argument("--chart", type=Path, default=None, help="draw the ratios beside their goals in this PNG")
     p.add_argument("--logs", type=Path, default=None, help="keep the pipeline's process logs here")
@@ -56,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.partition.source import quiet_tensorflow
 
     quiet_tensorflow()
-    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    sections = {args.only} if args.only else {s.strip() for s in args.sections.split(",") if s.strip()}
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     source = topo.load(args.directory)
@@ -82,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
             from pipeline.wire.security import bench_curve
 
             report["curve"] = bench_curve(nbytes=1 << 20, hops=200)
+        if "colocation" in sections:
+            from pipeline.bench.colocation import bench_colocation
+
+            report["colocation"] = bench_colocation(source, work, logs, args.requests, args.threads, args.rounds)
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
@@ -315,6 +325,10 @@ def render(r: dict[str, Any]) -> str:
             f"  CurveZMQ                                              {c['curve_ms']:6.2f}   x{c['ratio']:.2f}",
             "",
         ]
+    if "colocation" in r:
+        from pipeline.bench.colocation import render as render_colocation
+
+        lines += [*render_colocation(r["colocation"]), ""]
     s = r.get("spans")
     if s:
         lines.append("where the time goes in one request (median ms)")

@@ -73,6 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "must be importable on every host, see docs/CUSTOM_LAYERS.md)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--colocate",
+        action="store_true",
+        help="run the shards of each host in one process (threads joined by inproc://; topology 'processes' section)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the exactness check at the end")
     p.add_argument("--list-ops", action="store_true", help="print every operation (the names --cut takes) and exit")
 
@@ -124,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         plan_batch=args.plan_batch,
         slack=args.slack,
         force=args.force,
+        colocate=args.colocate,
         verify=not args.no_verify,
         unsafe=args.unsafe,
         imports=imports,
@@ -164,6 +170,7 @@ def partition(
     plan_batch: int | None = None,
     slack: float = DEFAULT_SLACK,
     force: bool = False,
+    colocate: bool = False,
     verify: bool = True,
     unsafe: bool = False,
     imports: tuple[str, ...] = (),
@@ -270,6 +277,10 @@ def partition(
                 },
             },
         )
+        if colocate:  # a cluster file should default to this (pipeline.colocation.colocate, one process per host)
+            from pipeline import colocation
+
+            topology = colocation.colocate(topology)
         topology.write(tmp)
         if verify:
             from pipeline.partition.verify import verify_directory

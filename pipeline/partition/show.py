@@ -22,6 +22,15 @@ def run(args: argparse.Namespace) -> int:
         plan = topology.extra.get("plan") or {}
         text = plan_table(plan.get("shards", []), name=topology.name, operations=plan.get("operations"), batch=plan.get("batch"))
         text += "\n" + weights_lines(topology.extra.get("weights"))
+        from pipeline import colocation
+
+        groups = colocation.describe(topology)
+        if colocation.is_grouped(topology):
+            text += "\nprocesses (shards of one process: threads joined by inproc://):\n" + "\n".join(
+                f"  {name}: {', '.join(shards)}" for name, shards in groups.items()
+            )
+        else:
+            text += "\nprocesses: one per shard"
     elif args.format == "dot":
         text = to_dot(topology)
     else:

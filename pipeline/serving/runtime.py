@@ -39,6 +39,8 @@ DEFAULT_WARMUP_CALLS = 2
 TF_LOG_LEVEL = "2"
 
 log = get_logger("pipeline.runtime")
+#: the thread counts this process's TensorFlow was configured with (its pools are per process)
+_CONFIGURED: tuple[int, int] | None = None
 
 
 def quiet_tensorflow() -> None:
@@ -52,9 +54,13 @@ def configure_tensorflow(intra_op_threads: int, inter_op_threads: int) -> None:
     quiet_tensorflow()
     import tensorflow as tf
 
+    global _CONFIGURED
+    if _CONFIGURED == (intra_op_threads, inter_op_threads):
+        return  # the shards of one process share its pools: the first configures them for all
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
         tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+        _CONFIGURED = (intra_op_threads, inter_op_threads)
     except RuntimeError as exc:  # TensorFlow already initialised in this process: keep its pools
         log.warning("tensorflow_threads_not_set", reason=str(exc))
     try:

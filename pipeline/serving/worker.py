@@ -55,6 +55,7 @@ import grpc
 import psutil
 import zmq
 
+from pipeline import colocation
 from pipeline import log as plog
 from pipeline import topology as topo
 from pipeline.errors import ComputeError, InvalidInput, PipelineError, UsageError
@@ -92,6 +93,8 @@ STATS_WINDOW = 256
 LIVE_STALL_S = 10.0
 #: wait for the compute thread to end after the drain.
 COMPUTE_JOIN_TIMEOUT_S = 0.3
+#: shards of one process load and warm up one at a time (Keras's loading and tracing keep global state).
+_LOAD_LOCK = threading.Lock()
 
 ENV_PREFIX = "PIPELINE_"
 
@@ -126,6 +129,11 @@ class WorkerConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", metavar="DIR", type=Path, help="topology directory (holding topology.yaml)")
     parser.add_argument("--shard", metavar="NAME", help="the shard to serve (env PIPELINE_SHARD)")
+    parser.add_argument(
+        "--process",
+        metavar="NAME",
+        help="serve every shard of this process of the topology's 'processes' section, one thread each (env PIPELINE_PROCESS)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -334,9 +342,10 @@ class _ComputeThread(threading.Thread):
         started = time.monotonic()
         try:
             configure_tensorflow(self.config.threads, self.config.inter_threads)
-            self.runtime = ShardRuntime.load(self.topology, self.config.shard, unsafe=self.config.unsafe)
-            loaded = time.monotonic()
-            self.runtime.warm_up(self.config.warmup_calls, self.config.max_batch)
+            with _LOAD_LOCK:
+                self.runtime = ShardRuntime.load(self.topology, self.config.shard, unsafe=self.config.unsafe)
+                loaded = time.monotonic()
+                self.runtime.warm_up(self.config.warmup_calls, self.config.max_batch)
         except BaseException as exc:  # reported by the network loop, which exits with the error's code
             self.failure = exc
             self.wake()
@@ -455,7 +464,9 @@ class Worker:
         self._next_sweep_ns = 0
         self._last_turn = time.monotonic()  # for the liveness probe
         self._ingress_reachable = True
-        self.pull: zmq.Socket | None = None
+        self.pull: zmq.Socket | None = None  # the first of ``pulls``
+        #: PULL sockets: TCP for producers in other processes, inproc for shards of this one (pipeline.colocation)
+        self.pulls: list[zmq.Socket] = []
         self.push: dict[str, zmq.Socket] = {}
         self.links: security.Links | None = None  # CURVE keys and ZAP allow-list (security: curve)
         self.poller = zmq.Poller()
@@ -473,7 +484,12 @@ class Worker:
         self._open()
         self.metrics.start(self.config.metrics)
         self.compute.start()
-        log.info("worker_listening", shard=self.name, bind=self.config.bind, consumers=sorted(self.routes))
+        log.info(
+            "worker_listening",
+            shard=self.name,
+            bind=[p.getsockopt(zmq.LAST_ENDPOINT).decode() for p in self.pulls],
+            consumers=sorted(self.routes),
+        )
         try:
             while not self._stop_requested:
                 self._turn()
@@ -485,20 +501,26 @@ class Worker:
     def _open(self) -> None:
         try:
             self.links = security.open_links(self.ctx, self.topology, self.name, self.config.keys_dir or None, self.drops)
-            self.pull = sockets.pull(self.ctx, self.config.bind, configure=self.links.server)
+            binds = colocation.binds(self.topology, self.name, self.config.bind)
+            if binds.tcp:
+                self.pulls.append(sockets.pull(self.ctx, binds.tcp, configure=self.links.server))
+            if binds.inproc:  # never leaves the process: no CURVE (docs/SECURITY.md)
+                self.pulls.append(sockets.pull(self.ctx, binds.inproc))
+            self.pull = self.pulls[0]
             for consumer in [*self.routes, *([] if topo.INGRESS in self.routes else [topo.INGRESS])]:
-                self.push[consumer] = sockets.push(
-                    self.ctx, self.topology.endpoint_of(consumer), configure=self.links.client(consumer)
-                )
+                endpoint = colocation.link_endpoint(self.topology, self.name, consumer)
+                configure = None if colocation.is_inproc(endpoint) else self.links.client(consumer)
+                self.push[consumer] = sockets.push(self.ctx, endpoint, configure=configure)
         except BaseException:
             self._close()
             raise
-        self.poller.register(self.pull, zmq.POLLIN)
+        for pull in self.pulls:
+            self.poller.register(pull, zmq.POLLIN)
         self.poller.register(self._wake_r, zmq.POLLIN)
 
     def _close(self) -> None:
         self.metrics.close()
-        for sock in [self.pull, *self.push.values()]:
+        for sock in [*self.pulls, *self.push.values()]:
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
         if self.links is not None:
@@ -543,8 +565,9 @@ class Worker:
             raise self._load_failure()
         self._flush_errors()
         self._collect_done()
-        if self.pull in events:
-            self._read_messages()
+        for pull in self.pulls:
+            if pull in events:
+                self._read_messages(pull)
         now = dl.now_ns()
         self._sweep(now)
         self._dispatch(now)
@@ -570,7 +593,7 @@ class Worker:
 
     def _more_waiting(self, now: int) -> bool:
         """Messages wait on the socket, or an upstream shard said more of its batch is on the way."""
-        if self.pull is not None and self.pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if any(not p.closed and p.getsockopt(zmq.EVENTS) & zmq.POLLIN for p in self.pulls):
             return True
         return any(n > 0 and until > now for n, until in self._followers.values())
 
@@ -592,11 +615,10 @@ class Worker:
         return UsageError(f"shard {self.name!r} could not be loaded: {type(exc).__name__}: {exc}")
 
     # -------------------------------------------------------------- intake
-    def _read_messages(self) -> None:
-        assert self.pull is not None
+    def _read_messages(self, pull: zmq.Socket) -> None:
         for _ in range(MAX_RECV_PER_TURN):
             try:
-                message = codec.recv(self.pull, self.drops, flags=zmq.NOBLOCK, on_drop=self._on_drop, masks=self.masks)
+                message = codec.recv(pull, self.drops, flags=zmq.NOBLOCK, on_drop=self._on_drop, masks=self.masks)
             except zmq.Again:
                 return
             self.stats.messages_in += 1
@@ -880,17 +902,17 @@ class Worker:
         log.info("worker_stopping", shard=self.name, pending_joins=len(self.join), queued=len(self.batcher), in_flight=len(self._in_flight))
         # 1. stop intake; answer what is already queued in the socket
         refused: set[int] = set()
-        assert self.pull is not None
-        for _ in range(sockets.DEFAULT_BOUNDS.recv_hwm * 2):
-            try:
-                message = codec.recv(self.pull, self.drops, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self.stats.messages_in += 1
-            if message is not None and message.envelope.kind == pb.REQUEST:
-                refused.add(message.envelope.request_id)
-        self.poller.unregister(self.pull)
-        self.pull.close(linger=0)
+        for pull in self.pulls:
+            for _ in range(sockets.DEFAULT_BOUNDS.recv_hwm * 2):
+                try:
+                    message = codec.recv(pull, self.drops, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.stats.messages_in += 1
+                if message is not None and message.envelope.kind == pb.REQUEST:
+                    refused.add(message.envelope.request_id)
+            self.poller.unregister(pull)
+            pull.close(linger=0)
         # 2. requests still waiting for parts cannot complete now
         refused.update(self.join.clear())
         for rid in sorted(refused):
@@ -936,7 +958,17 @@ def run(args: argparse.Namespace) -> int:
     quiet_tensorflow()
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # unbuffered enough for honcho's interleaved output
+    if getattr(args, "process", None) or os.environ.get(ENV_PREFIX + "PROCESS"):
+        from pipeline.serving import group
+
+        return group.run(args)
     config, topology = load_config(args)
+    owner = colocation.process_of(topology, config.shard)
+    if len(owner.shards) > 1:
+        raise UsageError(
+            f"shard {config.shard!r} runs in process {owner.name!r} with {list(owner.shards)} (the topology's 'processes'); "
+            f"its links to them are inproc, so start them together: pipeline worker {args.directory} --process {owner.name}"
+        )
     if config.cpus:
         os.sched_setaffinity(0, config.cpus)  # before any thread starts: TensorFlow's and ZeroMQ's inherit it
     plog.configure(config.log_level, process=config.shard)

@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="TensorFlow intra-op threads for the reference (default: the workers' default, 1). The last bits of "
+        help="TensorFlow intra-op threads for the reference (default: the workers' default: 1, or with co-located "
+        "shards their process's pool, one thread per CPU unless the topology says). The last bits of "
         "a convolution depend on it, so a bitwise reference uses the workers' count",
     )
     p.add_argument(
@@ -71,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     quiet_tensorflow()
     from pipeline.serving.runtime import DEFAULT_INTER_OP_THREADS, DEFAULT_INTRA_OP_THREADS, configure_tensorflow
 
-    configure_tensorflow(args.threads or DEFAULT_INTRA_OP_THREADS, DEFAULT_INTER_OP_THREADS)
+    from pipeline.colocation import worker_threads
+
+    configure_tensorflow(args.threads or worker_threads(topology) or DEFAULT_INTRA_OP_THREADS, DEFAULT_INTER_OP_THREADS)
     model = load_keras_file(
         topology.model_path,
         unsafe=args.unsafe or bool(topology.extra.get("unsafe", False)),

@@ -30,11 +30,12 @@ def _run(*args: str, **kw) -> subprocess.CompletedProcess[str]:
 
 
 def test_procfile_in_repo_matches_generated_lines(tmp_path: Path) -> None:
-    """The committed Procfile is what `pipeline procfile` writes for the default topology's shape."""
+    """The committed Procfile is what `pipeline procfile` writes for the default topology's shape (bin/run:
+    4 shards co-located in one worker process)."""
     from pipeline.procfile import lines
     from pipeline.topology import load
 
-    r = _run("partition", "mobilenet_v3_large", "--shards", "4", "--out", str(tmp_path / "mobilenet_v3_large"), "--no-verify")
+    r = _run("partition", "mobilenet_v3_large", "--shards", "4", "--colocate", "--out", str(tmp_path / "mobilenet_v3_large"), "--no-verify")
     assert r.returncode == 0, r.stderr
     generated = lines(load(tmp_path / "mobilenet_v3_large"), "topology/mobilenet_v3_large")
     assert (ROOT / "Procfile").read_text().splitlines() == generated
@@ -44,7 +45,8 @@ def test_honcho_start_serves_exact_answers(tmp_path: Path) -> None:
     (grpc_port,) = free_ports(1)
     target = f"127.0.0.1:{grpc_port}"
     topo_dir = tmp_path / "mobilenet_v3_large"
-    r = _run("partition", "mobilenet_v3_large", "--shards", "4", "--out", str(topo_dir), "--grpc-address", target, "--no-verify")
+    # as bin/run makes it: the 4 shards co-located in one worker process (one Procfile line for them)
+    r = _run("partition", "mobilenet_v3_large", "--shards", "4", "--colocate", "--out", str(topo_dir), "--grpc-address", target, "--no-verify")
     assert r.returncode == 0, r.stderr
     procfile = tmp_path / "Procfile"
     r = _run("procfile", str(topo_dir), "--out", str(procfile))
@@ -73,7 +75,8 @@ def test_honcho_start_serves_exact_answers(tmp_path: Path) -> None:
         from tests.answers import mismatches
 
         # the references come from the whole model, compiled and with the workers' thread count (both move
-        # the last bits), by the command a user runs; one file of single samples, one of 2-sample requests
+        # the last bits; `record` takes the co-located process's pool by default), by the command a user
+        # runs; one file of single samples, one of 2-sample requests
         for batch in (1, 2):
             r = _run("record", str(topo_dir), "--count", "8", "--batch", str(batch), "--seed", str(batch), "--out", str(tmp_path / f"r{batch}.npz"))
             assert r.returncode == 0, r.stderr
@@ -99,5 +102,6 @@ def test_honcho_start_serves_exact_answers(tmp_path: Path) -> None:
     text = (tmp_path / "honcho.log").read_text()
     # every process stopped on its own within honcho's budget (none had to be killed), with status 0
     assert "SIGKILL" not in text, text[-3000:]
-    for name in ("ingress", "shard0", "shard1", "shard2", "shard3"):
+    for name in ("ingress", "workers"):
         assert f"{name}.1 stopped (rc=0)" in text, text[-3000:]
+    assert text.count('"worker_stopped"') == 4, text[-3000:]  # every shard of the process drained

@@ -15,7 +15,9 @@ ingress sends ``x`` to both; ``j`` joins them and answers ``out = x + a``.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,9 +60,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def faketime_env(offset: str) -> dict[str, str]:
-    """Environment that shifts a process's wall clock by ``offset`` (e.g. ``+30s``) and leaves its monotonic clock alone."""
-    return {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+def faketime_env(offset: str, *, monotonic_too: bool = False) -> dict[str, str]:
+    """Environment that shifts a process's wall clock by ``offset`` (e.g. ``+30s``).
+
+    libfaketime 0.9.10 moves CLOCK_MONOTONIC too by default (to a wall-clock-like value); with
+    ``FAKETIME_DONT_FAKE_MONOTONIC=1`` only the wall clock moves, which is the case that broke absolute
+    deadlines. ``monotonic_too`` leaves both moved: deadlines must not care either way.
+    """
+    env = {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": offset}
+    return env if monotonic_too else {**env, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
 def send(sock: zmq.Socket, rid: int, x: np.ndarray, budget_s: float) -> None:
@@ -121,9 +129,11 @@ class Skewed:
             sock.close(linger=0)
 
 
-@pytest.fixture(params=["+30s", "-30s"], ids=["ahead", "behind"])
+@pytest.fixture(
+    params=[("+30s", False), ("-30s", False), ("+30s", True)], ids=["ahead", "behind", "ahead-monotonic-moved-too"]
+)
 def skewed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Skewed]]:
-    offset: str = request.param
+    offset, monotonic_too = request.param
     sockdir = Path(tempfile.mkdtemp(prefix="sk-", dir="/tmp"))  # ipc paths must stay short
     ctx = zmq.Context()
     ingress = FakeIngress(ctx).start()
@@ -132,7 +142,7 @@ def skewed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
     try:
         topology = build(tmp_path, sockdir, ingress.endpoint)
         workers["s1"] = start_worker(tmp_path, "s1", tmp_path)
-        workers["j"] = start_worker(tmp_path, "j", tmp_path, env=faketime_env(offset))
+        workers["j"] = start_worker(tmp_path, "j", tmp_path, env=faketime_env(offset, monotonic_too=monotonic_too))
         fleet = Skewed(ctx, topology, ingress, workers)
         for name in workers:
             wait_until(
@@ -155,9 +165,6 @@ def test_faketime_shifts_pythons_wall_clock_and_not_its_monotonic_one() -> None:
     """The environment the test uses really moves ``time.time()`` (and, with DONT_FAKE_MONOTONIC, nothing else)."""
     probe = "import time; print(time.time(), time.monotonic())"
     for offset, sign in (("+30s", 1), ("-30s", -1)):
-        import os
-        import subprocess
-
         before_wall, before_mono = time.time(), time.monotonic()
         out = subprocess.run(
             [sys.executable, "-c", probe], env={**os.environ, **faketime_env(offset)}, capture_output=True, text=True, timeout=60, check=True
@@ -165,6 +172,10 @@ def test_faketime_shifts_pythons_wall_clock_and_not_its_monotonic_one() -> None:
         wall, mono = float(out[0]), float(out[1])
         assert abs((wall - before_wall) - sign * SKEW_S) < 10, (offset, wall - before_wall)
         assert 0 <= mono - before_mono < 10, (offset, mono - before_mono)  # the monotonic clock is the real one
+    moved = subprocess.run(
+        [sys.executable, "-c", probe], env={**os.environ, **faketime_env("+30s", monotonic_too=True)}, capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    assert abs(float(moved[1]) - time.monotonic()) > 1000, "libfaketime was expected to move the monotonic clock too by default"
 
 
 def test_answers_stay_correct_and_deadlines_stay_enforced_with_a_skewed_clock(skewed: tuple[str, Skewed]) -> None:

@@ -86,3 +86,13 @@ def test_leftovers_of_a_dead_run_are_removed_and_a_live_run_is_kept() -> None:
         removed = remove_leftovers()
         assert stale in removed and stale not in namespaces()
         assert live.leftovers(), "the live run's namespaces were removed"
+
+
+def test_without_root_or_iproute2_the_reason_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tests.netns as netns
+
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    assert netns.unavailable_reason() == "network namespaces need root (euid 1000)"
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "tc" else "/usr/sbin/ip")
+    assert netns.unavailable_reason() == "'tc' (iproute2) is not installed"

@@ -1,0 +1,200 @@
+"""Shards that share a process: the ``processes:`` section of ``topology.yaml`` and the links it implies.
+
+A topology says which shards run in one worker process::
+
+    processes:                 # absent, or "per-shard": one process per shard (the default)
+    - name: workers            # the Procfile line, the `pipeline worker DIR --process NAME`
+      shards: [shard0, shard1, shard2, shard3]
+      threads: 2               # optional: the process's TensorFlow intra-op pool, shared by its shards
+
+Every shard is in exactly one process; a shard left out of a ``processes``
+list runs alone in a process named after it, so a hand-written list need only
+name the groups. The shards of one process must sit on one host.
+
+Inside a process each shard keeps its own network loop, batching, join buffer
+and sockets (:mod:`pipeline.serving.group`). A link between two shards of one
+process goes over ``inproc://shard/<consumer>`` (same wire format, no TCP
+stack, no encryption: it never leaves the process); every other link stays on
+the consumer's ``endpoint``. A shard binds its TCP endpoint only when a
+producer outside its process (the ingress, or a shard elsewhere) feeds it,
+and its ``inproc`` endpoint only when a producer inside does; a shard fed
+from both sides binds both.
+
+This module is pure logic: no sockets, no processes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from pipeline import topology as topo
+from pipeline.errors import TopologyError, UsageError
+
+#: prefix of the inproc endpoint a shard binds for producers in its own process.
+INPROC_PREFIX = "inproc://shard/"
+#: name of the one process when every shard of a topology sits on one host.
+DEFAULT_GROUP = "workers"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class Binds:
+    """Where one shard's PULL sockets bind: ``tcp`` for producers in other processes, ``inproc`` for its own."""
+
+    tcp: str | None
+    inproc: str | None
+
+
+def groups(t: topo.Topology) -> tuple[topo.ProcessSpec, ...]:
+    """Every worker process of the topology in shard order: the ``processes`` listed, plus one per shard not listed."""
+    listed = {s: p for p in t.processes for s in p.shards}
+    out: list[topo.ProcessSpec] = []
+    seen: set[str] = set()
+    for shard in t.shards:
+        p = listed.get(shard.name) or topo.ProcessSpec(name=shard.name, shards=(shard.name,))
+        if p.name not in seen:
+            seen.add(p.name)
+            out.append(p)
+    return tuple(out)
+
+
+def is_grouped(t: topo.Topology) -> bool:
+    """True when some process serves more than one shard."""
+    return any(len(p.shards) > 1 for p in t.processes)
+
+
+def process_of(t: topo.Topology, shard: str) -> topo.ProcessSpec:
+    """The process that serves ``shard``."""
+    t.shard(shard)  # a clear error for an unknown shard
+    return next(p for p in groups(t) if shard in p.shards)
+
+
+def group(t: topo.Topology, name: str) -> topo.ProcessSpec:
+    """The worker process called ``name``; :class:`UsageError` naming the processes there are."""
+    for p in groups(t):
+        if p.name == name:
+            return p
+    raise UsageError(f"no worker process named {name!r} in topology {t.name!r}; its processes are {[p.name for p in groups(t)]}")
+
+
+def process_names_on(t: topo.Topology, host: str | None) -> list[str]:
+    """Process names placed on ``host`` (all for ``None``): the ingress first, then the worker processes."""
+    names = [topo.INGRESS] if host is None or t.ingress.host == host else []
+    for p in groups(t):
+        if host is None or t.shard(p.shards[0]).host == host:
+            names.append(p.name)
+    return names
+
+
+def same_process(t: topo.Topology, a: str, b: str) -> bool:
+    """True when processes ``a`` and ``b`` (shard names or ``ingress``) are shards of one worker process."""
+    if topo.INGRESS in (a, b):
+        return False
+    return process_of(t, a).name == process_of(t, b).name
+
+
+def inproc_endpoint(shard: str) -> str:
+    return INPROC_PREFIX + shard
+
+
+def link_endpoint(t: topo.Topology, sender: str, consumer: str) -> str:
+    """Where ``sender`` connects to reach ``consumer``: inproc inside one process, the consumer's endpoint otherwise."""
+    if same_process(t, sender, consumer):
+        return inproc_endpoint(consumer)
+    return t.endpoint_of(consumer)
+
+
+def binds(t: topo.Topology, shard: str, tcp_bind: str | None = None) -> Binds:
+    """Which PULL endpoints ``shard`` binds (``tcp_bind`` overrides the topology's ``bind``)."""
+    producers = t.producers(shard)
+    local = any(same_process(t, p, shard) for p in producers)
+    remote = any(not same_process(t, p, shard) for p in producers)
+    return Binds(tcp=(tcp_bind or t.shard(shard).bind) if remote else None, inproc=inproc_endpoint(shard) if local else None)
+
+
+def is_inproc(endpoint: str) -> bool:
+    return endpoint.startswith("inproc://")
+
+
+# ------------------------------------------------------------------ making groups
+def by_host(t: topo.Topology, name: Callable[[str, int], str] | None = None) -> tuple[topo.ProcessSpec, ...]:
+    """One process per host holding every shard placed there, in shard order.
+
+    ``name(host, hosts)`` names the process of a host (default: ``workers`` when
+    there is one host, ``workers-<host>`` otherwise); the cluster planner can pass
+    its host names here.
+    """
+    hosts: dict[str, list[str]] = {}
+    for s in t.shards:
+        hosts.setdefault(s.host, []).append(s.name)
+
+    def default(host: str, count: int) -> str:
+        return DEFAULT_GROUP if count == 1 else f"{DEFAULT_GROUP}-{re.sub(r'[^A-Za-z0-9_.-]', '_', host)}"
+
+    namer = name or default
+    return tuple(topo.ProcessSpec(name=namer(h, len(hosts)), shards=tuple(names)) for h, names in hosts.items())
+
+
+def colocate(t: topo.Topology, *, threads: int = 0, name: Callable[[str, int], str] | None = None) -> topo.Topology:
+    """The topology with all shards of a host in one process (``threads``: each process's intra-op pool, 0 default)."""
+    specs = tuple(topo.ProcessSpec(p.name, p.shards, threads) for p in by_host(t, name))
+    out = t.replace(processes=specs)
+    validate(out)
+    return out
+
+
+def per_shard(t: topo.Topology) -> topo.Topology:
+    """The topology with one process per shard (today's default)."""
+    return t.replace(processes=())
+
+
+# ------------------------------------------------------------------ validation
+def validate(t: topo.Topology, where: str = topo.TOPOLOGY_FILE) -> None:
+    """Check the ``processes`` section; raise :class:`TopologyError` naming the process and the shard."""
+    shard_names = [s.name for s in t.shards]
+    owner: dict[str, str] = {}
+    names: set[str] = set()
+    for p in t.processes:
+        pwhere = f"{where}: process {p.name!r}"
+        if not _NAME.match(p.name):
+            raise TopologyError(f"{pwhere}: a process name may hold only letters, digits, '_', '.' and '-'")
+        if p.name == topo.INGRESS:
+            raise TopologyError(f"{pwhere}: {topo.INGRESS!r} is reserved for the ingress and cannot name a worker process")
+        if p.name in names:
+            raise TopologyError(f"{pwhere}: process names must be unique; {p.name!r} appears more than once")
+        names.add(p.name)
+        if not p.shards:
+            raise TopologyError(f"{pwhere}: expected at least one shard, received none")
+        for s in p.shards:
+            if s not in shard_names:
+                raise TopologyError(f"{pwhere}: names shard {s!r}, which is not in the topology; its shards are {shard_names}")
+            if s in owner:
+                raise TopologyError(f"{pwhere}: shard {s!r} is already in process {owner[s]!r}; a shard runs in exactly one process")
+            owner[s] = p.name
+        hosts = {s: t.shard(s).host for s in p.shards}
+        if len(set(hosts.values())) > 1:
+            raise TopologyError(f"{pwhere}: its shards must sit on one host, received {hosts}")
+    for p in t.processes:
+        if p.name in shard_names and owner.get(p.name) != p.name:
+            where_it_runs = f"process {owner[p.name]!r}" if p.name in owner else "a process of its own (it is not listed)"
+            raise TopologyError(
+                f"{where}: process {p.name!r} has the name of shard {p.name!r}, which runs in {where_it_runs}; "
+                "a process may take a shard's name only when it serves that shard"
+            )
+
+
+def worker_threads(t: topo.Topology) -> int:
+    """The intra-op threads the workers' processes run with by default: 0 for one process per shard (the worker's
+    own default), else the largest pool of a grouped process (``threads``, or one per CPU). A reference computed
+    with this count matches the co-located shards bitwise, one request at a time."""
+    import os
+
+    pools = [p.threads or len(os.sched_getaffinity(0)) for p in t.processes if len(p.shards) > 1]
+    return max(pools, default=0)
+
+
+def describe(t: topo.Topology) -> Mapping[str, tuple[str, ...]]:
+    """Process name -> its shards (for ``pipeline show`` and logs)."""
+    return {p.name: p.shards for p in groups(t)}
