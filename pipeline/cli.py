@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("pipeline.partition.verify", "check that the shards chained reproduce the whole model"),
     "show": ("pipeline.partition.show", "print the plan table and the shard graph (DOT or Mermaid)"),
     "colocate": ("pipeline.colocate_command", "group the shards of each host into one process (or --per-shard), without re-cutting"),
+    "replicas": ("pipeline.replicas", "set the number of replicas of shards in an existing topology (e.g. shard2=3)"),
     "procfile": ("pipeline.procfile", "write the Procfile lines for a topology (or one host of it)"),
     "worker": ("pipeline.serving.worker", "run one shard worker"),
     "ingress": ("pipeline.serving.ingress", "run the KServe v2 gRPC ingress"),

@@ -78,6 +78,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run the shards of each host in one process (threads joined by inproc://; topology 'processes' section)",
     )
+    p.add_argument(
+        "--replicas",
+        action="append",
+        default=[],
+        metavar="SHARD=N",
+        help="serve SHARD with N replica processes, each with its own endpoint and metrics address (repeatable; "
+        "see pipeline/replicas.py)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the exactness check at the end")
     p.add_argument("--list-ops", action="store_true", help="print every operation (the names --cut takes) and exit")
 
@@ -101,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.custom_objects import check_module_names, import_modules
     from pipeline.partition.source import load_source
 
+    from pipeline import replicas
+
+    replica_counts = replicas.parse_counts(getattr(args, "replicas", None) or [])
     imports = check_module_names(args.imports)
     shapes = parse_input_shapes(args.input_shape)
     single_shape = shapes.pop("", None)
@@ -133,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         unsafe=args.unsafe,
         imports=imports,
+        replicas=replica_counts,
     )
     print(result.table)
     if result.warning:
@@ -174,6 +186,7 @@ def partition(
     verify: bool = True,
     unsafe: bool = False,
     imports: tuple[str, ...] = (),
+    replicas: dict[str, int] | None = None,
 ) -> PartitionResult:
     """Split ``model`` and write the topology directory ``out``; return the topology and the plan table."""
     from pipeline.partition import cost, planner
@@ -281,6 +294,12 @@ def partition(
             from pipeline import colocation
 
             topology = colocation.colocate(topology)
+        if replicas:  # new replicas get free ports on their shard's host (pipeline.replicas)
+            from pipeline import replicas as replicas_module
+
+            for shard in replicas:
+                topology.shard(shard)  # a clear error naming the shards there are
+            topology = replicas_module.with_replicas(topology, replicas)
         topology.write(tmp)
         if verify:
             from pipeline.partition.verify import verify_directory

@@ -58,6 +58,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from structlog.contextvars import bound_contextvars
 
+from pipeline import replicas
 from pipeline import topology as topo
 from pipeline.errors import (
     ComputeError,
@@ -293,8 +294,12 @@ class Ingress:
         self.routes = topology.entry_routes()
         self.output_specs = {s.name: s for s in topology.outputs}
         self.table = PendingTable(config.max_inflight)
-        self.liveness = Liveness([s.name for s in topology.shards], config.down_after_s)
-        self.processes = admin.ProcessTable([s.name for s in topology.shards])  # latest heartbeats, for the admin RPC
+        # per replica (shard2@1; a shard with one replica keeps its name), a shard up while one replica is
+        self.liveness = replicas.liveness(topology, config.down_after_s)
+        self.processes = admin.ProcessTable(list(replicas.replica_processes(topology)))  # latest heartbeats, for the admin RPC
+        #: entry shard -> its replicas' process names and the router that picks one per request (pipeline.replicas)
+        self._replicas = {s: replicas.process_names(topology.shard(s)) for s in self.routes}
+        self._routers = {s: replicas.Router(names) for s, names in self._replicas.items()}
         self.retried = 0
         self.recorder: Any = None  # a pipeline.soak.replay.ReplayRecorder with --record
         self.stats = Stats()
@@ -331,14 +336,15 @@ class Ingress:
             raise UsageError(f"cannot bind the results endpoint {cfg.results_bind!r}: {exc}") from None
         self.results_endpoint = self._pull.getsockopt(zmq.LAST_ENDPOINT).decode()
         for shard in self.routes:
-            endpoint = self.topology.shard(shard).endpoint
-            push = self._push[shard] = sockets.push(self._ctx, endpoint, bounds, configure=self.links.client(shard))
-            self.liveness.set_connected(shard, False)
-            self._monitors[shard] = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-            # the factory connects at once; connect again now that the monitor is attached, so the
-            # handshake with a shard that is already up cannot happen before anyone listens for it
-            push.disconnect(endpoint)
-            push.connect(endpoint)
+            for name, replica in zip(self._replicas[shard], self.topology.shard(shard).replicas):
+                endpoint = replica.endpoint
+                push = self._push[name] = sockets.push(self._ctx, endpoint, bounds, configure=self.links.client(shard))
+                self.liveness.set_connected(name, False)
+                self._monitors[name] = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+                # the factory connects at once; connect again now that the monitor is attached, so the
+                # handshake with a shard that is already up cannot happen before anyone listens for it
+                push.disconnect(endpoint)
+                push.connect(endpoint)
 
         server = grpc.aio.server(
             options=[
@@ -592,6 +598,13 @@ class Ingress:
                 sent_ns=time.time_ns(),
             )
             frames = codec.encode(envelope, {n: decoded.inputs[n] for n in names})
+            # a replica that is up, the same one for this request id in every producer (pipeline.replicas)
+            replica_names = self._replicas[shard]
+            router = self._routers[shard]
+            pick = router.pick(rid, lambda i: self.liveness.is_up(replica_names[i]))
+            pick = router.order(rid)[0] if pick is None else pick
+            router.sent[pick] += 1
+            shard = replica_names[pick]
             sock = self._push[shard]
             try:
                 try:
