@@ -74,7 +74,7 @@ from pipeline.pb import grpc_service_pb2 as kpb
 from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc
 from pipeline.serving import admin, kserve, parse_guard
 from pipeline.serving import metrics as prom
-from pipeline.serving.pending import Liveness, PendingTable
+from pipeline.serving.pending import PendingTable
 from pipeline.security import tls
 from pipeline.wire import codec, security, sockets
 from pipeline.wire import deadline as dl
