@@ -42,6 +42,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -291,6 +293,52 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ids the ingress draws at most for one attempt (one replica of two down: one in 2**-31 needs more).
+MAX_ID_TRIES = 32
+
+
+def choose_id(
+    next_id: Callable[[], int],
+    routers: Iterable[Router],
+    is_up: Callable[[str], bool],
+    load: Callable[[str], float] | None = None,
+    tries: int = MAX_ID_TRIES,
+) -> int:
+    """A request id whose first rendezvous choice is up for every replicated shard (the ingress's liveness), and
+    with ``load``, the less loaded of two such ids (power of two choices: the sum of the chosen replicas' loads).
+
+    The producers after the ingress route by the first choice alone, so the ingress, which hears every replica's
+    heartbeats, decides through the id; after ``tries`` ids it returns the last one (its request then fails with
+    a retryable ``UNAVAILABLE`` at a producer that cannot reach the replica).
+    """
+    routers = [r for r in routers if len(r.names) > 1]
+    if not routers:
+        return next_id()
+    found: list[tuple[float, int]] = []
+    rid = 0
+    for _ in range(tries):
+        rid = next_id()
+        chosen = [r.names[r.order(rid)[0]] for r in routers]
+        if all(is_up(name) for name in chosen):
+            if load is None:
+                return rid
+            found.append((sum(load(name) for name in chosen), rid))
+            if len(found) == 2:
+                break
+    return min(found)[1] if found else rid
+
+
+#: how a worker's ERROR names the replica it could not reach (the ingress counts it down: ``suspect``).
+UNREACHABLE = "cannot reach replica {name!r}"
+_UNREACHABLE_RE = re.compile(r"cannot reach replica '([^']+)'")
+
+
+def unreachable_in(message: str) -> str | None:
+    """The replica an ERROR message says a worker could not reach (``UNREACHABLE``), or ``None``."""
+    found = _UNREACHABLE_RE.search(message)
+    return found.group(1) if found else None
+
+
 # ----------------------------------------------------------------- processes
 def expand(t: topo.Topology, names: Iterable[str]) -> list[str]:
     """Process names (``colocation.process_names_on``) with every replicated shard replaced by its replicas."""
@@ -331,14 +379,43 @@ class ReplicaLiveness(_liveness_base()):  # type: ignore[misc]
     def __init__(self, groups: Mapping[str, Sequence[str]], down_after_s: float) -> None:
         super().__init__([name for names in groups.values() for name in names], down_after_s)
         self.groups = {shard: list(names) for shard, names in groups.items()}
+        #: replica -> until when (monotonic s) it counts as down: a worker reported it could not reach it
+        self._suspect: dict[str, float] = {}
+
+    def suspect(self, name: str, now: float | None = None) -> None:
+        """A producer could not reach replica ``name``: count it down for ``down_after_s`` (its heartbeats may still
+        be fresh, e.g. while a restarted replica's producers reconnect, or just before its heartbeats stop)."""
+        if self.knows(name):
+            self._suspect[name] = (time.monotonic() if now is None else now) + self.down_after_s
+
+    def is_up(self, shard: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if self._suspect.get(shard, 0.0) > now:
+            return False
+        return super().is_up(shard, now)
+
+    def went_down(self, now: float | None = None) -> list[str]:
+        """Replicas that stopped being up by their heartbeats or connection (edge-triggered); a suspect replica
+        does not end the requests in flight (those sent to it fail at the producer and are retried)."""
+        now = time.monotonic() if now is None else now
+        saved, self._suspect = self._suspect, {}
+        try:
+            return super().went_down(now)
+        finally:
+            self._suspect = saved
 
     def replicas_not_up(self, now: float | None = None) -> dict[str, str]:
         """Every replica that is not up, with its reason."""
-        return super().not_up(now)
+        now = time.monotonic() if now is None else now
+        reasons = super().not_up(now)
+        for name, until in self._suspect.items():
+            if until > now and name not in reasons:
+                reasons[name] = "a producer could not reach it"
+        return reasons
 
     def not_up(self, now: float | None = None) -> dict[str, str]:
         """Shards none of whose replicas is up, each with the reason (per replica when it has several)."""
-        reasons = super().not_up(now)
+        reasons = self.replicas_not_up(now)
         out: dict[str, str] = {}
         for shard, names in self.groups.items():
             if all(n in reasons for n in names):

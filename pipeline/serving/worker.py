@@ -487,6 +487,9 @@ class Worker:
         self.routers: dict[str, replicas.Router] = {}
         #: a replicated shard binds its TCP endpoint once warm, so producers route to it only when it can compute
         self._bind_when_warm: str | None = None
+        #: replicated consumers this shard alone feeds (no join: it may fall back to another replica)
+        self._sole_consumer = {c for c in self.routes if c != topo.INGRESS and list(topology.producers(c)) == [self.name]}
+        self._target = ""  # the process a message is being sent to (for the error when it cannot be)
         self.links: security.Links | None = None  # CURVE keys and ZAP allow-list (security: curve)
         self.poller = zmq.Poller()
 
@@ -898,15 +901,20 @@ class Worker:
             env.spans.extend(spans)
             env.budget_ns = dl.budget(r.deadline_ns, dl.now_ns())  # what is left of it, as the next hop's budget
             env.sent_ns = time.time_ns()
+            self._target = consumer
             try:
                 codec.send(self._socket_for(consumer, r.request_id), env, {n: outputs[n] for n in names}, flags=zmq.NOBLOCK)
             except zmq.Again:
+                target = (
+                    f"{consumer!r} at {self.topology.endpoint_of(consumer)}"
+                    if self._target == consumer
+                    else replicas.UNREACHABLE.format(name=self._target).removeprefix("cannot reach ")
+                )
                 self._fail(
                     r.request_id,
                     r.model,
                     grpc.StatusCode.UNAVAILABLE,
-                    f"shard {self.name!r} cannot reach {consumer!r} at {self.topology.endpoint_of(consumer)}: "
-                    "not connected, or its queue is full",
+                    f"shard {self.name!r} cannot reach {target}: not connected, or its queue is full",
                     spans=spans,
                 )
                 return
@@ -919,9 +927,12 @@ class Worker:
         if socks is None:
             return self.push[consumer]
         router = self.routers[consumer]
-        i = router.pick(request_id, lambda k: bool(socks[k].getsockopt(zmq.EVENTS) & zmq.POLLOUT))
-        if i is None:
-            raise zmq.Again()
+        order = router.order(request_id)
+        i = order[0]  # the ingress chose the id so that this replica is up (replicas.choose_id)
+        if not socks[i].getsockopt(zmq.EVENTS) & zmq.POLLOUT and consumer in self._sole_consumer:
+            # this worker is the shard's only producer: no other part to meet, the next live replica will do
+            i = next((k for k in order if socks[k].getsockopt(zmq.EVENTS) & zmq.POLLOUT), i)
+        self._target = router.names[i]
         router.sent[i] += 1
         return socks[i]
 

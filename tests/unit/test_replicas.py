@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import random
 from pathlib import Path
@@ -177,3 +178,37 @@ def test_replica_liveness_is_per_shard_up_while_one_replica_is(tmp_path: Path) -
     live.beat("shard1@1", True, 11, now=101.4)
     assert "shard1" not in live.not_up(now=101.5)
     assert live.went_down(now=101.5) == ["shard0", "shard1@0", "shard2"]  # edges per replica
+
+
+def test_the_ingress_chooses_ids_whose_replicas_are_up_and_less_loaded() -> None:
+    routers = [replicas.Router(["a@0", "a@1"]), replicas.Router(["b@0", "b@1", "b@2"]), replicas.Router(["c"])]
+    ids = iter(range(1, 10_000))
+    up = {"a@0", "b@1", "b@2"}
+    for _ in range(300):
+        rid = replicas.choose_id(lambda: next(ids), routers, lambda n: n in up)
+        assert routers[0].names[routers[0].order(rid)[0]] == "a@0" and routers[1].order(rid)[0] in (1, 2)
+    # power of two choices: with b@2 far busier, most ids go to b@1 (not all: only two are compared)
+    load = {"a@0": 0.0, "b@1": 0.0, "b@2": 50.0}
+    picks = collections.Counter(
+        routers[1].names[routers[1].order(replicas.choose_id(lambda: next(ids), routers, lambda n: n in up, load.get))[0]]
+        for _ in range(600)
+    )
+    assert picks["b@1"] > 2 * picks["b@2"] > 0, picks
+    # nothing up: the last id drawn (its request fails fast at a producer and is retried)
+    assert replicas.choose_id(lambda: next(ids), routers, lambda n: False) > 0
+    assert replicas.unreachable_in("shard 's0' cannot reach replica 'b@1': not connected") == "b@1"
+    assert replicas.unreachable_in("shard 's0' cannot reach 'b' at tcp://x:1") is None
+
+
+def test_a_suspect_replica_is_down_for_routing_but_ends_nothing(tmp_path: Path) -> None:
+    t = _load(_with_two(_data()), tmp_path)
+    live = replicas.liveness(t, down_after_s=1.0)
+    for name in ("shard0", "shard1@0", "shard1@1", "shard2"):
+        live.beat(name, True, 10, now=100.0)
+    assert live.went_down(now=100.1) == []
+    live.suspect("shard1@1", now=100.1)
+    assert not live.is_up("shard1@1", now=100.2) and live.is_up("shard1@0", now=100.2)
+    assert live.replicas_not_up(now=100.2) == {"shard1@1": "a producer could not reach it"}
+    assert live.went_down(now=100.2) == []  # requests in flight are not ended for a suspicion
+    live.beat("shard1@1", True, 10, now=100.9)
+    assert live.is_up("shard1@1", now=101.2)  # the suspicion lasts down_after_s
