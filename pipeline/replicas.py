@@ -339,6 +339,11 @@ def unreachable_in(message: str) -> str | None:
     return found.group(1) if found else None
 
 
+#: a producer's sockets to replicas retry a connection this often (ms): a replica that binds once warm, or
+#: restarts, is reachable from every producer within it (ZeroMQ's default backs off to the topology's 1 s).
+RECONNECT_MS = 100
+
+
 # ----------------------------------------------------------------- processes
 def expand(t: topo.Topology, names: Iterable[str]) -> list[str]:
     """Process names (``colocation.process_names_on``) with every replicated shard replaced by its replicas."""
@@ -414,8 +419,9 @@ class ReplicaLiveness(_liveness_base()):  # type: ignore[misc]
         return reasons
 
     def not_up(self, now: float | None = None) -> dict[str, str]:
-        """Shards none of whose replicas is up, each with the reason (per replica when it has several)."""
-        reasons = self.replicas_not_up(now)
+        """Shards none of whose replicas is up, each with the reason (per replica when it has several); a suspicion
+        only steers routing, it does not take a shard out of the ingress's readiness."""
+        reasons = super().not_up(now)
         out: dict[str, str] = {}
         for shard, names in self.groups.items():
             if all(n in reasons for n in names):

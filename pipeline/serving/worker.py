@@ -537,7 +537,7 @@ class Worker:
                 if consumer != topo.INGRESS and self.topology.shard(consumer).extra_replicas:
                     target = self.topology.shard(consumer)
                     self.replica_push[consumer] = [
-                        sockets.push(self.ctx, r.endpoint, configure=configure) for r in target.replicas
+                        sockets.push(self.ctx, r.endpoint, configure=_reconnect_fast(configure)) for r in target.replicas
                     ]
                     self.routers[consumer] = replicas.Router(replicas.process_names(target))
                     self.push[consumer] = self.replica_push[consumer][0]
@@ -1012,6 +1012,17 @@ class Worker:
             pass
         self.compute.join(COMPUTE_JOIN_TIMEOUT_S)
         log.info("worker_stopped", shard=self.name, drain_ms=round((dl.now_ns() - started) / 1e6, 1))
+
+
+def _reconnect_fast(configure: Callable[[zmq.Socket], None] | None) -> Callable[[zmq.Socket], None]:
+    """``configure`` plus a short reconnect interval (a replica binds once warm: pipeline.replicas.RECONNECT_MS)."""
+
+    def apply(sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, replicas.RECONNECT_MS)
+        if configure is not None:
+            configure(sock)
+
+    return apply
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
