@@ -9,10 +9,10 @@ sockets), run on a thread of its own; they share the process's one
 TensorFlow's thread pools belong to the process, not to a shard: the intra-op
 pool is sized once (``--threads`` over ``PIPELINE_THREADS`` over the process's
 ``threads`` in the topology over the CPUs the process may use) and shared by
-every shard. With one intra-op thread, concurrent calls from several shards
-queue on it, so the shards hardly overlap (measured 1.08x the work of one
-core with four MobileNetV3Large shards; 2.2x with two threads on two cores):
-one thread per core is the default.
+every shard, one thread per CPU by default so that the shards share the cores
+instead of each bringing a pool (measured with four MobileNetV3Large shards on
+2 cores, in the same minute: 1.08 shards' worth of work at once with one
+intra-op thread, 2.22 with two; docs/BENCHMARKS.md has the other runs).
 
 Lifecycle: the shards load one at a time and each reports ready on its own.
 SIGTERM/SIGINT drain every shard at once (each as a single worker does).
