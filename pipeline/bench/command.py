@@ -92,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
             from pipeline.bench.colocation import bench_colocation
 
             report["colocation"] = bench_colocation(source, work, logs, args.requests, args.threads, args.rounds)
+        if "replicas" in sections:
+            from pipeline.bench.replicas import bench_replicas
+
+            report["replicas"] = bench_replicas(source, work, logs, args.requests, args.rounds)
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
@@ -325,6 +329,10 @@ def render(r: dict[str, Any]) -> str:
             f"  CurveZMQ                                              {c['curve_ms']:6.2f}   x{c['ratio']:.2f}",
             "",
         ]
+    if "replicas" in r:
+        from pipeline.bench.replicas import render as render_replicas
+
+        lines += [*render_replicas(r["replicas"]), ""]
     if "colocation" in r:
         from pipeline.bench.colocation import render as render_colocation
 
