@@ -18,14 +18,15 @@ from pipeline import topology as topo
 
 
 def bottleneck(t: topo.Topology) -> str:
-    """The shard the plan estimates slowest (``plan.shards[].cost`` or ``flops``), else the middle shard."""
+    """The shard the plan estimates slowest (``plan.shards[].estimated_ms``), else the middle shard."""
     rows = (t.extra.get("plan") or {}).get("shards") or []
     costs: dict[str, float] = {}
     for row in rows:
-        if isinstance(row, dict) and row.get("name") in {s.name for s in t.shards}:
-            for key in ("cost_ms", "cost", "flops", "compute_ms"):
+        name = row.get("shard", row.get("name")) if isinstance(row, dict) else None
+        if name in {s.name for s in t.shards}:
+            for key in ("estimated_ms", "share"):
                 if isinstance(row.get(key), (int, float)):
-                    costs[str(row["name"])] = float(row[key])
+                    costs[str(name)] = float(row[key])
                     break
     if costs:
         return max(costs, key=lambda k: costs[k])

@@ -212,3 +212,20 @@ def test_a_suspect_replica_is_down_for_routing_but_ends_nothing(tmp_path: Path) 
     assert live.went_down(now=100.2) == []  # requests in flight are not ended for a suspicion
     live.beat("shard1@1", True, 10, now=100.9)
     assert live.is_up("shard1@1", now=101.2)  # the suspicion lasts down_after_s
+
+
+def test_deploy_refuses_replicas_it_cannot_write_yet(tmp_path: Path) -> None:
+    from pipeline.deploy.command import _no_replicas
+
+    _no_replicas(_load(_data(), tmp_path), "kubernetes")  # one replica each: fine
+    with pytest.raises(UsageError, match=r"shards \{'shard1': 2\} have several replicas.*kubernetes generator"):
+        _no_replicas(_load(_with_two(_data()), tmp_path), "kubernetes")
+
+
+def test_procfile_has_a_line_per_replica(tmp_path: Path) -> None:
+    from pipeline.procfile import lines
+
+    out = lines(_load(_with_two(_data()), tmp_path), "DIR")
+    assert "shard1_r1: exec pipeline worker DIR --shard shard1 --replica 1" in out
+    assert "shard1_r0: exec pipeline worker DIR --shard shard1 --replica 0" in out
+    assert "shard0: exec pipeline worker DIR --shard shard0" in out and len(out) == 5
