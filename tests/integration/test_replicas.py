@@ -198,3 +198,49 @@ def test_bad_replica_input_is_a_clear_error(replicated, tmp_path: Path) -> None:
     (bad / topo.TOPOLOGY_FILE).write_text(yaml.safe_dump(data))
     out = pipeline("procfile", str(bad))
     assert out.returncode != 0 and "shard 'shard2' has replicas: 0; expected at least 1" in out.stderr, out.stderr
+
+
+# ------------------------------------------------------------------ a middle shard fed by one worker
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topo.Topology, Cluster, replay.Replay]]:
+    """``tests.models.sequential`` in 3 shards, the middle one (fed by ``shard0`` alone) in two replicas."""
+    import subprocess
+
+    from soak.helpers_soak import TESTS, env
+
+    root = tmp_path_factory.mktemp("replicas-chain")
+    model = root / "sequential.keras"
+    subprocess.run(
+        [sys.executable, "-c", f"import models; models.sequential().save({str(model)!r})"],
+        cwd=TESTS, env=env(), check=True, timeout=180, capture_output=True,
+    )  # fmt: skip
+    check(pipeline("partition", str(model), "--cut", "s1", "--cut", "s2", "--out", str(root / "source"), "--no-verify", "--replicas", "shard1=2"))
+    t = relocate(root / "source", root / "run")
+    assert [len(s.replicas) for s in t.shards] == [1, 2, 1] and list(t.producers("shard1")) == ["shard0"]
+    out = root / "r.npz"
+    check(pipeline("record", str(t.directory), "--count", "16", "--batch", "1", "--seed", "3", "--threads", THREADS, "--out", str(out)))
+    cluster = Cluster(t, root / "logs", common_worker_args=["--threads", THREADS])
+    try:
+        cluster.start(START_S)
+        yield t, cluster, replay.load(out)
+    finally:
+        cluster.stop()
+
+
+def test_a_middle_shard_in_two_replicas(chain) -> None:  # type: ignore[no-untyped-def]
+    t, cluster, file = chain
+    inputs = [q.inputs for q in file.requests]
+    references = [q.outputs for q in file.requests]
+    assert mismatches(cluster.target, t.name, inputs, references, tolerance=0.0, concurrency=1) == []
+    tolerance = file.tolerance or 1e-6
+    assert mismatches(cluster.target, t.name, inputs * 20, references * 20, tolerance=tolerance, concurrency=12) == []
+    for name in ("shard1@0", "shard1@1"):
+        assert _computed(cluster.target, name) > 0, f"{name} computed nothing"
+    routed = _processes(cluster.target)["shard0"].stats
+    assert routed["routed.shard1@0"] > 0 and routed["routed.shard1@1"] > 0, dict(routed)
+    # the sole producer routes around a replica that is gone: stop one (SIGTERM), every answer still right
+    cluster.stop_process("shard1@1")
+    _wait(lambda: not _processes(cluster.target)["shard1@1"].up, "shard1@1 reported down")
+    assert mismatches(cluster.target, t.name, inputs * 4, references * 4, tolerance=tolerance, concurrency=8) == []
+    cluster.start_process("shard1@1")
+    _wait(lambda: _processes(cluster.target)["shard1@1"].up, "shard1@1 back", START_S)
