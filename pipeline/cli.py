@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show": ("pipeline.partition.show", "print the plan table and the shard graph (DOT or Mermaid)"),
     "place": ("pipeline.partition.place", "place an existing topology's shards on the hosts of a cluster file, without re-cutting"),
     "colocate": ("pipeline.colocate_command", "group the shards of each host into one process (or --per-shard), without re-cutting"),
+    "replicas": ("pipeline.replicas", "set the number of replicas of shards in an existing topology (e.g. shard2=3)"),
     "procfile": ("pipeline.procfile", "write the Procfile lines for a topology (or one host of it)"),
     "worker": ("pipeline.serving.worker", "run one shard worker"),
     "ingress": ("pipeline.serving.ingress", "run the KServe v2 gRPC ingress"),

@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline import colocation
 from pipeline import process
+from pipeline import replicas
 from pipeline import topology as topo
 from pipeline.errors import Unavailable
 
@@ -84,12 +85,18 @@ def relocate(source: Path, dest: Path, host: str = "127.0.0.1") -> topo.Topology
     """Copy the topology in ``source`` to ``dest`` with fresh ports on ``host``; return the copy."""
     t = topo.load(source)
     dest.mkdir(parents=True, exist_ok=True)
-    ports = iter(free_ports(2 * len(t.shards) + 3, host))
+    ports = iter(free_ports(2 * sum(len(s.replicas) for s in t.shards) + 3, host))
     shards = []
     for s in t.shards:
         endpoint = f"tcp://{host}:{next(ports)}"
+        extra = []
+        for _ in s.extra_replicas:
+            rep = f"tcp://{host}:{next(ports)}"
+            extra.append(topo.ReplicaSpec(endpoint=rep, bind=rep, host=host, metrics=f"{host}:{next(ports)}"))
         shards.append(
-            dataclasses.replace(s, endpoint=endpoint, bind=endpoint, host=host, metrics=f"{host}:{next(ports)}")
+            dataclasses.replace(
+                s, endpoint=endpoint, bind=endpoint, host=host, metrics=f"{host}:{next(ports)}", extra_replicas=tuple(extra)
+            )
         )
         _link(t.directory / s.file, dest / s.file)
     results = f"tcp://{host}:{next(ports)}"
@@ -155,8 +162,10 @@ class Cluster:
         d = str(self.topology.directory)
         if name == topo.INGRESS:
             return process.pipeline_command("ingress", d, *self.ingress_args)
-        spec = colocation.group(self.topology, name)  # a clear error for an unknown process
-        which = ["--shard", name] if spec.shards == (name,) else ["--process", name]
+        which = replicas.worker_selector(self.topology, name)  # a replica: --shard S --replica K
+        if which is None:
+            spec = colocation.group(self.topology, name)  # a clear error for an unknown process
+            which = ["--shard", name] if spec.shards == (name,) else ["--process", name]
         return process.pipeline_command("worker", d, *which, *self.common_worker_args, *self.worker_args.get(name, ()))
 
     def _per_process(self, table: Mapping[str, Any], name: str) -> Any:
@@ -188,7 +197,7 @@ class Cluster:
     def start(self, timeout_s: float = START_TIMEOUT_S) -> Cluster:
         """Start every process and wait until the pipeline is ready; on failure, stop what started."""
         try:
-            for name in colocation.process_names_on(self.topology, None):
+            for name in replicas.expand(self.topology, colocation.process_names_on(self.topology, None)):
                 self.start_process(name)
             self.wait_ready(timeout_s)
         except BaseException:

@@ -16,6 +16,7 @@ import shlex
 from pathlib import Path
 
 from pipeline import colocation
+from pipeline import replicas
 from pipeline import topology as topo
 from pipeline.errors import UsageError
 from pipeline.topology import INGRESS, Topology
@@ -44,8 +45,11 @@ def lines(topology: Topology, directory: str, host: str | None = None, command: 
         )
     d = shlex.quote(directory)
     out = []
-    for name in names:
-        if name == INGRESS:
+    for name in replicas.expand(topology, names):
+        selector = replicas.worker_selector(topology, name)
+        if selector is not None:
+            out.append(f"{name.replace(replicas.SEPARATOR, '_r')}: exec {command} worker {d} {shlex.join(selector)}")
+        elif name == INGRESS:
             out.append(f"{INGRESS}: exec {command} ingress {d}")
         elif colocation.group(topology, name).shards == (name,):
             out.append(f"{name}: exec {command} worker {d} --shard {shlex.quote(name)}")

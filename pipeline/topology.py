@@ -101,6 +101,19 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class ReplicaSpec:
+    """Where one replica of a shard listens (its own endpoint, bind, host and metrics address)."""
+
+    endpoint: str
+    bind: str
+    host: str
+    metrics: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_empty({"endpoint": self.endpoint, "bind": self.bind, "host": self.host, "metrics": self.metrics})
+
+
+@dataclass(frozen=True)
 class ShardSpec:
     name: str
     file: str
@@ -112,6 +125,13 @@ class ShardSpec:
     metrics: str = ""
     batching: Batching = field(default_factory=Batching)
     curve_public_key: str = ""
+    #: replicas 1..N-1 (replica 0 is the shard's own endpoint, bind, host and metrics); see :mod:`pipeline.replicas`
+    extra_replicas: tuple[ReplicaSpec, ...] = ()
+
+    @property
+    def replicas(self) -> tuple[ReplicaSpec, ...]:
+        """Every replica of the shard, replica 0 first (one replica unless ``replicas:`` says more)."""
+        return (ReplicaSpec(self.endpoint, self.bind, self.host, self.metrics), *self.extra_replicas)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -285,6 +305,7 @@ class Topology:
                         "batching": s.batching.to_dict(),
                         "inputs": list(s.inputs),
                         "outputs": [{"name": o.name, "consumers": list(o.consumers)} for o in s.outputs],
+                        "replicas": [r.to_dict() for r in s.replicas] if s.extra_replicas else None,
                     }
                 )
                 for s in self.shards
@@ -404,6 +425,7 @@ def from_dict(data: Mapping[str, Any], *, directory: Path, where: str = TOPOLOGY
                     max_delay_ms=float(batching.get("max_delay_ms", Batching.max_delay_ms)),
                 ),
                 curve_public_key=str(s.get("curve_public_key", "")),
+                extra_replicas=_replicas_from(s.get("replicas"), endpoint, swhere, str(s.get("name"))),
             )
         )
     extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
@@ -450,6 +472,9 @@ def validate(topology: Topology, *, check_files: bool = True) -> None:
         raise TopologyError(f"{where}: every process needs its own endpoint, received {endpoints}")
     for endpoint in endpoints:
         check_endpoint(endpoint, where)
+    from pipeline import replicas  # replicas of a shard (its own module; it imports this one)
+
+    replicas.validate(t, where)
 
     position = {s.name: i for i, s in enumerate(t.shards)}
     produced: dict[str, str] = {name: INGRESS for name in t.input_names}
@@ -518,6 +543,41 @@ def validate(topology: Topology, *, check_files: bool = True) -> None:
     from pipeline import colocation  # the processes section (its own module; it imports this one)
 
     colocation.validate(t, where)
+
+
+def _replicas_from(raw: Any, endpoint: str, where: str, shard: str) -> tuple[ReplicaSpec, ...]:
+    """``replicas:`` absent or 1 -> ``()``; else a list of N ``{endpoint, bind?, host?, metrics?}``, the first the shard's own."""
+    if raw is None or raw == 1:
+        return ()
+    if isinstance(raw, bool) or isinstance(raw, int):
+        if raw < 1:
+            raise TopologyError(f"{where}: shard {shard!r} has replicas: {raw}; expected at least 1")
+        raise TopologyError(
+            f"{where}: shard {shard!r} has replicas: {raw} without their addresses; expected a list of "
+            f"{{endpoint, metrics}} (one per replica, the first the shard's own), e.g. written by "
+            f"`pipeline replicas DIR {shard}={raw}`, which picks free ports"
+        )
+    if not isinstance(raw, list) or not raw:
+        raise TopologyError(f"{where}: shard {shard!r} has replicas: {raw!r}; expected a list of {{endpoint, metrics}} (at least one)")
+    out = []
+    for k, r in enumerate(raw):
+        rwhere = f"{where} replicas[{k}] (shard {shard!r})"
+        if not isinstance(r, dict):
+            raise TopologyError(f"{rwhere}: expected a mapping with an endpoint, received {r!r}")
+        rep = _require(r, "endpoint", str, rwhere)
+        out.append(
+            ReplicaSpec(
+                endpoint=rep,
+                bind=str(r.get("bind") or bind_address(rep)),
+                host=str(r.get("host") or endpoint_host(rep)),
+                metrics=str(r.get("metrics", "")),
+            )
+        )
+    if out[0].endpoint != endpoint:
+        raise TopologyError(
+            f"{where}: shard {shard!r} replicas[0] has endpoint {out[0].endpoint!r}; expected the shard's own {endpoint!r}"
+        )
+    return tuple(out[1:])
 
 
 def _processes_from(raw: Any, where: str) -> tuple[ProcessSpec, ...]:

@@ -46,7 +46,7 @@ from pipeline.serving import kserve
 
 
 #: every section ``--sections``/``--only`` accepts (``multihost`` is not in the default list: it needs root).
-KNOWN_SECTIONS = {"latency", "throughput", "parallel", "hop", "curve", "spans", "colocation", "multihost"}
+KNOWN_SECTIONS = {"latency", "throughput", "parallel", "hop", "curve", "spans", "colocation", "multihost", "replicas"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
                 heterogeneous=not args.no_heterogeneous,
             )
             report["multihost"] = bench_multihost(source, work, logs / "multihost", options)
+        if "replicas" in sections:
+            from pipeline.bench.replicas import bench_replicas
+
+            report["replicas"] = bench_replicas(source, work, logs, args.requests, args.rounds)
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
@@ -351,6 +355,10 @@ def render(r: dict[str, Any]) -> str:
             f"  CurveZMQ                                              {c['curve_ms']:6.2f}   x{c['ratio']:.2f}",
             "",
         ]
+    if "replicas" in r:
+        from pipeline.bench.replicas import render as render_replicas
+
+        lines += [*render_replicas(r["replicas"]), ""]
     if "colocation" in r:
         from pipeline.bench.colocation import render as render_colocation
 

@@ -101,6 +101,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     grouping.add_argument(
         "--per-shard", dest="colocate", action="store_const", const=False, help="one process per shard (the default without --cluster)"
     )
+    p.add_argument(
+        "--replicas",
+        action="append",
+        default=[],
+        metavar="SHARD=N",
+        help="serve SHARD with N replica processes, each with its own endpoint and metrics address (repeatable; "
+        "see pipeline/replicas.py)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the exactness check at the end")
     p.add_argument("--list-ops", action="store_true", help="print every operation (the names --cut takes) and exit")
 
@@ -133,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.custom_objects import check_module_names, import_modules
     from pipeline.partition.source import load_source
 
+    from pipeline import replicas
+
+    replica_counts = replicas.parse_counts(getattr(args, "replicas", None) or [])
     imports = check_module_names(args.imports)
     shapes = parse_input_shapes(args.input_shape)
     single_shape = shapes.pop("", None)
@@ -167,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         imports=imports,
         cluster=cluster,
         objective=args.objective or "throughput",
+        replicas=replica_counts,
     )
     print(result.table)
     if result.warning:
@@ -210,6 +222,7 @@ def partition(
     imports: tuple[str, ...] = (),
     cluster: Cluster | None = None,
     objective: str = "throughput",
+    replicas: dict[str, int] | None = None,
 ) -> PartitionResult:
     """Split ``model`` and write the topology directory ``out``; return the topology and the plan table.
 
@@ -337,10 +350,15 @@ def partition(
             topology = placement.record_placement(topology, placed, cluster)
         if colocate or (colocate is None and cluster is not None):  # with a cluster file: one process per host by default
             from pipeline import colocation
-
             from pipeline.cluster import worker_process_namer
 
             topology = colocation.colocate(topology, name=worker_process_namer(cluster) if cluster is not None else None)
+        if replicas:  # new replicas get free ports on their shard's host (pipeline.replicas)
+            from pipeline import replicas as replicas_module
+
+            for shard in replicas:
+                topology.shard(shard)  # a clear error naming the shards there are
+            topology = replicas_module.with_replicas(topology, replicas)
         topology.write(tmp)
         if verify:
             from pipeline.partition.verify import verify_directory

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import psutil
 
+from pipeline import replicas
 from pipeline import topology as topo
 from pipeline.pb import admin_pb2 as apb
 from pipeline.pb import admin_pb2_grpc as apb_grpc
@@ -120,14 +121,14 @@ class AdminServicer(apb_grpc.PipelineAdminServicer):
         )
         for key, value in ingress_stats(ing).items():
             me.stats[key] = float(value)
-        not_up = ing.liveness.not_up(now)
+        not_up = getattr(ing.liveness, "replicas_not_up", ing.liveness.not_up)(now)  # per replica (pipeline.replicas)
         table: ProcessTable = ing.processes
         for shard in table.shards:
             seen = table.get(shard)
             entry = response.processes.add(name=shard, role="shard", up=shard not in not_up, state=not_up.get(shard, "up"))
             if seen is None:
                 entry.heartbeat_age_s = -1.0
-                entry.metrics = ing.topology.shard(shard).metrics
+                entry.metrics = replicas.metrics_of(ing.topology, shard)
                 continue
             hb = seen.heartbeat
             entry.host = hb.host
@@ -135,7 +136,7 @@ class AdminServicer(apb_grpc.PipelineAdminServicer):
             entry.ready = hb.ready
             entry.rss_bytes = hb.rss_bytes
             entry.heartbeat_age_s = max(0.0, now - seen.at)
-            entry.metrics = hb.metrics or ing.topology.shard(shard).metrics
+            entry.metrics = hb.metrics or replicas.metrics_of(ing.topology, shard)
             entry.heartbeats = seen.count
             entry.restarts = seen.restarts
             for key, value in hb.stats.items():

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import json
 import os
@@ -58,6 +59,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from structlog.contextvars import bound_contextvars
 
+from pipeline import replicas
 from pipeline import topology as topo
 from pipeline.errors import (
     ComputeError,
@@ -73,7 +75,7 @@ from pipeline.pb import grpc_service_pb2 as kpb
 from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc
 from pipeline.serving import admin, kserve, parse_guard
 from pipeline.serving import metrics as prom
-from pipeline.serving.pending import Liveness, PendingTable
+from pipeline.serving.pending import PendingTable
 from pipeline.security import tls
 from pipeline.wire import codec, security, sockets
 from pipeline.wire import deadline as dl
@@ -293,8 +295,15 @@ class Ingress:
         self.routes = topology.entry_routes()
         self.output_specs = {s.name: s for s in topology.outputs}
         self.table = PendingTable(config.max_inflight)
-        self.liveness = Liveness([s.name for s in topology.shards], config.down_after_s)
-        self.processes = admin.ProcessTable([s.name for s in topology.shards])  # latest heartbeats, for the admin RPC
+        # per replica (shard2@1; a shard with one replica keeps its name), a shard up while one replica is
+        self.liveness = replicas.liveness(topology, config.down_after_s)
+        self.processes = admin.ProcessTable(list(replicas.replica_processes(topology)))  # latest heartbeats, for the admin RPC
+        #: entry shard -> its replicas' process names and the router that picks one per request (pipeline.replicas)
+        self._replicas = {s: replicas.process_names(topology.shard(s)) for s in self.routes}
+        self._routers = {s: replicas.Router(names) for s, names in self._replicas.items()}
+        #: every replicated shard's router: the ingress picks ids whose replicas are up and less loaded
+        self._replicated = [replicas.Router(replicas.process_names(s)) for s in topology.shards if s.extra_replicas]
+        self._sent_since_beat: collections.Counter[str] = collections.Counter()  # requests routed since its heartbeat
         self.retried = 0
         self.recorder: Any = None  # a pipeline.soak.replay.ReplayRecorder with --record
         self.stats = Stats()
@@ -331,14 +340,15 @@ class Ingress:
             raise UsageError(f"cannot bind the results endpoint {cfg.results_bind!r}: {exc}") from None
         self.results_endpoint = self._pull.getsockopt(zmq.LAST_ENDPOINT).decode()
         for shard in self.routes:
-            endpoint = self.topology.shard(shard).endpoint
-            push = self._push[shard] = sockets.push(self._ctx, endpoint, bounds, configure=self.links.client(shard))
-            self.liveness.set_connected(shard, False)
-            self._monitors[shard] = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-            # the factory connects at once; connect again now that the monitor is attached, so the
-            # handshake with a shard that is already up cannot happen before anyone listens for it
-            push.disconnect(endpoint)
-            push.connect(endpoint)
+            for name, replica in zip(self._replicas[shard], self.topology.shard(shard).replicas):
+                endpoint = replica.endpoint
+                push = self._push[name] = sockets.push(self._ctx, endpoint, bounds, configure=self.links.client(shard))
+                self.liveness.set_connected(name, False)
+                self._monitors[name] = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+                # the factory connects at once; connect again now that the monitor is attached, so the
+                # handshake with a shard that is already up cannot happen before anyone listens for it
+                push.disconnect(endpoint)
+                push.connect(endpoint)
 
         server = grpc.aio.server(
             options=[
@@ -477,7 +487,7 @@ class Ingress:
         """Run one request through the pipeline; raise a :class:`PipelineError` for every failure."""
         t0 = time.time_ns()  # wall clock, for spans and durations
         started = dl.now_ns()  # monotonic, for the deadline
-        rid = next(self._ids)
+        rid = self._new_id()
         code = grpc.StatusCode.INTERNAL  # until it ends otherwise (for the metrics)
         self.metrics.request_started(request.model_name)
         with bound_contextvars(request_id=rid):
@@ -530,7 +540,7 @@ class Ingress:
                 if attempt >= self.config.retries or not await self._wait_up(deadline_ns):
                     raise
                 self.retried += 1
-                rid = next(self._ids)  # a fresh id: late parts of the lost attempt are ignored, never mixed in
+                rid = self._new_id()  # a fresh id: late parts of the lost attempt are ignored, never mixed in
                 log.info("request_retry", attempt=attempt + 1, new_request_id=rid, reason=exc.message)
         t_result = time.time_ns()
         if self.recorder is not None:
@@ -551,6 +561,23 @@ class Ingress:
         )
         log.debug("request_done", batch=decoded.batch_size, ms=round((t_encoded - t0) / 1e6, 3))
         return response
+
+    def _new_id(self) -> int:
+        """A fresh request id; with replicated shards, one whose replicas are up and less loaded (pipeline.replicas)."""
+        if not self._replicated:
+            return next(self._ids)
+        rid = replicas.choose_id(lambda: next(self._ids), self._replicated, self.liveness.is_up, self._replica_load)
+        for router in self._replicated:
+            self._sent_since_beat[router.names[router.order(rid)[0]]] += 1
+        return rid
+
+    def _replica_load(self, name: str) -> float:
+        """Requests a replica holds by its last heartbeat (queued, computing, waiting for parts) plus those routed
+        to it since."""
+        seen = self.processes.get(name)
+        stats = seen.heartbeat.stats if seen is not None else {}
+        held = sum(stats.get(k, 0.0) for k in ("queued", "in_flight", "pending_joins"))
+        return held + self._sent_since_beat[name]
 
     async def _attempt(
         self, rid: int, decoded: kserve.DecodedRequest, deadline_ns: int, timeout_s: float
@@ -592,6 +619,12 @@ class Ingress:
                 sent_ns=time.time_ns(),
             )
             frames = codec.encode(envelope, {n: decoded.inputs[n] for n in names})
+            # the id's first rendezvous choice, as every producer after the ingress routes (pipeline.replicas)
+            replica_names = self._replicas[shard]
+            router = self._routers[shard]
+            pick = router.order(rid)[0]
+            router.sent[pick] += 1
+            shard = replica_names[pick]
             sock = self._push[shard]
             try:
                 try:
@@ -651,6 +684,7 @@ class Ingress:
             log.debug("heartbeat_standby", shard=shard, host=env.heartbeat.host, pid=env.heartbeat.pid, ready=env.heartbeat.ready)
             return  # another instance (a rolling update's new pod) while the followed one is up
         old_pid = self.liveness.pid_of(shard)
+        self._sent_since_beat.pop(shard, None)  # its heartbeat now counts what it holds
         restarted = self.liveness.beat(shard, env.heartbeat.ready, env.heartbeat.pid)
         self.processes.beat(shard, env.heartbeat, restarted)
         if restarted:
@@ -691,6 +725,9 @@ class Ingress:
         origin = env.error.origin or env.sender or "a shard"
         # a shard answers UNAVAILABLE when it stops or cannot reach a consumer that died: retryable
         kind = ShardLost if status == grpc.StatusCode.UNAVAILABLE else PipelineError
+        unreachable = replicas.unreachable_in(env.error.message)
+        if unreachable is not None:  # a producer could not reach that replica: route around it (pipeline.replicas)
+            self.liveness.suspect(unreachable)
         error = kind(f"{origin}: {env.error.message}")
         error.status = status
         if not self.table.finish(env.request_id, error):

@@ -51,6 +51,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pipeline import replicas
 from pipeline import topology as topo
 from pipeline.errors import UsageError
 from pipeline.log import get_logger
@@ -302,7 +303,7 @@ class IngressMetrics:
     def _read(self) -> Iterable[Metric]:
         ing = self.ingress
         now = time.monotonic()
-        not_up = ing.liveness.not_up(now)
+        not_up = getattr(ing.liveness, "replicas_not_up", ing.liveness.not_up)(now)  # per replica (pipeline.replicas)
         ages, restarts, beats = {}, {}, {}
         for shard in ing.processes.shards:
             seen = ing.processes.get(shard)
@@ -344,7 +345,7 @@ class WorkerMetrics:
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        self.shard = worker.name
+        self.shard = getattr(worker, "process_name", worker.name)  # a replica's own name (shard2@1), pipeline.replicas
         self.registry = _new_registry()
         r = self.registry
         self.compute = Histogram(
@@ -438,7 +439,9 @@ class WorkerMetrics:
 # ------------------------------------------------------------ scrape config
 def scrape_config(topology: topo.Topology, interval_s: float = 5.0) -> str:
     """A Prometheus ``scrape_configs`` entry for every endpoint the topology records (YAML)."""
-    targets = [(topo.INGRESS, "ingress", topology.ingress.metrics)] + [(s.name, "shard", s.metrics) for s in topology.shards]
+    targets = [(topo.INGRESS, "ingress", topology.ingress.metrics)] + [
+        (name, "shard", r.metrics) for s in topology.shards for name, r in zip(replicas.process_names(s), s.replicas)
+    ]
     data = {
         "scrape_configs": [
             {

@@ -56,6 +56,7 @@ import psutil
 import zmq
 
 from pipeline import colocation
+from pipeline import replicas
 from pipeline import log as plog
 from pipeline import topology as topo
 from pipeline.errors import ComputeError, InvalidInput, PipelineError, UsageError
@@ -124,11 +125,18 @@ class WorkerConfig:
     keys_dir: str = ""  # CURVE secret keys ("" -> DIR/keys); read only with security: curve
     cpus: tuple[int, ...] = ()
     metrics: str = ""  # Prometheus endpoint host:port ("" or none: off)
+    replica: int = 0  # which replica of the shard this process is (pipeline.replicas)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", metavar="DIR", type=Path, help="topology directory (holding topology.yaml)")
     parser.add_argument("--shard", metavar="NAME", help="the shard to serve (env PIPELINE_SHARD)")
+    parser.add_argument(
+        "--replica",
+        type=int,
+        metavar="K",
+        help="serve replica K of the shard (0..N-1 of its 'replicas'; env PIPELINE_REPLICA; default 0)",
+    )
     parser.add_argument(
         "--process",
         metavar="NAME",
@@ -231,6 +239,9 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     shard_name = _pick(getattr(args, "shard", None), env, "SHARD", None, str)
     if not shard_name:
         raise UsageError(f"no shard named: pass --shard NAME (one of {[s.name for s in topology.shards]})")
+    topology.shard(shard_name)  # a clear error for an unknown shard
+    replica = _pick(getattr(args, "replica", None), env, "REPLICA", 0, int)
+    topology = replicas.for_replica(topology, shard_name, replica)  # its endpoint, bind and metrics are the replica's
     spec = topology.shard(shard_name)
 
     def pick(attr: str, var: str, fallback: Any, parse: Callable[[str], Any]) -> Any:
@@ -255,6 +266,7 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         keys_dir=pick("keys_dir", "KEYS_DIR", "", str),
         cpus=pick("cpus", "CPUS", (), parse_cpus),
         metrics=pick("metrics", "METRICS", spec.metrics, str),
+        replica=replica,
     )
     prom.parse_address(config.metrics)  # a bad address fails here, at start
     checks = {
@@ -428,6 +440,8 @@ class Worker:
         self.topology = topology
         self.spec = topology.shard(config.shard)
         self.name = config.shard
+        #: this replica's process name in heartbeats and metrics (the shard's name when it has one replica)
+        self.process_name = replicas.process_name(self.spec, config.replica)
         self.model = topology.name
         # shards first, the ingress last: when a shard cannot be reached, the request fails before
         # the ingress holds part of an answer
@@ -468,6 +482,14 @@ class Worker:
         #: PULL sockets: TCP for producers in other processes, inproc for shards of this one (pipeline.colocation)
         self.pulls: list[zmq.Socket] = []
         self.push: dict[str, zmq.Socket] = {}
+        #: consumers with several replicas: one PUSH socket per replica and the router that picks one per request
+        self.replica_push: dict[str, list[zmq.Socket]] = {}
+        self.routers: dict[str, replicas.Router] = {}
+        #: a replicated shard binds its TCP endpoint once warm, so producers route to it only when it can compute
+        self._bind_when_warm: str | None = None
+        #: replicated consumers this shard alone feeds (no join: it may fall back to another replica)
+        self._sole_consumer = {c for c in self.routes if c != topo.INGRESS and list(topology.producers(c)) == [self.name]}
+        self._target = ""  # the process a message is being sent to (for the error when it cannot be)
         self.links: security.Links | None = None  # CURVE keys and ZAP allow-list (security: curve)
         self.poller = zmq.Poller()
 
@@ -502,14 +524,24 @@ class Worker:
         try:
             self.links = security.open_links(self.ctx, self.topology, self.name, self.config.keys_dir or None, self.drops)
             binds = colocation.binds(self.topology, self.name, self.config.bind)
-            if binds.tcp:
+            if binds.tcp and self.spec.extra_replicas:
+                self._bind_when_warm = binds.tcp
+            elif binds.tcp:
                 self.pulls.append(sockets.pull(self.ctx, binds.tcp, configure=self.links.server))
             if binds.inproc:  # never leaves the process: no CURVE (docs/SECURITY.md)
                 self.pulls.append(sockets.pull(self.ctx, binds.inproc))
-            self.pull = self.pulls[0]
+            self.pull = self.pulls[0] if self.pulls else None
             for consumer in [*self.routes, *([] if topo.INGRESS in self.routes else [topo.INGRESS])]:
                 endpoint = colocation.link_endpoint(self.topology, self.name, consumer)
                 configure = None if colocation.is_inproc(endpoint) else self.links.client(consumer)
+                if consumer != topo.INGRESS and self.topology.shard(consumer).extra_replicas:
+                    target = self.topology.shard(consumer)
+                    self.replica_push[consumer] = [
+                        sockets.push(self.ctx, r.endpoint, configure=_reconnect_fast(configure)) for r in target.replicas
+                    ]
+                    self.routers[consumer] = replicas.Router(replicas.process_names(target))
+                    self.push[consumer] = self.replica_push[consumer][0]
+                    continue
                 self.push[consumer] = sockets.push(self.ctx, endpoint, configure=configure)
         except BaseException:
             self._close()
@@ -520,7 +552,7 @@ class Worker:
 
     def _close(self) -> None:
         self.metrics.close()
-        for sock in [*self.pulls, *self.push.values()]:
+        for sock in [*self.pulls, *self.push.values(), *(s for socks in self.replica_push.values() for s in socks)]:
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
         if self.links is not None:
@@ -556,8 +588,21 @@ class Worker:
             return False, f"shard {self.name!r}: the network loop has not turned for {idle:.1f} s"
         return True, f"shard {self.name!r} is live"
 
+    def _bind_if_warm(self) -> None:
+        """A replicated shard's TCP endpoint, bound once the shard is loaded and warm (pipeline.replicas)."""
+        if self._bind_when_warm is None or not self.compute.ready.is_set() or self._stop_requested:
+            return
+        assert self.links is not None
+        pull = sockets.pull(self.ctx, self._bind_when_warm, configure=self.links.server)
+        self._bind_when_warm = None
+        self.pulls.insert(0, pull)
+        self.pull = pull
+        self.poller.register(pull, zmq.POLLIN)
+        log.info("replica_listening", shard=self.name, replica=self.config.replica, bind=pull.getsockopt(zmq.LAST_ENDPOINT).decode())
+
     def _turn(self) -> None:
         self._last_turn = time.monotonic()
+        self._bind_if_warm()
         events = dict(self.poller.poll(self._poll_timeout_ms(dl.now_ns())))
         if self._wake_r in events:
             self._drain_wake_pipe()
@@ -751,9 +796,9 @@ class Worker:
         self.send_heartbeat(ready=self.compute.ready.is_set() and not self._stop_requested)
 
     def send_heartbeat(self, *, ready: bool) -> None:
-        env = pb.Envelope(kind=pb.HEARTBEAT, model=self.model, sender=self.name)
+        env = pb.Envelope(kind=pb.HEARTBEAT, model=self.model, sender=self.process_name)
         hb = env.heartbeat
-        hb.process = self.name
+        hb.process = self.process_name
         hb.ready = ready
         hb.pid = self.pid
         hb.host = self.host
@@ -804,6 +849,8 @@ class Worker:
         }
         out.update({f"dropped.{reason}": n for reason, n in drops.items()})
         out.update({f"errors.{code}": n for code, n in s.errors.items()})
+        for router in self.routers.values():  # messages sent to each replica of a replicated consumer
+            out.update({f"routed.{name}": n for name, n in zip(router.names, router.sent)})
         out.update(self.metrics.heartbeat_stats())
         return out
 
@@ -854,19 +901,40 @@ class Worker:
             env.spans.extend(spans)
             env.budget_ns = dl.budget(r.deadline_ns, dl.now_ns())  # what is left of it, as the next hop's budget
             env.sent_ns = time.time_ns()
+            self._target = consumer
             try:
-                codec.send(self.push[consumer], env, {n: outputs[n] for n in names}, flags=zmq.NOBLOCK)
+                codec.send(self._socket_for(consumer, r.request_id), env, {n: outputs[n] for n in names}, flags=zmq.NOBLOCK)
             except zmq.Again:
+                target = (
+                    f"{consumer!r} at {self.topology.endpoint_of(consumer)}"
+                    if self._target == consumer
+                    else replicas.UNREACHABLE.format(name=self._target).removeprefix("cannot reach ")
+                )
                 self._fail(
                     r.request_id,
                     r.model,
                     grpc.StatusCode.UNAVAILABLE,
-                    f"shard {self.name!r} cannot reach {consumer!r} at {self.topology.endpoint_of(consumer)}: "
-                    "not connected, or its queue is full",
+                    f"shard {self.name!r} cannot reach {target}: not connected, or its queue is full",
                     spans=spans,
                 )
                 return
             self.stats.messages_out += 1
+
+    def _socket_for(self, consumer: str, request_id: int) -> zmq.Socket:
+        """The PUSH socket toward ``consumer``; for a replicated one, the replica rendezvous hashing picks among those
+        whose socket takes a message now (connected, queue not full); raise ``zmq.Again`` when none does."""
+        socks = self.replica_push.get(consumer)
+        if socks is None:
+            return self.push[consumer]
+        router = self.routers[consumer]
+        order = router.order(request_id)
+        i = order[0]  # the ingress chose the id so that this replica is up (replicas.choose_id)
+        if not socks[i].getsockopt(zmq.EVENTS) & zmq.POLLOUT and consumer in self._sole_consumer:
+            # this worker is the shard's only producer: no other part to meet, the next live replica will do
+            i = next((k for k in order if socks[k].getsockopt(zmq.EVENTS) & zmq.POLLOUT), i)
+        self._target = router.names[i]
+        router.sent[i] += 1
+        return socks[i]
 
     def _fail(
         self, request_id: int, model: str, status: grpc.StatusCode, message: str, *, spans: Sequence[Any] = ()
@@ -946,6 +1014,17 @@ class Worker:
         log.info("worker_stopped", shard=self.name, drain_ms=round((dl.now_ns() - started) / 1e6, 1))
 
 
+def _reconnect_fast(configure: Callable[[zmq.Socket], None] | None) -> Callable[[zmq.Socket], None]:
+    """``configure`` plus a short reconnect interval (a replica binds once warm: pipeline.replicas.RECONNECT_MS)."""
+
+    def apply(sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, replicas.RECONNECT_MS)
+        if configure is not None:
+            configure(sock)
+
+    return apply
+
+
 def _percentile(ordered: Sequence[float], q: float) -> float:
     if not ordered:
         return 0.0
@@ -971,7 +1050,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if config.cpus:
         os.sched_setaffinity(0, config.cpus)  # before any thread starts: TensorFlow's and ZeroMQ's inherit it
-    plog.configure(config.log_level, process=config.shard)
+    plog.configure(config.log_level, process=replicas.process_name(topology.shard(config.shard), config.replica))
     # the modules the shard file needs (custom layers), before any socket opens: a host without them fails here
     from pipeline.custom_objects import prepare_topology
 
