@@ -39,7 +39,7 @@ def main() -> int:
     data = np.load(args.inputs)
     name = data.files[0]
     rows = data[name]
-    sent, codes, outputs = [], [], []
+    sent, codes, outputs, took = [], [], [], []
     started = time.monotonic()
     # Behind a ClusterIP the Service's address never changes; here a Service is its pod's address in a hosts
     # file, which changes when a pod is replaced, and gRPC re-resolves a name at most every 30 s by default.
@@ -57,20 +57,23 @@ def main() -> int:
             request.inputs.add(name=name, datatype=kserve.kserve_datatype(codec.dtype_name(x.dtype)), shape=list(x.shape))
             request.raw_input_contents.append(x.tobytes())
             sent.append(i % len(rows))
+            t0 = time.monotonic()
             try:
                 response = stub.ModelInfer(request, timeout=REQUEST_TIMEOUT_S)
                 codes.append("OK")
                 outputs.append(kserve.output_array(response, 0)[0])
+                took.append(time.monotonic() - t0)
             except grpc.RpcError as exc:
                 codes.append(exc.code().name)
                 outputs.append(None)
+                took.append(time.monotonic() - t0)
                 time.sleep(0.05)
             i += 1
             if i % 20 == 0:
                 print(f"sent {i}, ok {codes.count('OK')}", flush=True)
     shape = next((o.shape for o in outputs if o is not None), (0,))
     stacked = np.stack([o if o is not None else np.full(shape, np.nan, np.float32) for o in outputs]) if outputs else np.zeros((0,))
-    np.savez(args.out, sent=np.array(sent), codes=np.array(codes), outputs=stacked)
+    np.savez(args.out, sent=np.array(sent), codes=np.array(codes), outputs=stacked, took=np.array(took))
     print(f"done: {len(codes)} requests, {codes.count('OK')} OK", flush=True)
     return 0
 

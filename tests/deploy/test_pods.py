@@ -113,7 +113,7 @@ def answers(proc: subprocess.Popen[bytes], tmp: Path) -> dict[str, Any]:
     code = proc.wait(CLIENT_TIMEOUT_S)
     assert code == 0, (tmp / f"{name}.log").read_text()[-3000:]
     data = np.load(tmp / f"{name}.npz")
-    return {"sent": data["sent"], "codes": data["codes"], "outputs": data["outputs"]}
+    return {"sent": data["sent"], "codes": data["codes"], "outputs": data["outputs"], "took": data["took"]}
 
 
 def start_pipeline(runner: PodRunner) -> str:
@@ -226,7 +226,10 @@ def test_curve_and_a_pod_killed_and_restarted(context: Path, reference: Any, lab
         last_error = max((i for i, c in enumerate(codes) if c != "OK"), default=-1)
         print(f"kill and restart: {len(codes)} requests, {ok} correct, {len(codes) - ok} errors {errors}, "
               f"{len(codes) - 1 - last_error} correct in a row at the end; ok before the kill {before}")  # fmt: skip
-        assert ok >= before + 40 and len(codes) - ok >= 1, "the outage was not seen; the test did not test a kill"
+        # the outage shows as errors, or, when the restart came back within a request's deadline, as a request
+        # that waited for it (the ingress resends a request lost with a shard once it is up again)
+        waited = [round(float(t), 2) for t in result["took"] if t >= 1.5]
+        assert ok >= before + 40 and (len(codes) - ok >= 1 or waited), "the outage was not seen; the test did not test a kill"
         assert set(errors) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, errors
         assert all(c == "OK" for c in codes[-30:]), codes[-40:]
     finally:
