@@ -269,7 +269,7 @@ def test_a_malformed_mask_frame_is_dropped_and_counted_and_the_worker_serves_on(
         ctx.term()
     worker = fleet.workers[f"{t.name}/{target.name}"]
     assert worker.proc.poll() is None
-    assert "bad_mask" in worker.log_text() and "expected dtype bool, received float32" in worker.log_text()
+    assert "bad_mask" in worker.text() and "expected dtype bool, received float32" in worker.text()
     tokens = mm.padded_tokens(2)
     assert fleet.masked.infer({"tokens": tokens})["head"].shape == (2, 3)
 
