@@ -172,6 +172,8 @@ class Cluster:
         """A process's entry in ``table``, keyed by its name or, for a group of shards, by any of its shards'."""
         if name in table or name == topo.INGRESS:
             return table.get(name)
+        if replicas.worker_selector(self.topology, name) is not None:  # a replica S@K: the shard's entry
+            return table.get(replicas.shard_of(self.topology, name)[0])
         shards = colocation.group(self.topology, name).shards
         values = {repr(table[s]) for s in shards if s in table}
         if len(values) > 1:
