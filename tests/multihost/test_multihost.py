@@ -68,13 +68,16 @@ def placed_join(net: Network, base: Path, *place_args: str) -> tuple[topo.Topolo
 
 
 def remote_producer(run: mh.MultiHost) -> str:
-    """A shard on another host than the ingress's whose output another shard takes (a join's producer if any)."""
+    """The worker process holding a shard on another host than the ingress's whose output another shard takes
+    (a join's producer if any); with a cluster file the shards of a host share one process."""
+    from pipeline import colocation
+
     t = run.topology
     consumed = {name for s in t.shards for name in s.inputs}
     remote = [s for s in t.shards if run.hosts[s.name] != run.ingress_host]
     assert remote, f"every shard is on the ingress's host: {run.hosts}"
     producers = [s.name for s in remote if set(s.output_names) & consumed]
-    return (producers or [s.name for s in remote])[0]
+    return colocation.process_of(t, (producers or [s.name for s in remote])[0]).name
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +166,7 @@ def test_a_remote_worker_killed_and_restarted_under_load(join_pipeline: tuple[mh
         run.cluster.stop_process(victim, signal.SIGKILL)
         time.sleep(2.0)
         run.cluster.start_process(victim)
-        mh.wait(run.ready, 300, f"{victim} to be up again on {run.hosts[victim]}")
+        mh.wait(run.ready, 300, f"{victim} to be up again")
         return killed, time.time()
 
     before = _pids(run)
