@@ -150,7 +150,7 @@ def test_any_messages_are_joined_or_counted_and_the_loop_never_raises(turns: lis
                 exc = decode_failure(frames)
                 if exc is not None and exc.envelope is not None and exc.envelope.kind == pb.REQUEST:
                     must_answer.add(exc.envelope.request_id)
-            worker._read_messages()  # the loop body under test: must not raise
+            worker._read_messages(pull)  # the loop body under test: must not raise
             worker._sweep(time.monotonic_ns())
             assert len(worker.join) <= MAX_PENDING
         assert not pull.queue
