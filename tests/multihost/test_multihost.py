@@ -72,12 +72,17 @@ def remote_producer(run: mh.MultiHost) -> str:
     (a join's producer if any); with a cluster file the shards of a host share one process."""
     from pipeline import colocation
 
+    return colocation.process_of(run.topology, remote_producer_shard(run)).name
+
+
+def remote_producer_shard(run: mh.MultiHost) -> str:
+    """That shard (:func:`remote_producer`)."""
     t = run.topology
     consumed = {name for s in t.shards for name in s.inputs}
     remote = [s for s in t.shards if run.hosts[s.name] != run.ingress_host]
     assert remote, f"every shard is on the ingress's host: {run.hosts}"
     producers = [s.name for s in remote if set(s.output_names) & consumed]
-    return colocation.process_of(t, (producers or [s.name for s in remote])[0]).name
+    return (producers or [s.name for s in remote])[0]
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +201,7 @@ def test_a_link_down_for_seconds_under_load_errors_within_deadlines_and_recovers
     net = run.network
     out = tmp_path / "link.jsonl"
     down_s = 4.0
-    cut_off = run.hosts[remote_producer(run)]  # a host other than the ingress's, holding a producer
+    cut_off = run.hosts[remote_producer_shard(run)]  # a host other than the ingress's, holding a producer
 
     def fault() -> tuple[float, float]:
         down = time.time()
