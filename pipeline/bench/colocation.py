@@ -227,7 +227,8 @@ def bench_colocation(source: topo.Topology, work: Path, logs: Path, requests: in
         runs["triton"].append(tri)
         if "skipped" in tri:
             break
-    out["overlap"] = [overlap_in_subprocess(source.directory, n) for n in sorted({1, threads or cpus})]
+    # the pools a co-located process uses (one inter-op thread per shard up to the CPUs), and one inter-op thread
+    out["overlap"] = [overlap_in_subprocess(source.directory, n, i) for n in sorted({1, threads or cpus}) for i in (0, 1)]
     out["local"] = local_reference(source, requests)
     for name, rows in runs.items():
         good = [row for row in rows if "skipped" not in row]
@@ -278,14 +279,14 @@ def render(c: dict[str, Any]) -> list[str]:
             lines.append(f"  overlap: skipped ({o['skipped'][:200]})")
             continue
         lines.append(
-            f"  overlap of the {c['shards']} shards on threads of one process, {o['threads']} intra-op thread(s): "
+            f"  overlap of the {c['shards']} shards on threads of one process, {o['threads']} intra-op / {o.get('inter_threads', 1)} inter-op thread(s): "
             f"{o['work']:.2f} shards' worth of work at once (1.00: they only take turns)"
         )
     return lines
 
 
 # ------------------------------------------------------------------ overlap of shards in one process
-def overlap(directory: Path, threads: int, seconds: float = 4.0) -> dict[str, Any]:
+def overlap(directory: Path, threads: int, seconds: float = 4.0, inter_threads: int = 0) -> dict[str, Any]:
     """How much the shards of one process compute at once: each shard alone, then all on threads together.
 
     ``work`` is the sum over shards of (calls per second together / calls per second alone): 1.0 means the
@@ -297,8 +298,11 @@ def overlap(directory: Path, threads: int, seconds: float = 4.0) -> dict[str, An
 
     from pipeline.serving.runtime import ShardRuntime, configure_tensorflow, zeros_like_spec
 
-    configure_tensorflow(threads, 1)
+    from pipeline.serving.group import default_inter_threads
+
     t = topo.load(directory)
+    inter = inter_threads or default_inter_threads(len(t.shards))  # as a co-located process sizes it
+    configure_tensorflow(threads, inter)
     runtimes = [ShardRuntime.load(t, s.name) for s in t.shards]
     for r in runtimes:
         r.warm_up(2, 1)
@@ -326,17 +330,18 @@ def overlap(directory: Path, threads: int, seconds: float = 4.0) -> dict[str, An
     together = [o[0] for o in outs]
     return {
         "threads": threads,
+        "inter_threads": inter,
         "alone_per_s": alone,
         "together_per_s": together,
         "work": sum(c / a for c, a in zip(together, alone)),
     }
 
 
-def overlap_in_subprocess(directory: Path, threads: int) -> dict[str, Any]:
+def overlap_in_subprocess(directory: Path, threads: int, inter_threads: int = 0) -> dict[str, Any]:
     import json
 
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench.colocation", str(directory), "--threads", str(threads)],
+        [sys.executable, "-m", "pipeline.bench.colocation", str(directory), "--threads", str(threads), "--inter-threads", str(inter_threads)],
         capture_output=True, text=True, timeout=900, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )  # fmt: skip
     if r.returncode != 0:
@@ -352,9 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="overlap of a topology's shards computing on threads of one process")
     p.add_argument("directory", type=Path)
     p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--inter-threads", type=int, default=0, help="inter-op threads (default: as a co-located process, one per shard up to the CPUs)")
     p.add_argument("--seconds", type=float, default=4.0)
     args = p.parse_args(argv)
-    print(json.dumps(overlap(args.directory, args.threads, args.seconds)))
+    print(json.dumps(overlap(args.directory, args.threads, args.seconds, args.inter_threads)))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,14 @@ def test_a_grouped_shard_cannot_be_started_alone(tmp_path: Path) -> None:
     assert all(c.threads == group.default_threads() for c in configs)  # the process's pool: one thread per CPU
     _, configs, _ = group.load_configs(parser.parse_args([str(tmp_path), "--process", "workers", "--threads", "3"]), {})
     assert {c.threads for c in configs} == {3}
+    # one inter-op thread per shard up to the CPUs (with one, the shards' graphs only take turns)
+    cpus = len(os.sched_getaffinity(0))
+    assert {c.inter_threads for c in configs} == {min(3, cpus)} and group.default_inter_threads(3) == min(3, cpus)
+    assert group.default_inter_threads(1) == 1
+    _, configs, _ = group.load_configs(parser.parse_args([str(tmp_path), "--process", "workers", "--inter-threads", "1"]), {})
+    assert {c.inter_threads for c in configs} == {1}
+    _, configs, _ = group.load_configs(parser.parse_args([str(tmp_path), "--process", "workers"]), {"PIPELINE_INTER_THREADS": "1"})
+    assert {c.inter_threads for c in configs} == {1}
 
 
 def test_the_colocate_command_regroups_a_topology_without_recutting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
