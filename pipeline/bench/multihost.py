@@ -12,8 +12,12 @@ by a closed-loop load at ``concurrency`` running *inside the ingress's host*:
   with the three hosts and that rate);
 - heterogeneous (at the last rate): one host made faster (its workers get every
   CPU and as many TensorFlow threads, the others one CPU and one thread) and
-  declared ``speed: 2.0`` in the cluster file, against the plan made with every
-  speed 1.0, both run on the same uneven hosts.
+  declared twice as fast in the cluster file, against the plan made with every
+  host at one speed, both run on the same uneven hosts.
+
+Every host's ``speed`` in the cluster files is what the machine measurably
+computes (the whole model in-process at its best batch), in the cost model's
+units, shared out over the three hosts: they share this machine's CPUs.
 
 Every number comes from this run, plans side by side; the machine is shared,
 so the report carries the load average before and after. The namespaces are
@@ -78,7 +82,7 @@ def cluster_yaml(network: Any, rate: str, speeds: Mapping[str, float] | None = N
 
     speeds = speeds or {}
     lines = ["version: 1", "hosts:"]
-    lines += [f"- {{name: {h.name}, address: {h.address}, speed: {speeds.get(h.name, 1.0)}}}" for h in network.hosts]
+    lines += [f"- {{name: {h.name}, address: {h.address}, speed: {speeds.get(h.name, 1.0):.4g}}}" for h in network.hosts]
     bandwidth = format_bandwidth(Shaping(rate).bits_per_s)
     lines += [f"ingress: {network.hosts[0].name}", "links:", f"  default: {{bandwidth: {bandwidth}, latency: {LINK_LATENCY}}}"]
     return "\n".join(lines) + "\n"
@@ -112,6 +116,16 @@ def plan_summary(t: topo.Topology, cluster: Any) -> dict[str, Any]:
         "estimate_bottleneck_ms": round(estimate.bottleneck_s * 1e3, 3),
         "estimate_latency_ms": round(estimate.latency_s * 1e3, 3),
     }
+
+
+def host_speed(t: topo.Topology, machine_rate: float, hosts: int, cluster: Any) -> float:
+    """Each of ``hosts`` hosts sharing this machine, in cluster-file ``speed`` units: the machine's measured
+    samples/s times the cost model's seconds per sample on its reference host (speed 1.0), shared out."""
+    from pipeline.partition.placement import estimate_topology
+
+    estimate, _ = estimate_topology(t, cluster)
+    reference_s = sum(estimate.shard_seconds)  # the whole model, per sample, on one speed-1.0 host
+    return max(0.01, machine_rate * reference_s / hosts)
 
 
 def load_average() -> list[float]:
@@ -190,6 +204,11 @@ def bench_multihost(source: topo.Topology, work: Path, logs: Path, options: Opti
     if reason:
         return {"skipped": reason}
     out: dict[str, Any] = {"options": {**options.__dict__, "rates": list(options.rates)}, "load_before": load_average()}
+    # The three namespace hosts share this machine's CPUs: no plan can serve more than the whole model run
+    # in one process on every CPU at its best batch, nor answer faster than it at batch 1 (the ceiling).
+    from pipeline.bench.colocation import local_reference
+
+    out["local"] = {k: v for k, v in local_reference(source, 100).items() if k in ("p50_ms", "rate", "best_batch")}
     model = source.model_path
     unsafe = bool(source.extra.get("unsafe", False))
     imports = tuple(source.imports)
@@ -199,11 +218,14 @@ def bench_multihost(source: topo.Topology, work: Path, logs: Path, options: Opti
         network.create()
         runner = _Runner(network, logs, options)
 
-        def cluster_for(rate: str, speeds: Mapping[str, float] | None = None) -> Any:
-            return cluster_from_dict(yaml.safe_load(cluster_yaml(network, rate, speeds)), source=f"bench cluster ({rate})")
-
         # the compute-only plan, cut once
         compute = partition_source(model, work / "compute", shards=options.shards, **common).topology
+        speed = 1.0
+
+        def cluster_for(rate: str, speeds: Mapping[str, float] | None = None) -> Any:
+            every = {h.name: speed * (speeds or {}).get(h.name, 1.0) for h in network.hosts}
+            return cluster_from_dict(yaml.safe_load(cluster_yaml(network, rate, every)), source=f"bench cluster ({rate})")
+
         hosts_in_order = [network.hosts[i % 3].name for i in range(len(compute.shards))]
         base = iter(range(6000, 60000, 100))
 
@@ -213,8 +235,13 @@ def bench_multihost(source: topo.Topology, work: Path, logs: Path, options: Opti
             return _placed_copy(t.directory, work / label, p)
 
         # the single-host reference: every process on the ingress's host, links unshaped (never crossed)
+        single = placed(compute, cluster_for(options.rates[0]), [network.hosts[0].name] * len(compute.shards), "single")
+        # What the cluster files say of each host's speed, as a user would measure it: the namespace hosts
+        # share this machine's CPUs, so each gets a third of what the machine computes (the local reference's
+        # best rate), in units of the cost model's reference host (pipeline/partition/cost.py).
+        speed = host_speed(single, out["local"]["rate"], len(network.hosts), cluster_for(options.rates[0]))
+        out["host_speed"] = speed
         first = cluster_for(options.rates[0])
-        single = placed(compute, first, [network.hosts[0].name] * len(compute.shards), "single")
         out["single"] = {"plan": plan_summary(single, first), **runner.serve_and_load(single, "single")}
 
         out["rates"] = {}
@@ -298,6 +325,7 @@ def render(r: Mapping[str, Any]) -> str:
     lines = [
         f"multihost: 3 namespace hosts, tbf-shaped links, load at concurrency {o['concurrency']} for {o['seconds']:.0f} s from the ingress's host",
         f"  load average before {r['load_before']}, after {r.get('load_after')}",
+        f"  every host declared at speed {r.get('host_speed', 1.0):.3g} in the cluster files (a third of this machine's measured compute, in the cost model's units)",
         "  plan                          link       samples/s   p50 ms   p95 ms   p50 ms at concurrency 1",
         f"  single host (reference)       loopback   {_row(s)}",
     ]
@@ -316,6 +344,19 @@ def render(r: Mapping[str, Any]) -> str:
             f"(at concurrency 1: {a.get('p50_alone_ms', float('nan')):.1f} ms)"
         )
     lines.append("  (goals: at 100mbit x >= 8 and p50 <= 25 ms; at 1gbit cluster-aware within 10 % of the single host)")
+    local = r.get("local")
+    if local:
+        fastest = max(local["rate"], best.get("rate", 0))
+        lines.append(
+            f"  the whole model in one process on every CPU: {local['rate']:.1f} samples/s at batch {local['best_batch']}, "
+            f"p50 {local['p50_ms']:.1f} ms at batch 1 (the namespace hosts share these CPUs)"
+        )
+        for rate, row in r["rates"].items():
+            c = row["compute"].get("rate", 0)
+            lines.append(
+                f"    at {rate}: x8 the compute-only plan needs {8 * c:.1f} samples/s; the fastest this machine served "
+                f"the model in this run: {fastest:.1f} (x{_ratio(fastest, c)})"
+            )
     lines.append(f"  (a closed loop keeps {o['concurrency']} requests in flight: p50 is about {o['concurrency']} / samples per second)")
     lines += ["", "  plans:", f"    single host: {_plan_line(s['plan'])}"]
     for rate, row in r["rates"].items():
@@ -327,11 +368,11 @@ def render(r: Mapping[str, Any]) -> str:
         lines += [
             "",
             f"  heterogeneous at {h['rate']}: {h['fast_host']} faster (workers {' '.join(h['fast_args'])}; others {' '.join(h['slow_args'])})",
-            f"  {'plan with every speed 1.0':<40} {_row(u)}",
-            f"  {'plan with ' + h['fast_host'] + ' speed ' + str(h.get('fast_speed', 2.0)):<40} {_row(a)}",
+            f"  {'plan with every host at one speed':<40} {_row(u)}",
+            f"  {'plan with ' + h['fast_host'] + ' at ' + str(h.get('fast_speed', 2.0)) + 'x the speed':<40} {_row(a)}",
             f"  gain x{_ratio(a.get('rate', 0), u.get('rate', 0))}; share of the model's compute on {h['fast_host']}: "
             f"{u['plan']['compute_share'].get(h['fast_host'], 0):.0%} -> {a['plan']['compute_share'].get(h['fast_host'], 0):.0%}",
-            f"    every speed 1.0: {_plan_line(u['plan'])}",
-            f"    {h['fast_host']} speed {h.get('fast_speed', 2.0)}: {_plan_line(a['plan'])}",
+            f"    every host at one speed: {_plan_line(u['plan'])}",
+            f"    {h['fast_host']} at {h.get('fast_speed', 2.0)}x: {_plan_line(a['plan'])}",
         ]
     return "\n".join(lines)

@@ -57,8 +57,8 @@ def test_bench_multihost_prints_every_row_and_removes_its_namespaces(tmp_path: P
         "cluster-aware                 100mbit",
         "compute-only, in order        1gbit",
         "cluster-aware                 1gbit",
-        "plan with every speed 1.0",
-        "plan with h2 speed 2.0",
+        "plan with every host at one speed",
+        "plan with h2 at 2.0x the speed",
         "at 100mbit: cluster-aware / compute-only throughput",
         "at 1gbit: cluster-aware / compute-only throughput",
         "single host: hosts h1/h1/h1 (ingress h1)",
@@ -66,6 +66,9 @@ def test_bench_multihost_prints_every_row_and_removes_its_namespaces(tmp_path: P
         "cluster-aware at 100mbit: hosts",
         "cluster-aware at 1gbit: hosts",
         "share of the model's compute on h2",
+        "every host declared at speed",
+        "the whole model in one process on every CPU:",
+        "at 100mbit: x8 the compute-only plan needs",
     ]
     missing = [row for row in rows if row not in out]
     assert not missing, f"rows missing: {missing}\n{out}"
@@ -74,6 +77,7 @@ def test_bench_multihost_prints_every_row_and_removes_its_namespaces(tmp_path: P
     plans = [report["single"], *(p for row in report["rates"].values() for p in row.values())]
     plans += [report["heterogeneous"]["uniform"], report["heterogeneous"]["aware"], report["single_after"]]
     assert len(plans) == 8
+    assert report["local"]["rate"] > 0 and report["local"]["p50_ms"] > 0, report["local"]
     for p in plans:  # each plan answered (no number is judged, only that it was measured)
         assert p["requests"] > 0 and p["errors"] == {}, p
     assert _dead_runs(namespaces()) - _dead_runs(list(before)) == set(), "the bench left namespaces behind"
