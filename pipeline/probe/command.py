@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--seconds", type=float, default=probe_speed.DEFAULT_SECONDS, help=f"how long to time calls after warm-up (default {probe_speed.DEFAULT_SECONDS:g})")
     s.add_argument("--threads", type=int, default=None, help="TensorFlow threads (default: TensorFlow's, all CPUs; use what the workers will use)")
     s.add_argument("--baseline", type=float, default=None, metavar="SAMPLES_PER_S", help="the samples/s the baseline host (speed 1.0) printed for the same run; without it this host is the baseline")
+    s.add_argument("--peer", default=None, metavar="tcp://ADDR:PORT", help="run it on the host of this `probe serve` peer instead (without --baseline: also here, and the ratio is the peer's speed)")
+    s.add_argument("--curve-server-key", default=None, metavar="KEY", help="with --peer: the public key `probe serve --curve` printed")
+    s.add_argument("--peer-timeout", type=float, default=probe_speed.REMOTE_TIMEOUT_S, metavar="S", help=f"with --peer: how long the peer's run may take (default {probe_speed.REMOTE_TIMEOUT_S:g} s)")
     _update_arguments(s)
     s.add_argument("--host", default=None, help="with --update: the host (name or address) whose speed to set")
 
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ speed
 def _speed(args: argparse.Namespace) -> int:
-    from pipeline.probe.speed import DEFAULT_BATCH, REFERENCE_MODEL, SpeedConfig, measure_speed
+    from pipeline.probe.speed import DEFAULT_BATCH, REFERENCE_MODEL, SpeedConfig, checked_remote_config, measure_speed
 
     target = None
     if args.update is not None or args.host is not None:
@@ -90,26 +93,46 @@ def _speed(args: argparse.Namespace) -> int:
         target.host_index(args.host)  # an unknown host fails now, not after the run
     if args.baseline is not None:
         relative_speed(1.0, args.baseline)  # checks the value before the run
-    result = measure_speed(SpeedConfig(model=args.model, batch=args.batch, seconds=args.seconds, threads=args.threads))
-    sps = result.samples_per_s
+    config = SpeedConfig(model=args.model, batch=args.batch, seconds=args.seconds, threads=args.threads)
+    lines: list[str] = []
+    if args.peer is None:
+        result = measure_speed(config)
+        run = result.to_dict()
+        where = "this host"
+    else:
+        if target is not None:
+            _check_peer_is_host(target, args.peer, args.host)
+        params = {"model": config.model, "batch": config.batch, "seconds": config.seconds, "threads": config.threads}
+        checked_remote_config(params)  # the peer's bounds, checked before anything runs
+        link_config = probe_link.LinkConfig(endpoint=args.peer, server_key=args.curve_server_key)
+        baseline = args.baseline
+        if baseline is None:  # this host is the baseline: measured here first, then there, one after the other
+            local = measure_speed(config)
+            baseline = local.samples_per_s
+            lines.append(_speed_line("this host (the baseline, speed 1.0)", local.to_dict()))
+        peer_host, run = probe_link.remote_speed(link_config, params, args.peer_timeout)
+        where = f"the peer {peer_host or '?'} at {args.peer}"
+        args.baseline = baseline
+    sps = float(run["samples_per_s"])  # type: ignore[arg-type]
     speed = round_significant(relative_speed(sps, args.baseline) if args.baseline is not None else 1.0)
     same_run = [f"--model {args.model}"] if args.model != REFERENCE_MODEL else []
     same_run += [f"--batch {args.batch}"] if args.batch != DEFAULT_BATCH else []
     same_run += [f"--threads {args.threads}"] if args.threads is not None else []
-    report: dict[str, Any] = {**result.to_dict(), "baseline_samples_per_s": args.baseline, "speed": speed}
+    report: dict[str, Any] = {**run, "where": where, "baseline_samples_per_s": args.baseline, "speed": speed}
     lines = [
-        f"speed: {result.model}, batch {result.batch}, compiled (tf.function), {result.cpus} CPUs, "
-        f"threads: {result.threads if result.threads else 'TensorFlow default'}",
-        f"  {len(result.call_s)} calls: {sps:.4g} samples/s (median call {1e3 * result.batch / sps:.1f} ms, "
-        f"p10-p90 {result.p10_ms:.1f}-{result.p90_ms:.1f} ms; mean {result.mean_samples_per_s:.4g} samples/s)",
+        f"speed: {run['model']}, batch {run['batch']}, compiled (tf.function), threads: {run['threads'] or 'TensorFlow default'}",
+        *lines,
+        _speed_line(where, run),
     ]
     if args.baseline is None:
         lines += [
             "  relative speed 1.0: this host is the baseline. On each other host run the same probe with",
             f"    pipeline probe speed {' '.join([*same_run, f'--baseline {sps:.4g}'])} [--update CLUSTER_YAML --host NAME]",
+            "  or, from here, against a `pipeline probe serve` peer on that host:",
+            f"    pipeline probe speed {' '.join(same_run + ['--peer tcp://ADDR:PORT'])} [--update CLUSTER_YAML --host NAME]",
         ]
     else:
-        lines.append(f"  relative speed {speed:g} (the baseline host's {args.baseline:g} samples/s is speed 1.0)")
+        lines.append(f"  relative speed {speed:g} (the baseline's {args.baseline:.4g} samples/s is speed 1.0)")
     if target is not None:
         change = target.set_speed(args.host, speed)
         target.write()
@@ -117,6 +140,23 @@ def _speed(args: argparse.Namespace) -> int:
         lines.append(f"  {args.update}: {change.describe()}")
     _emit(args, report, lines)
     return 0
+
+
+def _speed_line(where: str, run: dict[str, Any]) -> str:
+    return (
+        f"  {where}, {run['cpus']} CPUs: {run['samples_per_s']:.4g} samples/s over {run['calls']} calls "
+        f"(median call {run['median_call_ms']:.1f} ms, p10-p90 {run['p10_call_ms']:.1f}-{run['p90_call_ms']:.1f} ms; "
+        f"mean {run['mean_samples_per_s']:.4g} samples/s)"
+    )
+
+
+def _check_peer_is_host(target: ClusterFile, endpoint: str, host: str) -> None:
+    """``--peer`` at a cluster host other than ``--host`` would write one host's speed as another's."""
+    address, _ = probe_link.parse_endpoint(endpoint, bind=False, what="--peer")
+    named = target.host_name(host)
+    for h in target.cluster.hosts:
+        if address in (h.name, h.address) and h.name != named:
+            raise ClusterError(f"--host {host!r}: but --peer {endpoint} is host {h.name!r} ({h.address}) in {target.path}; expected the same host")
 
 
 # ------------------------------------------------------------------ serve

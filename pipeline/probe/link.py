@@ -43,6 +43,8 @@ from pipeline.probe.measure import Delivery, Rate, RoundTrips, round_significant
 
 PROTOCOL_VERSION = b"1"
 HELLO, PING, PONG, PUT, ACK, GET, DATA, ERROR = b"hello", b"ping", b"pong", b"put", b"ack", b"get", b"data", b"error"
+#: a speed run on the peer's host (``probe speed --peer``): a JSON request, answered with the run's JSON report.
+SPEED = b"speed"
 #: a sequence number or a size on the wire: unsigned 64-bit, big-endian.
 _U64 = struct.Struct(">Q")
 #: the largest message the peer accepts or sends (ZeroMQ drops a connection that sends a larger one).
@@ -193,11 +195,29 @@ class Peer:
                 self._buffer = os.urandom(size)  # incompressible, made once per largest size asked for
             self.sent_bytes += size
             self._sock.send_multipart([identity, DATA, parts[1].bytes, memoryview(self._buffer)[:size]], copy=False)
+        elif kind == SPEED and len(parts) == 2:
+            self._speed(identity, parts[1].bytes)
         elif kind == HELLO and len(parts) == 2:
             about = {"host": socket.gethostname(), "pid": os.getpid(), "max_message_bytes": self.config.max_message_bytes}
             self._sock.send_multipart([identity, HELLO, PROTOCOL_VERSION, json.dumps(about).encode()])
         else:
             self._error(identity, f"unknown request {kind[:16]!r} with {len(parts)} frames")
+
+    def _speed(self, identity: bytes, request: bytes) -> None:
+        """Run the speed probe on this host in a child process (nothing else is answered meanwhile)."""
+        from pipeline.probe.speed import checked_remote_config, run_in_subprocess
+
+        try:
+            params = json.loads(request)
+            if not isinstance(params, dict):
+                raise UsageError(f"expected a JSON object of speed parameters, received {request[:64]!r}")
+            config = checked_remote_config(params)
+            log.info("probe_speed_requested", model=config.model, batch=config.batch, seconds=config.seconds, threads=config.threads)
+            report = run_in_subprocess(config)
+        except (UsageError, ValueError) as exc:
+            self._error(identity, f"speed run refused or failed: {getattr(exc, 'message', exc)}")
+            return
+        self._sock.send_multipart([identity, SPEED, json.dumps(report).encode()])  # type: ignore[union-attr]
 
     def _error(self, identity: bytes, message: str) -> None:
         assert self._sock is not None
@@ -403,3 +423,25 @@ def _stream(client: _Client, config: LinkConfig, kind: bytes) -> Rate:
     rate = steady_rate(deliveries, config.seconds)
     log.info("probe_stream", direction="upload" if kind == PUT else "download", mbit_s=round(rate.bits_per_s / 1e6, 2), messages=len(deliveries))
     return rate
+
+
+def remote_speed(config: LinkConfig, params: dict[str, object], timeout_s: float) -> tuple[str, dict[str, object]]:
+    """Ask the peer at ``config.endpoint`` to run the speed probe on its host: ``(peer host, the run's report)``."""
+    parse_endpoint(config.endpoint, bind=False, what="--peer")
+    ctx = zmq.Context()
+    client = _Client(config, ctx)
+    try:
+        client.sock.send_multipart([HELLO, PROTOCOL_VERSION])
+        try:
+            hello = client.recv(config.connect_timeout_s, "the peer's hello")
+        except Unavailable:
+            raise _unreachable(config) from None
+        about = json.loads(hello[2].bytes) if len(hello) >= 3 and hello[0].bytes == HELLO else {}
+        client.sock.send_multipart([SPEED, json.dumps(params).encode()])
+        while True:
+            frames = client.recv(timeout_s, "the peer's speed run (building the model, warming up, timing)")
+            if frames[0].bytes == SPEED:
+                return str(about.get("host", "")), dict(json.loads(frames[1].bytes))
+    finally:
+        client.close()
+        ctx.term()

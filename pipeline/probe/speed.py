@@ -15,6 +15,7 @@ over the whole run is reported beside it.
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -152,3 +153,47 @@ def measure_speed(config: SpeedConfig) -> SpeedResult:
         times.append(time.perf_counter() - t0)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return SpeedResult(model=config.model, batch=config.batch, threads=config.threads, cpus=cpus, call_s=tuple(times))
+
+
+#: what a remote request may name as its model: a keras.applications name (no file paths: the peer loads nothing it was sent).
+_REMOTE_MODEL = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+#: bounds of a remote request (the peer runs one at a time, answering nothing else meanwhile).
+MAX_REMOTE_SECONDS = 60.0
+MAX_REMOTE_BATCH = 256
+#: how long the peer lets one speed run take, building the model included.
+REMOTE_TIMEOUT_S = 600.0
+
+
+def checked_remote_config(params: dict[str, object]) -> SpeedConfig:
+    """A speed run a peer was asked for, checked against its bounds (a :class:`UsageError` saying which)."""
+    model = params.get("model", REFERENCE_MODEL)
+    batch, seconds, threads = params.get("batch", DEFAULT_BATCH), params.get("seconds", DEFAULT_SECONDS), params.get("threads")
+    if not isinstance(model, str) or not _REMOTE_MODEL.match(model):
+        raise UsageError(f"--model {model!r}: a peer runs only keras.applications models by name (e.g. {REFERENCE_MODEL}), not files")
+    if not isinstance(batch, int) or not 1 <= batch <= MAX_REMOTE_BATCH:
+        raise UsageError(f"--batch {batch!r}: a peer runs batches of 1 to {MAX_REMOTE_BATCH}")
+    if not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_REMOTE_SECONDS:
+        raise UsageError(f"--seconds {seconds!r}: a peer runs for at most {MAX_REMOTE_SECONDS:g} s")
+    if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= 1024):
+        raise UsageError(f"--threads {threads!r}: expected 1 to 1024 threads, or none (TensorFlow's default)")
+    return SpeedConfig(model=model, batch=batch, seconds=float(seconds), threads=threads)
+
+
+def run_in_subprocess(config: SpeedConfig, timeout_s: float = REMOTE_TIMEOUT_S) -> dict[str, object]:
+    """Run ``pipeline probe speed --json`` in a child process (its own TensorFlow runtime) and return its report."""
+    import json
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "pipeline.cli", "probe", "speed", "--json", "--model", config.model,
+            "--batch", str(config.batch), "--seconds", str(config.seconds)]  # fmt: skip
+    if config.threads is not None:
+        argv += ["--threads", str(config.threads)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"the speed run did not finish within {timeout_s:g} s on this host") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UsageError(f"the speed run failed with exit status {done.returncode}: {last}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -226,3 +226,20 @@ def test_an_update_that_would_break_the_file_leaves_it_unchanged(cluster_file: P
     with pytest.raises(UsageError, match="above zero"):
         f.set_speed("mid", 0.0)
     assert [p.name for p in cluster_file.parent.iterdir()] == ["cluster.yaml"]  # no temporary file left
+
+
+def test_a_peer_runs_only_bounded_speed_requests_by_model_name() -> None:
+    from pipeline.probe.speed import SpeedConfig, checked_remote_config
+
+    assert checked_remote_config({"model": "mobilenet_v3_large", "batch": 8, "seconds": 5.0, "threads": None}) == SpeedConfig()
+    assert checked_remote_config({"model": "ResNet50", "batch": 1, "seconds": 1, "threads": 2}).threads == 2
+    for params, match in (
+        ({"model": "/etc/passwd.keras"}, "only keras.applications models by name"),
+        ({"model": "../x"}, "only keras.applications models by name"),
+        ({"batch": 0}, "--batch 0"),
+        ({"batch": 8.5}, "--batch 8.5"),
+        ({"seconds": 3600}, "at most 60 s"),
+        ({"threads": 0}, "--threads 0"),
+    ):
+        with pytest.raises(UsageError, match=match):
+            checked_remote_config(params)
