@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--baseline", type=float, default=None, metavar="SAMPLES_PER_S", help="the samples/s the baseline host (speed 1.0) printed for the same run; without it this host is the baseline")
     s.add_argument("--peer", default=None, metavar="tcp://ADDR:PORT", help="run it on the host of this `probe serve` peer instead (without --baseline: also here, and the ratio is the peer's speed)")
     s.add_argument("--curve-server-key", default=None, metavar="KEY", help="with --peer: the public key `probe serve --curve` printed")
-    s.add_argument("--peer-timeout", type=float, default=probe_speed.REMOTE_TIMEOUT_S, metavar="S", help=f"with --peer: how long the peer's run may take (default {probe_speed.REMOTE_TIMEOUT_S:g} s)")
+    wait = probe_speed.REMOTE_TIMEOUT_S + 60  # the peer gives up on a run after REMOTE_TIMEOUT_S and says so: wait for that answer
+    s.add_argument("--peer-timeout", type=float, default=wait, metavar="S", help=f"with --peer: how long to wait for the peer's run (default {wait:g} s)")
     _update_arguments(s)
     s.add_argument("--host", default=None, help="with --update: the host (name or address) whose speed to set")
 

@@ -130,6 +130,7 @@ class Peer:
     _ctx: zmq.Context | None = None
     _sock: zmq.Socket | None = None
     _buffer: bytes = b""
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _own_context: bool = field(default=False, repr=False)
 
     def start(self, ctx: zmq.Context | None = None) -> str:
@@ -160,7 +161,7 @@ class Peer:
         """Answer until ``stop`` is set or nothing arrives for ``idle_timeout_s``; return why it ended."""
         if self._sock is None:
             raise RuntimeError("Peer.serve() before Peer.start()")
-        stop = stop or threading.Event()
+        stop = self._stop = stop or threading.Event()
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         last = time.monotonic()
@@ -213,7 +214,7 @@ class Peer:
                 raise UsageError(f"expected a JSON object of speed parameters, received {request[:64]!r}")
             config = checked_remote_config(params)
             log.info("probe_speed_requested", model=config.model, batch=config.batch, seconds=config.seconds, threads=config.threads)
-            report = run_in_subprocess(config)
+            report = run_in_subprocess(config, stop=self._stop)
         except (UsageError, ValueError) as exc:
             self._error(identity, f"speed run refused or failed: {getattr(exc, 'message', exc)}")
             return

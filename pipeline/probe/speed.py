@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 
@@ -179,21 +180,39 @@ def checked_remote_config(params: dict[str, object]) -> SpeedConfig:
     return SpeedConfig(model=model, batch=batch, seconds=float(seconds), threads=threads)
 
 
-def run_in_subprocess(config: SpeedConfig, timeout_s: float = REMOTE_TIMEOUT_S) -> dict[str, object]:
-    """Run ``pipeline probe speed --json`` in a child process (its own TensorFlow runtime) and return its report."""
+def run_in_subprocess(config: SpeedConfig, timeout_s: float = REMOTE_TIMEOUT_S, stop: threading.Event | None = None) -> dict[str, object]:
+    """Run ``pipeline probe speed --json`` in a child process (its own TensorFlow runtime) and return its report.
+
+    The child is killed when ``timeout_s`` passes or ``stop`` is set (the peer was asked to exit).
+    """
     import json
     import subprocess
     import sys
+    import tempfile
 
     argv = [sys.executable, "-m", "pipeline.cli", "probe", "speed", "--json", "--model", config.model,
             "--batch", str(config.batch), "--seconds", str(config.seconds)]  # fmt: skip
     if config.threads is not None:
         argv += ["--threads", str(config.threads)]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise UsageError(f"the speed run did not finish within {timeout_s:g} s on this host") from None
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise UsageError(f"the speed run failed with exit status {done.returncode}: {last}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(argv, stdout=out, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while child.poll() is None:
+                if time.monotonic() > deadline:
+                    raise UsageError(f"the speed run did not finish within {timeout_s:g} s on this host")
+                if stop is not None and stop.wait(0.2):
+                    raise UsageError("the speed run was stopped: the peer is shutting down")
+                if stop is None:
+                    time.sleep(0.2)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait(10)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if child.returncode != 0:
+        last = (stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UsageError(f"the speed run failed with exit status {child.returncode}: {last}")
+    return dict(json.loads(stdout.strip().splitlines()[-1]))

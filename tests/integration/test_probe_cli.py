@@ -10,6 +10,7 @@ import numpy as np
 import yaml
 
 from pipeline.cluster import load_cluster, parse_bandwidth
+from pipeline.probe.measure import round_significant
 from tests.helpers_probe import probe, report, start_peer
 
 CLUSTER = """\
@@ -123,3 +124,19 @@ def test_speed_on_a_small_model_writes_the_relative_speed(tmp_path: Path) -> Non
     assert yaml.safe_load(cluster.read_text())["hosts"][0] == {"name": "edge", "address": "127.0.0.1"}
     unknown = probe("speed", "--model", str(path), "--update", str(cluster), "--host", "nowhere")
     assert unknown.returncode == 2 and "--host 'nowhere': no such host" in unknown.stderr, unknown.stderr
+
+
+def test_speed_on_a_peer_host_is_written_for_that_host(tmp_path: Path) -> None:
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER.replace("127.0.0.1", "198.18.0.1").replace("198.18.0.2", "127.0.0.1"))  # cloud is here
+    peer, endpoint, key = start_peer(tmp_path / "logs", extra=["--curve"])
+    try:
+        r = report(probe("speed", "--peer", endpoint, "--curve-server-key", key, "--model", "mobilenet_v3_small", "--seconds", "0.5",
+                         "--threads", "1", "--baseline", "1000", "--json", "--update", str(cluster), "--host", "cloud"))  # fmt: skip
+        refused = probe("speed", "--peer", endpoint, "--curve-server-key", key, "--update", str(cluster), "--host", "edge")
+    finally:
+        peer.stop()
+    assert r["where"].startswith("the peer ") and r["model"] == "mobilenet_v3_small" and r["calls"] >= 5
+    assert r["speed"] == round_significant(r["samples_per_s"] / 1000)
+    assert load_cluster(cluster).host("cloud").speed == r["speed"]
+    assert refused.returncode == 2 and "--peer" in refused.stderr and "is host 'cloud'" in refused.stderr, refused.stderr
