@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import keras
 import numpy as np
 import yaml
 
+from pipeline import process
 from pipeline.cluster import load_cluster, parse_bandwidth
+from pipeline.launch import free_ports
 from pipeline.probe.measure import round_significant
-from tests.helpers_probe import probe, report, start_peer
+from tests.helpers_probe import ENV, probe, report, start_peer
 
 CLUSTER = """\
 version: 1
@@ -58,8 +61,6 @@ def test_curve_peer_needs_its_key(tmp_path: Path) -> None:
 
 
 def test_unreachable_peer_and_bad_input_fail_with_a_clear_error(tmp_path: Path) -> None:
-    from pipeline.launch import free_ports
-
     (port,) = free_ports(1)
     t0 = time.monotonic()
     r = probe("link", f"tcp://127.0.0.1:{port}", "--connect-timeout", "1")
@@ -81,11 +82,6 @@ def test_unreachable_peer_and_bad_input_fail_with_a_clear_error(tmp_path: Path) 
 def test_a_peer_that_dies_mid_run_ends_the_run_within_its_deadline(tmp_path: Path) -> None:
     peer, endpoint, _ = start_peer(tmp_path / "logs")
     try:
-        import subprocess
-
-        from tests.helpers_probe import ENV
-        from pipeline import process
-
         client = subprocess.Popen(
             process.pipeline_command("probe", "link", endpoint, "--seconds", "30", "--timeout", "2", "--pings", "5"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
