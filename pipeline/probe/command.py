@@ -145,7 +145,7 @@ def _speed(args: argparse.Namespace) -> int:
 
 def _speed_line(where: str, run: dict[str, Any]) -> str:
     return (
-        f"  {where}, {run['cpus']} CPUs: {run['samples_per_s']:.4g} samples/s over {run['calls']} calls "
+        f"  {where}, {run['cpus']} CPU{'s' if run['cpus'] != 1 else ''}: {run['samples_per_s']:.4g} samples/s over {run['calls']} calls "
         f"(median call {run['median_call_ms']:.1f} ms, p10-p90 {run['p10_call_ms']:.1f}-{run['p90_call_ms']:.1f} ms; "
         f"mean {run['mean_samples_per_s']:.4g} samples/s)"
     )
