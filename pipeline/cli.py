@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("pipeline.soak.record", "write a replay file: inputs and the whole model's reference outputs"),
     "soak": ("pipeline.soak.soak", "replay a file through the ingress for a duration, check every answer, report"),
     "top": ("pipeline.top", "a live view of a running pipeline: each shard's state, rates, batches, compute times"),
+    "probe": ("pipeline.probe.command", "measure this host's speed or a link's bandwidth and latency, and write them into a cluster file"),
     "deploy": ("pipeline.deploy.command", "generate Kubernetes manifests, systemd units or the container recipe from a topology"),
 }
 
