@@ -1,8 +1,9 @@
 """``pipeline probe speed|serve|link``: measure hosts and links, and write them into a cluster file.
 
-- ``speed``: a short compiled run of a reference model on this host; prints
-  samples/s and the speed relative to a baseline (``--baseline``, the
-  samples/s the baseline host printed; without it this host is the baseline);
+- ``speed``: a short compiled run of a reference model on this host (or a
+  ``serve`` peer's, ``--peer``); prints samples/s and the speed in the
+  planner's units (the cost model's estimate over the measured time; with
+  ``--baseline`` relative to another host's samples/s instead);
   ``--update FILE --host NAME`` writes it as that host's ``speed``.
 - ``serve --bind tcp://ADDR:PORT``: the peer that ``link`` measures against
   (run it on the other host; it exits after ``--idle-timeout`` without traffic).
@@ -39,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--batch", type=int, default=probe_speed.DEFAULT_BATCH, help=f"samples per call (default {probe_speed.DEFAULT_BATCH}, the batch plans are made for)")
     s.add_argument("--seconds", type=float, default=probe_speed.DEFAULT_SECONDS, help=f"how long to time calls after warm-up (default {probe_speed.DEFAULT_SECONDS:g})")
     s.add_argument("--threads", type=int, default=None, help="TensorFlow threads (default: TensorFlow's, all CPUs; use what the workers will use)")
-    s.add_argument("--baseline", type=float, default=None, metavar="SAMPLES_PER_S", help="the samples/s the baseline host (speed 1.0) printed for the same run; without it this host is the baseline")
-    s.add_argument("--peer", default=None, metavar="tcp://ADDR:PORT", help="run it on the host of this `probe serve` peer instead (without --baseline: also here, and the ratio is the peer's speed)")
+    s.add_argument("--baseline", type=float, default=None, metavar="SAMPLES_PER_S", help="a speed relative to this many samples/s (another host's run of the same probe); without it the speed is in the planner's units (1.0: the cost model's reference host)")
+    s.add_argument("--peer", default=None, metavar="tcp://ADDR:PORT", help="run it on the host of this `probe serve` peer instead")
     s.add_argument("--curve-server-key", default=None, metavar="KEY", help="with --peer: the public key `probe serve --curve` printed")
     wait = probe_speed.REMOTE_TIMEOUT_S + 60  # the peer gives up on a run after REMOTE_TIMEOUT_S and says so: wait for that answer
     s.add_argument("--peer-timeout", type=float, default=wait, metavar="S", help=f"with --peer: how long to wait for the peer's run (default {wait:g} s)")
@@ -106,16 +107,15 @@ def _speed(args: argparse.Namespace) -> int:
         params = {"model": config.model, "batch": config.batch, "seconds": config.seconds, "threads": config.threads}
         checked_remote_config(params)  # the peer's bounds, checked before anything runs
         link_config = probe_link.LinkConfig(endpoint=args.peer, server_key=args.curve_server_key)
-        baseline = args.baseline
-        if baseline is None:  # this host is the baseline: measured here first, then there, one after the other
-            local = measure_speed(config)
-            baseline = local.samples_per_s
-            lines.append(_speed_line("this host (the baseline, speed 1.0)", local.to_dict()))
         peer_host, run = probe_link.remote_speed(link_config, params, args.peer_timeout)
         where = f"the peer {peer_host or '?'} at {args.peer}"
-        args.baseline = baseline
     sps = float(run["samples_per_s"])  # type: ignore[arg-type]
-    speed = round_significant(relative_speed(sps, args.baseline) if args.baseline is not None else 1.0)
+    if args.baseline is not None:
+        speed = round_significant(relative_speed(sps, args.baseline))
+    else:  # in the planner's units: the cost model's estimate over the measured time
+        speed = round_significant(float(run.get("reference_speed") or 0.0))  # type: ignore[arg-type]
+        if not speed > 0:
+            raise UsageError(f"probe speed: the cost model has no estimate for {run['model']!r}; pass --baseline SAMPLES_PER_S of another host's run")
     same_run = [f"--model {args.model}"] if args.model != REFERENCE_MODEL else []
     same_run += [f"--batch {args.batch}"] if args.batch != DEFAULT_BATCH else []
     same_run += [f"--threads {args.threads}"] if args.threads is not None else []
@@ -127,10 +127,11 @@ def _speed(args: argparse.Namespace) -> int:
     ]
     if args.baseline is None:
         lines += [
-            "  relative speed 1.0: this host is the baseline. On each other host run the same probe with",
-            f"    pipeline probe speed {' '.join([*same_run, f'--baseline {sps:.4g}'])} [--update CLUSTER_YAML --host NAME]",
-            "  or, from here, against a `pipeline probe serve` peer on that host:",
-            f"    pipeline probe speed {' '.join(same_run + ['--peer tcp://ADDR:PORT'])} [--update CLUSTER_YAML --host NAME]",
+            f"  speed {speed:g}: the cost model estimates {float(run['estimate_ms_per_sample']):.2f} ms a sample for this run on its "
+            f"reference host (speed 1.0), this host took {1e3 / sps:.2f} ms",
+            "  run the same probe on each host (or from here against a `pipeline probe serve` peer there):",
+            f"    pipeline probe speed {' '.join(same_run + ['[--peer tcp://ADDR:PORT]'])} --update CLUSTER_YAML --host NAME",
+            f"  (or relative to this host, which keeps proportions but not compute against links: --baseline {sps:.4g})",
         ]
     else:
         lines.append(f"  relative speed {speed:g} (the baseline's {args.baseline:.4g} samples/s is speed 1.0)")

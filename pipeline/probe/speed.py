@@ -1,10 +1,15 @@
 """A host's compute speed: a short compiled (``tf.function``) run of a reference model, in samples per second.
 
 The number alone depends on the model and the batch; what goes into a
-cluster file is a ratio: a host's ``speed`` is its samples/s over the
-samples/s of the baseline host (speed 1.0, by convention the host where the
-cluster file is made) on the same run: same model, same batch, same thread
-setting. The planner divides its cost model's compute estimate by it.
+cluster file is a speed in the planner's units. The planner divides its cost
+model's compute estimate (pipeline/partition/cost.py, seconds per sample on
+its reference host) by a host's ``speed`` and weighs the result against link
+seconds, so speed 1.0 must mean that reference host, not merely "the first
+host": a host's ``speed`` is the cost model's estimate of the run's seconds
+per sample over the measured seconds per sample (``reference_speed``). With
+``--baseline`` the speed is instead relative to another host's run (the
+ratio of the two rates), which keeps the hosts' proportions but not the
+balance between compute and links.
 
 The rate is the batch over the median time of one compiled call, after a
 few warm-up calls (the first traces the function): the median keeps a
@@ -60,11 +65,17 @@ class SpeedResult:
     threads: int | None
     cpus: int
     call_s: tuple[float, ...]
+    estimate_s: float = 0.0  # the cost model's seconds per sample for this model at this batch (speed 1.0)
 
     @property
     def samples_per_s(self) -> float:
         """The batch over the median call time."""
         return self.batch / statistics.median(self.call_s)
+
+    @property
+    def reference_speed(self) -> float:
+        """The speed in the planner's units: the cost model's seconds per sample over the measured ones."""
+        return self.estimate_s * self.samples_per_s
 
     @property
     def mean_samples_per_s(self) -> float:
@@ -90,6 +101,8 @@ class SpeedResult:
             "median_call_ms": statistics.median(self.call_s) * 1e3,
             "p10_call_ms": self.p10_ms,
             "p90_call_ms": self.p90_ms,
+            "estimate_ms_per_sample": self.estimate_s * 1e3,
+            "reference_speed": self.reference_speed,
         }
 
 
@@ -108,8 +121,23 @@ def _configure_threads(threads: int | None) -> None:
         raise UsageError(f"--threads {threads}: TensorFlow's runtime is already running in this process ({exc})") from exc
 
 
+def estimated_seconds(model: object, batch: int) -> float:
+    """The cost model's seconds per sample for ``model`` run in batches of ``batch`` on a speed-1.0 host."""
+    from pipeline.partition import cost
+    from pipeline.partition.graph import build_graph
+
+    graph = build_graph(model)
+    return float(sum(c.seconds(batch) for c in cost.op_costs(graph, cost.concrete_shapes(graph))))
+
+
 def compiled_reference(model_source: str, batch: int) -> tuple[object, dict[str, np.ndarray]]:
-    """The model as one ``tf.function`` and a fixed-seed random batch for it."""
+    """The model as one ``tf.function`` and a fixed-seed random batch for it (its cost estimate: :func:`reference_run`)."""
+    fn, inputs, _ = reference_run(model_source, batch)
+    return fn, inputs
+
+
+def reference_run(model_source: str, batch: int) -> tuple[object, dict[str, np.ndarray], float]:
+    """The model as one ``tf.function``, a fixed-seed random batch for it, and the cost model's seconds per sample."""
     from pipeline.partition.reference import compiled, random_inputs
     from pipeline.partition.source import load_source
     from pipeline.topology import TensorSpec
@@ -124,7 +152,7 @@ def compiled_reference(model_source: str, batch: int) -> tuple[object, dict[str,
         for t in model.inputs
     ]
     inputs = random_inputs(specs, batch, np.random.default_rng(0))
-    return compiled(model, specs), inputs
+    return compiled(model, specs), inputs, estimated_seconds(model, batch)
 
 
 def _block(result: object) -> None:
@@ -141,7 +169,7 @@ def measure_speed(config: SpeedConfig) -> SpeedResult:
         raise UsageError(f"--seconds: expected a duration in (0, 3600], received {config.seconds}")
     _configure_threads(config.threads)
     began = time.monotonic()
-    fn, inputs = compiled_reference(config.model, config.batch)
+    fn, inputs, estimate_s = reference_run(config.model, config.batch)
     for _ in range(WARMUP_CALLS):
         _block(fn(inputs))  # type: ignore[operator]
     log.info("probe_speed_ready", model=config.model, batch=config.batch, build_s=round(time.monotonic() - began, 2))
@@ -153,7 +181,7 @@ def measure_speed(config: SpeedConfig) -> SpeedResult:
         _block(fn(inputs))  # type: ignore[operator]
         times.append(time.perf_counter() - t0)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return SpeedResult(model=config.model, batch=config.batch, threads=config.threads, cpus=cpus, call_s=tuple(times))
+    return SpeedResult(model=config.model, batch=config.batch, threads=config.threads, cpus=cpus, call_s=tuple(times), estimate_s=estimate_s)
 
 
 #: what a remote request may name as its model: a keras.applications name (no file paths: the peer loads nothing it was sent).

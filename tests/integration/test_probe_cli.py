@@ -98,7 +98,7 @@ def test_a_peer_that_dies_mid_run_ends_the_run_within_its_deadline(tmp_path: Pat
     assert f"the probe peer at {endpoint} stopped answering: no reply for 2 s" in err, err
 
 
-def test_speed_without_a_baseline_makes_this_host_the_baseline(tmp_path: Path) -> None:
+def test_speed_without_a_baseline_is_in_the_planners_units(tmp_path: Path) -> None:
     keras.utils.set_random_seed(0)
     inputs = keras.Input((32, 32, 3), name="image")
     x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
@@ -109,10 +109,12 @@ def test_speed_without_a_baseline_makes_this_host_the_baseline(tmp_path: Path) -
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text(CLUSTER)
     r = report(probe("speed", "--model", str(path), "--seconds", "0.5", "--threads", "1", "--json", "--update", str(cluster), "--host", "edge"))
-    assert r["samples_per_s"] > 0 and r["calls"] >= 5 and r["where"] == "this host"
-    assert r["speed"] == 1.0 and r["baseline_samples_per_s"] is None  # without --baseline this host is the baseline
-    assert r["updated"] == "hosts[0].speed (edge): (absent) -> 1.0"
-    assert load_cluster(cluster).host("edge").speed == 1.0
+    assert r["samples_per_s"] > 0 and r["calls"] >= 5 and r["where"] == "this host" and r["baseline_samples_per_s"] is None
+    # the cost model's seconds per sample over the measured ones: what the planner divides its estimates by
+    assert r["estimate_ms_per_sample"] > 0
+    assert r["speed"] == round_significant(r["estimate_ms_per_sample"] / 1e3 * r["samples_per_s"]), r
+    assert r["updated"] == f"hosts[0].speed (edge): (absent) -> {r['speed']:g}"
+    assert load_cluster(cluster).host("edge").speed == r["speed"]
     assert yaml.safe_load(cluster.read_text())["hosts"][1] == {"name": "cloud", "address": "198.18.0.2", "speed": 4.0}
     unknown = probe("speed", "--model", str(path), "--update", str(cluster), "--host", "nowhere")
     assert unknown.returncode == 2 and "--host 'nowhere': no such host" in unknown.stderr, unknown.stderr
