@@ -354,6 +354,27 @@ def expand(t: topo.Topology, names: Iterable[str]) -> list[str]:
     return out
 
 
+def processes_on(t: topo.Topology, host: str | None) -> list[str]:
+    """Process names placed on ``host`` (every one for ``None``), each replica of a replicated shard on its own
+    replica's host: the ingress first, then the worker processes and replicas in the topology's order."""
+    from pipeline import colocation
+
+    here = set(colocation.process_names_on(t, host))
+    out: list[str] = []
+    for name in colocation.process_names_on(t, None):
+        spec = next((s for s in t.shards if s.name == name), None)
+        if spec is not None and spec.extra_replicas:
+            out += [n for n, r in zip(process_names(spec), spec.replicas) if host is None or r.host == host]
+        elif name in here:
+            out.append(name)
+    return out
+
+
+def hosts_of(t: topo.Topology) -> list[str]:
+    """Every host a process of ``t`` is placed on (the ingress's, every shard's and every replica's), sorted."""
+    return sorted({t.ingress.host, *(r.host for s in t.shards for r in s.replicas)})
+
+
 def worker_selector(t: topo.Topology, name: str) -> list[str] | None:
     """``--shard S --replica K`` for a replica's process name (``S@K``); ``None`` for any other name."""
     if SEPARATOR not in name:

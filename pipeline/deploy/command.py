@@ -143,7 +143,6 @@ def _kubernetes(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- systemd
 def _systemd(args: argparse.Namespace) -> int:
     topology = topo.load(args.directory, check_files=False)
-    _no_replicas(topology, "systemd")
     executable = args.executable or shutil.which("pipeline") or str(Path(sys.executable).with_name("pipeline"))
     options = systemd.UnitOptions(
         executable=executable,

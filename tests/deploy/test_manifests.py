@@ -563,3 +563,48 @@ def test_systemd_one_unit_per_process(chain: Topology, tmp_path: Path) -> None:
         (out / name).write_text(body)
     code, said = analyze(sorted(out.iterdir()))
     assert code == 0 and said == "", said
+
+
+# ---------------------------------------------------------------- replicas
+def with_replicas(t: Topology, dest: Path, shard: str, hosts: tuple[str, ...]) -> Topology:
+    """A copy of ``t`` whose ``shard`` has one replica per host of ``hosts`` (replica 0 stays where it is)."""
+    spec = t.shard(shard)
+    extra = tuple(
+        topo.ReplicaSpec(endpoint=f"tcp://{h}:{6000 + k}", bind=f"tcp://{h}:{6000 + k}", host=h, metrics=f"{h}:{7000 + k}")
+        for k, h in enumerate(hosts, start=1)
+    )
+    shards = tuple(dataclasses.replace(s, extra_replicas=extra) if s.name == shard else s for s in t.shards)
+    return copy_topology(t, dest, shards=shards)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (bin/setup installs systemd)")
+def test_systemd_a_unit_per_replica_on_its_host(residual: Topology, tmp_path: Path) -> None:
+    """Replica k of a shard is a unit of its own on the host its entry names: ``worker --shard S --replica k``."""
+    t = with_replicas(residual, tmp_path / "replicated", "shard1", ("127.0.0.2", "127.0.0.1"))
+    executable = str(Path(sys.executable).with_name("pipeline"))
+    options = systemd.UnitOptions(executable=executable, directory=str(t.directory), drain_s=7)
+    here = systemd.units(t, "127.0.0.1", options)
+    there = systemd.units(t, "127.0.0.2", options)
+    assert sorted(here) == sorted([*(systemd.unit_name(t, p) for p in ("ingress", "shard0", "shard1@0", "shard1@2")), systemd.target_name(t)])
+    assert sorted(there) == sorted([systemd.unit_name(t, "shard1@1"), systemd.target_name(t)])
+    assert systemd.unit_name(t, "shard1@1") == "keras-pipeline-residual-shard1-r1.service"
+    for files, k in ((here, 0), (there, 1), (here, 2)):
+        text = files[systemd.unit_name(t, f"shard1@{k}")].splitlines()
+        assert f"ExecStart={executable} worker {t.directory} --shard shard1 --replica {k} --drain-timeout 7" in text
+        assert f"TimeoutStopSec={7 + kubernetes.EXIT_MARGIN_S}" in text
+        assert any(line.startswith("Description=") and f"replica {k} of 3 of shard shard1" in line for line in text)
+    assert f"ExecStart={executable} worker {t.directory} --shard shard0 --drain-timeout 7" in here[systemd.unit_name(t, "shard0")].splitlines()
+    assert systemd.unit_name(t, "shard1@1") in there[systemd.target_name(t)]
+    assert systemd.unit_name(t, "shard1@1") not in here[systemd.target_name(t)]
+    for files, name in ((here, "here"), (there, "there")):
+        out = tmp_path / name
+        out.mkdir()
+        for file, body in files.items():
+            (out / file).write_text(body)
+        code, said = analyze(sorted(out.iterdir()))
+        assert code == 0 and said == "", said
+    # the command writes them too (no refusal any more); a host with nothing placed is still an error
+    assert cli.main(["deploy", "systemd", str(t.directory), "--host", "127.0.0.2", "--out", str(tmp_path / "cli"), "--executable", executable]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").glob("*.service")) == [systemd.unit_name(t, "shard1@1")]
+    with pytest.raises(UsageError, match=r"127\.0\.0\.2"):
+        systemd.units(t, "127.0.0.9", options)
