@@ -568,7 +568,7 @@ def test_systemd_one_unit_per_process(chain: Topology, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- replicas
 def with_replicas(t: Topology, dest: Path, shard: str, hosts: tuple[str, ...]) -> Topology:
     """A copy of ``t`` whose ``shard`` has one replica per host of ``hosts`` (replica 0 stays where it is)."""
-    spec = t.shard(shard)
+    t.shard(shard)  # a clear error for an unknown shard
     extra = tuple(
         topo.ReplicaSpec(endpoint=f"tcp://{h}:{6000 + k}", bind=f"tcp://{h}:{6000 + k}", host=h, metrics=f"{h}:{7000 + k}")
         for k, h in enumerate(hosts, start=1)
