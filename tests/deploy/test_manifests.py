@@ -608,3 +608,70 @@ def test_systemd_a_unit_per_replica_on_its_host(residual: Topology, tmp_path: Pa
     assert sorted(p.name for p in (tmp_path / "cli").glob("*.service")) == [systemd.unit_name(t, "shard1@1")]
     with pytest.raises(UsageError, match=r"127\.0\.0\.2"):
         systemd.units(t, "127.0.0.9", options)
+
+
+def test_kubernetes_a_replicated_shard_is_one_deployment_behind_a_headless_service(residual: Topology, tmp_path: Path) -> None:
+    """Listed replicas become one Deployment with N replicas, a headless Service, and replicas found by DNS in the
+    ConfigMap; each pod reads its address from the downward API. Schemas and the fit checks pass, with CURVE too."""
+    t = with_replicas(residual, tmp_path / "replicated", "shard1", ("127.0.0.1", "127.0.0.1"))
+    objects = kubernetes.manifests(t, kubernetes.KubeOptions(namespace="ml"))
+    validate_all(objects)
+    assert checks.all_problems(objects) == []
+    kinds = [o["kind"] for o in objects]
+    assert kinds.count("Deployment") == 3 and kinds.count("Service") == 4  # one per process, as without replicas
+    d = deployment(objects, "shard1")
+    assert d["spec"]["replicas"] == 3 and deployment(objects, "shard0")["spec"]["replicas"] == 1
+    assert d["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    c = container(objects, "shard1")
+    assert {"name": "PIPELINE_REPLICA_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in c["env"]
+    assert "PIPELINE_REPLICA_ADDRESS" not in [e["name"] for e in container(objects, "shard0")["env"]]
+    assert c["args"] == ["worker", kubernetes.MODEL_DIR, "--shard", "shard1", "--drain-timeout", "10"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}  # per pod, as before
+    (svc,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "residual-shard1"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is False
+    (plain,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "residual-shard0"]
+    assert "clusterIP" not in plain["spec"]
+    pt = checks.pod_topology(objects)
+    host = "residual-shard1.ml.svc.cluster.local"
+    assert pt["shards"][1]["replicas"] == {"count": 3, "discover": "dns"}
+    assert pt["shards"][1]["endpoint"] == f"tcp://{host}:5555" and pt["shards"][1]["metrics"] == f"{host}:9100"
+    assert "replicas" not in pt["shards"][0]
+    parsed = topo.from_dict(pt, directory=Path("."))
+    topo.validate(parsed, check_files=False)  # what the pods read is a valid topology
+    assert parsed.shard("shard1").discovered == 3
+    # the pod template's annotations: every pod is scraped on its own address
+    assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9100"
+
+    # a topology already written with replicas found by DNS keeps its count; with CURVE every pod holds the key
+    secured, keys = curve_copy(t, tmp_path / "curve")
+    with_curve = kubernetes.manifests(secured, kubernetes.KubeOptions(), curve_keys=keys)
+    validate_all(with_curve)
+    assert checks.all_problems(with_curve) == []
+    assert deployment(with_curve, "shard1")["spec"]["replicas"] == 3
+
+    # the command writes it (no refusal any more)
+    out = tmp_path / "k8s"
+    assert cli.main(["deploy", "kubernetes", str(t.directory), "--out", str(out)]) == 0
+    written = [yaml.safe_load(f.read_text()) for f in sorted(out.glob("*.yaml"))]
+    assert deployment(written, "shard1")["spec"]["replicas"] == 3
+
+    # the checks fail on a replicated set gone wrong
+    def broken(change: Any) -> list[str]:
+        copied = copy.deepcopy(objects)
+        change(copied)
+        return checks.all_problems(copied)
+
+    def one_pod(objs: list[dict[str, Any]]) -> None:
+        deployment(objs, "shard1")["spec"]["replicas"] = 1
+
+    def virtual_ip(objs: list[dict[str, Any]]) -> None:
+        svc = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "residual-shard1")
+        del svc["spec"]["clusterIP"]
+
+    def no_address(objs: list[dict[str, Any]]) -> None:
+        env = deployment(objs, "shard1")["spec"]["template"]["spec"]["containers"][0]["env"]
+        env[:] = [e for e in env if e["name"] != "PIPELINE_REPLICA_ADDRESS"]
+
+    assert any("expected replicas 3, it has 1" in p for p in broken(one_pod))
+    assert any("expected a headless Service" in p for p in broken(virtual_ip))
+    assert any("expected PIPELINE_REPLICA_ADDRESS from status.podIP in its env" in p for p in broken(no_address))

@@ -214,14 +214,6 @@ def test_a_suspect_replica_is_down_for_routing_but_ends_nothing(tmp_path: Path) 
     assert live.is_up("shard1@1", now=101.2)  # the suspicion lasts down_after_s
 
 
-def test_deploy_refuses_replicas_it_cannot_write_yet(tmp_path: Path) -> None:
-    from pipeline.deploy.command import _no_replicas
-
-    _no_replicas(_load(_data(), tmp_path), "kubernetes")  # one replica each: fine
-    with pytest.raises(UsageError, match=r"shards \{'shard1': 2\} have several replicas.*kubernetes generator"):
-        _no_replicas(_load(_with_two(_data()), tmp_path), "kubernetes")
-
-
 def test_procfile_has_a_line_per_replica(tmp_path: Path) -> None:
     from pipeline.procfile import lines
 
