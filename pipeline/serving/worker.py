@@ -579,9 +579,8 @@ class Worker:
                 self.push[consumer] = sockets.push(self.ctx, endpoint, configure=configure)
             if self.peers:
                 names = [(p.host, p.port) for p in self.peers.values()]
+                # resolves at once, then every heartbeat interval, in its own thread (a lookup may block)
                 self.watcher = discovery.Watcher(names, self.config.heartbeat_interval_s)
-                self.watcher.resolve_once()  # the first view before any request: producers connect at once
-                self._follow_dns()
                 self.watcher.start()
         except BaseException:
             self._close()
