@@ -202,6 +202,27 @@ class Watcher(threading.Thread):
         self._stop.set()
 
 
+#: replicas of one discovered shard the ingress follows at most, per replica the topology counts (a rolling
+#: update's surge, replaced pods not yet forgotten, a scaled-up Deployment), and at least MIN_FOLLOWED.
+FOLLOW_FACTOR = 4
+MIN_FOLLOWED = 16
+
+
+def admissible(address: str, followed: int, count: int) -> str:
+    """Why a heartbeat from a new discovered replica at ``address`` is not followed ("" when it is): its address
+    must be an IP address (the pod IP), and the ingress follows a bounded number of replicas per shard."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return f"expected an IP address (the pod IP) after '{replicas.SEPARATOR}', received {address!r}"
+    limit = max(MIN_FOLLOWED, FOLLOW_FACTOR * count)
+    if followed >= limit:
+        return f"the ingress already follows {followed} replicas of this shard (at most {limit})"
+    return ""
+
+
 def reachable(stats_by_producer: Mapping[str, Mapping[str, Any]], name: str) -> bool:
     """Every producer's latest heartbeat stats say it is connected to discovered replica ``name``."""
     return all(stats.get(f"{REACH_PREFIX}{name}", 0.0) > 0 for stats in stats_by_producer.values())

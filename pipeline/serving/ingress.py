@@ -755,6 +755,13 @@ class Ingress:
         shard = env.heartbeat.process or env.sender
         found = replicas.discovered_shard(self.topology, shard) if not self.liveness.knows(shard) else None
         if found is not None:
+            from pipeline import discovery
+
+            problem = discovery.admissible(found[1], len(self.liveness.groups.get(found[0], [])), self.topology.shard(found[0]).discovered)
+            if problem:
+                self.drops.inc("bad_replica")
+                log.warning("heartbeat_ignored", reason="bad_replica", process=shard, detail=problem)
+                return
             self._add_discovered(found[0], shard, found[1])
         if not self.liveness.knows(shard):
             self.drops.inc("unknown_process")

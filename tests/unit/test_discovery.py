@@ -197,3 +197,11 @@ def test_a_worker_of_a_discovered_shard_needs_its_address(tmp_path: Path) -> Non
     assert config.replica_address == "10.0.0.7"
     with pytest.raises(UsageError, match=r"--replica-address '10.0.0.7': shard 'shard0' has no replicas found by DNS"):
         load_config(parser.parse_args([str(tmp_path), "--shard", "shard0", "--replica-address", "10.0.0.7"]), environ={})
+
+
+def test_the_ingress_follows_only_plausible_replicas() -> None:
+    assert discovery.admissible("10.0.0.5", 0, 3) == ""
+    assert discovery.admissible("fd00::5", 0, 3) == ""
+    assert "expected an IP address" in discovery.admissible("evil.example", 0, 3)
+    assert "at most 16" in discovery.admissible("10.0.0.5", 16, 3)
+    assert discovery.admissible("10.0.0.5", 16, 5) == "" and "at most 20" in discovery.admissible("10.0.0.5", 20, 5)
