@@ -12,7 +12,10 @@ project's ``python -m pipeline.cli``. Each pod has a hostname of its own
 heartbeat's host. Services become names in every namespace's hosts file:
 the Service's DNS name to the address of the one pod its selector picks
 (``retarget`` moves a Service to another pod, for a rolling update) (a Service port must equal its target port here,
-since nothing translates ports). Probes are asked like a kubelet asks them:
+since nothing translates ports); a headless Service's name is one line per
+pod in ``members`` (its ready pods: the test says which), as cluster DNS
+answers. An env var from the downward API's ``status.podIP`` is the pod's
+address. Probes are asked like a kubelet asks them:
 HTTP GET or the gRPC health check to the pod's address, from the host; an
 exec probe runs its command inside the pod's namespace (the image's
 ``python3`` is the project's interpreter).
