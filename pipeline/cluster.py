@@ -384,7 +384,7 @@ def address_of(topology: Any, host: str) -> str:
 def resolve_host(topology: Any, host: str) -> str:
     """The address a ``--host`` value names in ``topology``: a cluster host's name or address, or a process address."""
     cluster = cluster_of(topology)
-    addresses = sorted({topology.ingress.host, *(s.host for s in topology.shards)})
+    addresses = sorted({topology.ingress.host, *(r.host for s in topology.shards for r in s.replicas)})
     if cluster is not None:
         for h in cluster.hosts:
             if host in (h.name, h.address):

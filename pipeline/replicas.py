@@ -67,6 +67,25 @@ def process_names(shard: topo.ShardSpec) -> list[str]:
     return [process_name(shard, k) for k in range(len(shard.replicas))]
 
 
+def discovered_name(shard: str, address: str) -> str:
+    """The process name of a replica found by DNS (``replicas: {discover: dns}``): ``shard@<its address>``."""
+    return f"{shard}{SEPARATOR}{address}"
+
+
+def discovered(t: topo.Topology) -> dict[str, int]:
+    """Shards whose replicas are found by resolving their endpoint's host name -> the replica count (pipeline.discovery)."""
+    return {s.name: s.discovered for s in t.shards if s.discovered}
+
+
+def discovered_shard(t: topo.Topology, process: str) -> tuple[str, str] | None:
+    """(shard, address) of a discovered replica's process name (``shard2@10.0.0.5``); ``None`` for any other name."""
+    shard, sep, address = process.partition(SEPARATOR)
+    if not sep or not address:
+        return None
+    spec = next((s for s in t.shards if s.name == shard), None)
+    return (shard, address) if spec is not None and spec.discovered else None
+
+
 def replica_processes(t: topo.Topology) -> dict[str, tuple[str, int]]:
     """Every worker replica's process name -> (shard, replica number), in the topology's order."""
     return {process_name(s, k): (s.name, k) for s in t.shards for k in range(len(s.replicas))}
@@ -128,15 +147,33 @@ def validate(t: topo.Topology, where: str = topo.TOPOLOGY_FILE) -> None:
                         "expected a metrics address of its own for every replica"
                     )
                 metrics[_address(r.metrics)] = who
-        if s.extra_replicas:
+        if s.discovered:
+            parts = urlsplit(s.endpoint)
+            if parts.scheme != "tcp" or not parts.hostname or parts.port is None or _is_ip(parts.hostname):
+                raise TopologyError(
+                    f"{where}: shard {s.name!r} has replicas: {{count: {s.discovered}, discover: dns}} and endpoint "
+                    f"{s.endpoint!r}; expected tcp://NAME:PORT whose NAME resolves to every replica's address "
+                    "(on Kubernetes, a headless Service)"
+                )
+        if s.extra_replicas or s.discovered:
             from pipeline import colocation
 
             owner = colocation.process_of(t, s.name)
             if len(owner.shards) > 1:
                 raise TopologyError(
-                    f"{where}: shard {s.name!r} has {len(s.replicas)} replicas but shares process {owner.name!r} with "
+                    f"{where}: shard {s.name!r} has {len(s.replicas) if s.extra_replicas else s.discovered} replicas but shares process {owner.name!r} with "
                     f"{[x for x in owner.shards if x != s.name]}; expected a replicated shard in a process of its own"
                 )
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _address(metrics: str) -> str:
@@ -354,6 +391,27 @@ def expand(t: topo.Topology, names: Iterable[str]) -> list[str]:
     return out
 
 
+def processes_on(t: topo.Topology, host: str | None) -> list[str]:
+    """Process names placed on ``host`` (every one for ``None``), each replica of a replicated shard on its own
+    replica's host: the ingress first, then the worker processes and replicas in the topology's order."""
+    from pipeline import colocation
+
+    here = set(colocation.process_names_on(t, host))
+    out: list[str] = []
+    for name in colocation.process_names_on(t, None):
+        spec = next((s for s in t.shards if s.name == name), None)
+        if spec is not None and spec.extra_replicas:
+            out += [n for n, r in zip(process_names(spec), spec.replicas) if host is None or r.host == host]
+        elif name in here:
+            out.append(name)
+    return out
+
+
+def hosts_of(t: topo.Topology) -> list[str]:
+    """Every host a process of ``t`` is placed on (the ingress's, every shard's and every replica's), sorted."""
+    return sorted({t.ingress.host, *(r.host for s in t.shards for r in s.replicas)})
+
+
 def worker_selector(t: topo.Topology, name: str) -> list[str] | None:
     """``--shard S --replica K`` for a replica's process name (``S@K``); ``None`` for any other name."""
     if SEPARATOR not in name:
@@ -365,7 +423,7 @@ def worker_selector(t: topo.Topology, name: str) -> list[str] | None:
 # ------------------------------------------------------------------ liveness
 def liveness(t: topo.Topology, down_after_s: float) -> ReplicaLiveness:
     """The ingress's liveness of every replica, a shard being up while one of its replicas is."""
-    return ReplicaLiveness({s.name: process_names(s) for s in t.shards}, down_after_s)
+    return ReplicaLiveness({s.name: [] if s.discovered else process_names(s) for s in t.shards}, down_after_s)
 
 
 def _liveness_base() -> type:
@@ -386,6 +444,33 @@ class ReplicaLiveness(_liveness_base()):  # type: ignore[misc]
         self.groups = {shard: list(names) for shard, names in groups.items()}
         #: replica -> until when (monotonic s) it counts as down: a worker reported it could not reach it
         self._suspect: dict[str, float] = {}
+
+    def add(self, shard: str, name: str) -> None:
+        """A replica found at run time (``shard@address``, replicas found by DNS) joins ``shard``'s group."""
+        if name in self._state:
+            return
+        from pipeline.serving.pending import ShardState
+
+        self._state[name] = ShardState()
+        self._was_up[name] = False
+        self.groups.setdefault(shard, []).append(name)
+
+    def forget(self, name: str) -> None:
+        """Drop a replica found at run time that has been gone for long (a replaced pod's old address)."""
+        self._state.pop(name, None)
+        self._was_up.pop(name, None)
+        self._suspect.pop(name, None)
+        for names in self.groups.values():
+            if name in names:
+                names.remove(name)
+
+    def down_since(self, name: str, now: float | None = None) -> float:
+        """Seconds since replica ``name`` was last heard (0 while it is up)."""
+        now = time.monotonic() if now is None else now
+        if self.is_up(name, now):
+            return 0.0
+        last = self._state[name].last_seen
+        return now - last if last else float("inf")
 
     def suspect(self, name: str, now: float | None = None) -> None:
         """A producer could not reach replica ``name``: count it down for ``down_after_s`` (its heartbeats may still
@@ -424,12 +509,21 @@ class ReplicaLiveness(_liveness_base()):  # type: ignore[misc]
         reasons = super().not_up(now)
         out: dict[str, str] = {}
         for shard, names in self.groups.items():
-            if all(n in reasons for n in names):
+            if not names:  # replicas found by DNS, none heard from yet
+                out[shard] = "no replica has sent a heartbeat yet"
+            elif all(n in reasons for n in names):
                 out[shard] = reasons[names[0]] if len(names) == 1 else "; ".join(f"{n}: {reasons[n]}" for n in names)
         return out
 
 
 def metrics_of(t: topo.Topology, process: str) -> str:
-    """The metrics address the topology records for a replica's process name (``shard2`` or ``shard2@1``)."""
+    """The metrics address the topology records for a replica's process name (``shard2`` or ``shard2@1``); for a
+    replica found by DNS (``shard2@10.0.0.5``), its address at the shard's metrics port."""
+    found = discovered_shard(t, process)
+    if found is not None:
+        metrics = t.shard(found[0]).metrics
+        port = metrics.rpartition(":")[2] if metrics else ""
+        host = f"[{found[1]}]" if ":" in found[1] else found[1]
+        return f"{host}:{port}" if port else ""
     shard, k = shard_of(t, process)
     return t.shard(shard).replicas[k].metrics

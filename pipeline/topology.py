@@ -127,6 +127,9 @@ class ShardSpec:
     curve_public_key: str = ""
     #: replicas 1..N-1 (replica 0 is the shard's own endpoint, bind, host and metrics); see :mod:`pipeline.replicas`
     extra_replicas: tuple[ReplicaSpec, ...] = ()
+    #: replicas found at run time by resolving the endpoint's host name (``replicas: {count: N, discover: dns}``,
+    #: a headless Service on Kubernetes); N, 0 for a shard whose replicas are listed; see :mod:`pipeline.discovery`
+    discovered: int = 0
 
     @property
     def replicas(self) -> tuple[ReplicaSpec, ...]:
@@ -305,7 +308,11 @@ class Topology:
                         "batching": s.batching.to_dict(),
                         "inputs": list(s.inputs),
                         "outputs": [{"name": o.name, "consumers": list(o.consumers)} for o in s.outputs],
-                        "replicas": [r.to_dict() for r in s.replicas] if s.extra_replicas else None,
+                        "replicas": (
+                            [r.to_dict() for r in s.replicas]
+                            if s.extra_replicas
+                            else {"count": s.discovered, "discover": "dns"} if s.discovered else None
+                        ),
                     }
                 )
                 for s in self.shards
@@ -426,6 +433,7 @@ def from_dict(data: Mapping[str, Any], *, directory: Path, where: str = TOPOLOGY
                 ),
                 curve_public_key=str(s.get("curve_public_key", "")),
                 extra_replicas=_replicas_from(s.get("replicas"), endpoint, swhere, str(s.get("name"))),
+                discovered=_discovered_from(s.get("replicas"), swhere, str(s.get("name"))),
             )
         )
     extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
@@ -547,7 +555,7 @@ def validate(topology: Topology, *, check_files: bool = True) -> None:
 
 def _replicas_from(raw: Any, endpoint: str, where: str, shard: str) -> tuple[ReplicaSpec, ...]:
     """``replicas:`` absent or 1 -> ``()``; else a list of N ``{endpoint, bind?, host?, metrics?}``, the first the shard's own."""
-    if raw is None or raw == 1:
+    if raw is None or raw == 1 or isinstance(raw, dict):  # a mapping: replicas found by DNS (_discovered_from)
         return ()
     if isinstance(raw, bool) or isinstance(raw, int):
         if raw < 1:
@@ -578,6 +586,20 @@ def _replicas_from(raw: Any, endpoint: str, where: str, shard: str) -> tuple[Rep
             f"{where}: shard {shard!r} replicas[0] has endpoint {out[0].endpoint!r}; expected the shard's own {endpoint!r}"
         )
     return tuple(out[1:])
+
+
+def _discovered_from(raw: Any, where: str, shard: str) -> int:
+    """``replicas: {count: N, discover: dns}`` -> N (replicas found by resolving the endpoint's name); else 0."""
+    if not isinstance(raw, dict):
+        return 0
+    unknown = sorted(set(raw) - {"count", "discover"})
+    count = raw.get("count")
+    if unknown or raw.get("discover") != "dns" or isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise TopologyError(
+            f"{where}: shard {shard!r} has replicas: {raw!r}; expected {{count: N, discover: dns}} with N >= 1 "
+            "(replicas found by resolving the endpoint's host name), or a list of {endpoint, metrics}"
+        )
+    return count
 
 
 def _processes_from(raw: Any, where: str) -> tuple[ProcessSpec, ...]:

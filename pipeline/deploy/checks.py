@@ -14,7 +14,10 @@ as what was expected and what was found:
   a CURVE Secret holds the keys of that process's shards (or the ingress's)
   and no other;
 - each process's NetworkPolicy admits on its PULL ports exactly the processes
-  that feed one of its shards over TCP.
+  that feed one of its shards over TCP;
+- a shard whose replicas are found by DNS runs as many pods as its count,
+  behind a headless Service that lists only ready pods, each pod reading its
+  own address from the downward API; every other process runs one pod.
 """
 
 from __future__ import annotations
@@ -207,5 +210,43 @@ def policy_problems(objects: Sequence[Obj]) -> list[str]:
     return problems
 
 
+def replica_problems(objects: Sequence[Obj]) -> list[str]:
+    """Replicas found by DNS: Deployment replicas = count, a headless Service of ready pods, the pod IP in the env."""
+    t = topo.from_dict(pod_topology(objects), directory=Path("."))
+    problems = []
+    want_env = {"name": k8s.REPLICA_ADDRESS_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    for process in colocation.process_names_on(t, None):
+        shards = k8s.shards_of(t, process)
+        count = t.shard(shards[0]).discovered if len(shards) == 1 else 0
+        deployments = [d for d in by_kind(objects, "Deployment") if _pod(d)["metadata"]["labels"].get(k8s.PROCESS_LABEL) == process]
+        if len(deployments) != 1:
+            continue  # service_problems and address_problems say so
+        d = deployments[0]
+        if d["spec"].get("replicas", 1) != (count or 1):
+            problems.append(f"Deployment of {process!r}: expected replicas {count or 1}, it has {d['spec'].get('replicas', 1)}")
+        env = _pod(d)["spec"]["containers"][0].get("env", [])
+        if bool(count) != (want_env in env):
+            problems.append(
+                f"Deployment of {process!r}: expected {k8s.REPLICA_ADDRESS_ENV} from status.podIP "
+                f"{'in' if count else 'not in'} its env (replicas found by DNS: {count or 'none'})"
+            )
+        for svc in by_kind(objects, "Service"):
+            if not _selects(svc["spec"].get("selector", {}), _pod(d)["metadata"]["labels"]) or svc["spec"].get("publishNotReadyAddresses"):
+                continue
+            headless = svc["spec"].get("clusterIP") == "None"
+            if bool(count) != headless:
+                problems.append(
+                    f"Service {svc['metadata']['name']!r} of {process!r}: expected {'a headless' if count else 'a ClusterIP'} Service "
+                    f"(replicas found by DNS: {count or 'none'}), it is {'headless' if headless else 'a ClusterIP'}"
+                )
+    return problems
+
+
 def all_problems(objects: Sequence[Obj]) -> list[str]:
-    return service_problems(objects) + address_problems(objects) + secret_problems(objects) + policy_problems(objects)
+    return (
+        service_problems(objects)
+        + address_problems(objects)
+        + secret_problems(objects)
+        + policy_problems(objects)
+        + replica_problems(objects)
+    )

@@ -87,21 +87,8 @@ def _label(text: str) -> dict[str, str]:
     return {key: value}
 
 
-def _no_replicas(topology: topo.Topology, target: str) -> None:
-    """Replicas of a shard (pipeline.replicas) are not generated yet: refuse rather than deploy one of them."""
-    from pipeline import replicas
-
-    many = replicas.replicated(topology)
-    if many:
-        raise UsageError(
-            f"pipeline deploy {target}: shards {many} have several replicas, which the {target} generator does not "
-            "write yet (docs/REPLICAS.md); expected one replica per shard (pipeline replicas DIR SHARD=1)"
-        )
-
-
 def _kubernetes(args: argparse.Namespace) -> int:
     topology = topo.load(args.directory)
-    _no_replicas(topology, "kubernetes")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
     options = kubernetes.KubeOptions(
@@ -143,7 +130,6 @@ def _kubernetes(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- systemd
 def _systemd(args: argparse.Namespace) -> int:
     topology = topo.load(args.directory, check_files=False)
-    _no_replicas(topology, "systemd")
     executable = args.executable or shutil.which("pipeline") or str(Path(sys.executable).with_name("pipeline"))
     options = systemd.UnitOptions(
         executable=executable,

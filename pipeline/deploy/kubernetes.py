@@ -30,6 +30,14 @@ shard files live in the image, is in docs/DEPLOY.md; the short version:
   refuses); and the ingress's TLS certificate and key as a ``kubernetes.io/tls``
   Secret when given.
 
+A shard with replicas (a static ``replicas:`` list, or ``replicas: {count: N,
+discover: dns}``) is **one Deployment with N replicas behind a headless
+Service** (``clusterIP: None``; only ready pods are in its DNS answer): in the
+ConfigMap it becomes ``replicas: {count: N, discover: dns}`` at the Service's
+name, each pod learns its own address from the downward API
+(``PIPELINE_REPLICA_ADDRESS`` = ``status.podIP``; process name ``shard@<pod
+IP>``), and producers follow the name (:mod:`pipeline.discovery`).
+
 A process is what the topology's ``processes`` section says
 (:mod:`pipeline.colocation`): a group of shards is one pod running
 ``pipeline worker DIR --process NAME``, its i-th shard on PULL port
@@ -224,6 +232,26 @@ def _ports_of_shard(topology: Topology, shard: str) -> ShardPorts:
     return next(p for p in shard_ports(topology, process) if p.shard == shard)
 
 
+# ---------------------------------------------------------------- replicas
+#: the environment variable a replicated shard's pod reads its own address from (the downward API's pod IP).
+REPLICA_ADDRESS_ENV = "PIPELINE_REPLICA_ADDRESS"
+
+
+def replica_count(topology: Topology, process: str) -> int:
+    """How many pods a process runs: a replicated shard's replica count (listed or found by DNS), else 1."""
+    shards = shards_of(topology, process)
+    if len(shards) != 1:
+        return 1
+    spec = topology.shard(shards[0])
+    return spec.discovered or len(spec.replicas)
+
+
+def is_replicated(topology: Topology, process: str) -> bool:
+    """A process whose pods are replicas of one shard (a headless Service, addresses found by DNS)."""
+    shards = shards_of(topology, process)
+    return len(shards) == 1 and bool(topology.shard(shards[0]).discovered or topology.shard(shards[0]).extra_replicas)
+
+
 # -------------------------------------------------------------- placement
 #: the topology section where ``pipeline partition --cluster`` records the cluster file (hosts with name and address).
 CLUSTER_KEY = "cluster"
@@ -263,8 +291,17 @@ def rewrite(topology: Topology, options: KubeOptions, names: Names | None = None
         host = fqdn(names.process[colocation.process_of(topology, s.name).name], options)
         ports = _ports_of_shard(topology, s.name)
         pull = ports.pull or PULL_PORT + ports.index
+        # a replicated shard: its replicas are the pods behind a headless Service, found by resolving its name
+        count = s.discovered or (len(s.replicas) if s.extra_replicas else 0)
         shards.append(
-            replace(s, endpoint=f"tcp://{host}:{pull}", bind=f"tcp://0.0.0.0:{pull}", metrics=f"{host}:{ports.metrics}")
+            replace(
+                s,
+                endpoint=f"tcp://{host}:{pull}",
+                bind=f"tcp://0.0.0.0:{pull}",
+                metrics=f"{host}:{ports.metrics}",
+                extra_replicas=(),
+                discovered=count,
+            )
         )
     ingress_host = fqdn(names.process[INGRESS], options)
     ingress = replace(
@@ -399,6 +436,8 @@ def deployment(topology: Topology, process: str, options: KubeOptions, names: Na
         {"name": "HOME", "value": "/tmp"},
         {"name": "KERAS_HOME", "value": "/tmp/.keras"},
     ]
+    if is_replicated(topology, process):  # its own address: its process name is shard@<pod IP> (pipeline.discovery)
+        env.append({"name": REPLICA_ADDRESS_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     mounts: list[dict[str, Any]] = [
         {"name": "topology", "mountPath": f"{MODEL_DIR}/{topo.TOPOLOGY_FILE}", "subPath": TOPOLOGY_CONFIGMAP_KEY, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
@@ -467,7 +506,7 @@ def deployment(topology: Topology, process: str, options: KubeOptions, names: Na
         "kind": "Deployment",
         "metadata": _meta(names.process[process], topology, process, options),
         "spec": {
-            "replicas": 1,
+            "replicas": replica_count(topology, process),
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector(topology, process)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
@@ -496,7 +535,8 @@ def services(topology: Topology, process: str, options: KubeOptions, names: Name
             if sp.pull is not None:
                 ports.append({"name": sp.pull_name, "port": sp.pull, "targetPort": sp.pull_name, "protocol": "TCP"})
             ports.append({"name": sp.metrics_name, "port": sp.metrics, "targetPort": sp.metrics_name, "protocol": "TCP"})
-        return [_service(names.process[process], topology, process, options, ports)]
+        # a replicated shard: a headless Service, whose name resolves to the address of every ready pod
+        return [_service(names.process[process], topology, process, options, ports, headless=is_replicated(topology, process))]
     return [
         _service(
             names.process[process], topology, process, options,
@@ -511,11 +551,20 @@ def services(topology: Topology, process: str, options: KubeOptions, names: Name
 
 
 def _service(
-    name: str, topology: Topology, process: str, options: KubeOptions, ports: list[dict[str, Any]], publish_not_ready: bool = False
+    name: str,
+    topology: Topology,
+    process: str,
+    options: KubeOptions,
+    ports: list[dict[str, Any]],
+    publish_not_ready: bool = False,
+    headless: bool = False,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {"type": "ClusterIP", "selector": selector(topology, process), "ports": ports}
     if publish_not_ready:
         spec["publishNotReadyAddresses"] = True
+    if headless:  # DNS answers with every ready pod's address (not-ready pods left out until their probe passes)
+        spec["clusterIP"] = "None"
+        spec["publishNotReadyAddresses"] = False
     return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, topology, process, options), "spec": spec}
 
 

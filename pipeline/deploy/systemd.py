@@ -9,6 +9,12 @@ only where its ipc:// sockets live, private /tmp and devices, no
 capabilities), and reads ``PIPELINE_KEYS_DIR`` and any other ``PIPELINE_*``
 setting from an environment file. Unlike ``honcho start``, one process dying
 does not stop the others: the target only groups them for start and stop.
+
+Replicas of a shard (:mod:`pipeline.replicas`, a static ``replicas:`` list) are
+processes of their own: replica *k* of ``shard2`` gets a unit on the host its
+entry names, ``...-shard2-rk.service``, running ``pipeline worker DIR --shard
+shard2 --replica k`` (process ``shard2@k`` in heartbeats and metrics, on its
+own endpoint and metrics address).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline import colocation
+from pipeline import replicas
 from pipeline.deploy.kubernetes import EXIT_MARGIN_S, GROUP_JOIN_MARGIN_S, dns_label, shards_of
 from pipeline.errors import UsageError
 from pipeline.topology import INGRESS, Topology
@@ -49,7 +55,19 @@ class UnitOptions:
 
 
 def unit_name(topology: Topology, process: str) -> str:
-    return f"keras-pipeline-{dns_label(topology.name, 'topology name')}-{dns_label(process, 'process')}.service"
+    """``keras-pipeline-<topology>-<process>.service``; replica k of a shard (``shard2@k``) is ``...-shard2-rk``."""
+    label = process.replace(replicas.SEPARATOR, "-r")
+    return f"keras-pipeline-{dns_label(topology.name, 'topology name')}-{dns_label(label, 'process')}.service"
+
+
+def _replica(topology: Topology, process: str) -> tuple[str, int] | None:
+    """(shard, replica) of a replica's process name (``shard2@1``); ``None`` for any other process."""
+    return replicas.shard_of(topology, process) if replicas.SEPARATOR in process else None
+
+
+def _shards(topology: Topology, process: str) -> tuple[str, ...]:
+    replica = _replica(topology, process)
+    return (replica[0],) if replica is not None else shards_of(topology, process)
 
 
 def target_name(topology: Topology) -> str:
@@ -62,7 +80,13 @@ def environment_file(topology: Topology, options: UnitOptions) -> str:
 
 def _ipc_dirs(topology: Topology, process: str) -> list[str]:
     """Folders of the ipc:// endpoints a process binds or connects to: the only places it writes."""
-    endpoints = [topology.ingress.bind] if process == INGRESS else [topology.shard(s).bind for s in shards_of(topology, process)]
+    replica = _replica(topology, process)
+    if replica is not None:
+        endpoints = [topology.shard(replica[0]).replicas[replica[1]].bind]
+    elif process == INGRESS:
+        endpoints = [topology.ingress.bind]
+    else:
+        endpoints = [topology.shard(s).bind for s in shards_of(topology, process)]
     endpoints += [topology.ingress.results] + [s.endpoint for s in topology.shards]
     dirs = sorted({str(Path(urlsplit(e).path or e[len("ipc://"):]).parent) for e in endpoints if e.startswith("ipc://")})
     return dirs
@@ -72,15 +96,22 @@ def _command(topology: Topology, process: str, options: UnitOptions) -> list[str
     drain = f"{options.drain_s:g}"
     if process == INGRESS:
         return [options.executable, "ingress", options.directory, "--drain", drain]
-    which = ["--shard", process] if shards_of(topology, process) == (process,) else ["--process", process]
+    replica = _replica(topology, process)
+    if replica is not None:
+        which = ["--shard", replica[0], "--replica", str(replica[1])]
+    else:
+        which = ["--shard", process] if shards_of(topology, process) == (process,) else ["--process", process]
     return [options.executable, "worker", options.directory, *which, "--drain-timeout", drain]
 
 
 def unit(topology: Topology, process: str, host: str, options: UnitOptions) -> str:
     """One service unit's text."""
-    shards = shards_of(topology, process)
+    shards = _shards(topology, process)
+    replica = _replica(topology, process)
     if process == INGRESS:
         role = "ingress (KServe v2 gRPC)"
+    elif replica is not None:
+        role = f"replica {replica[1]} of {len(topology.shard(replica[0]).replicas)} of shard {replica[0]}"
     else:
         role = "shard worker" if len(shards) == 1 else f"worker process of shards {', '.join(shards)}"
     rw = _ipc_dirs(topology, process)
@@ -154,16 +185,16 @@ def target(topology: Topology, host: str, units: list[str]) -> str:
 
 def units(topology: Topology, host: str, options: UnitOptions) -> dict[str, str]:
     """File name -> text: one service per process on ``host`` (a host name or address; a ``processes`` group
-    is one process, one unit) and the target."""
+    is one process, one unit; each replica of a shard is a process on its own replica's host) and the target."""
     if not Path(options.executable).is_absolute() or not Path(options.directory).is_absolute():
         raise UsageError(
             f"systemd needs absolute paths; received executable {options.executable!r} and topology {options.directory!r}"
         )
     from pipeline.cluster import address_of
 
-    processes = colocation.process_names_on(topology, address_of(topology, host))  # a cluster host's name works too
+    processes = replicas.processes_on(topology, address_of(topology, host))  # a cluster host's name works too
     if not processes:
-        hosts = sorted({topology.ingress.host, *(s.host for s in topology.shards)})
+        hosts = replicas.hosts_of(topology)
         raise UsageError(f"no process of topology {topology.name!r} is placed on host {host!r}; its hosts are {hosts}")
     out = {unit_name(topology, p): unit(topology, p, host, options) for p in processes}
     out[target_name(topology)] = target(topology, host, list(out))

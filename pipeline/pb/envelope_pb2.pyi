@@ -78,7 +78,14 @@ class Heartbeat(_message.Message):
     def __init__(self, process: _Optional[str] = ..., ready: _Optional[bool] = ..., pid: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., host: _Optional[str] = ..., stats: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("version", "kind", "request_id", "model", "sender", "tensors", "error", "spans", "heartbeat", "sent_ns", "attempt", "followers", "budget_ns")
+    __slots__ = ("version", "kind", "request_id", "model", "sender", "tensors", "error", "spans", "heartbeat", "sent_ns", "attempt", "followers", "budget_ns", "routes")
+    class RoutesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +99,7 @@ class Envelope(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     FOLLOWERS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_NS_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
     version: int
     kind: Kind
     request_id: int
@@ -105,4 +113,5 @@ class Envelope(_message.Message):
     attempt: int
     followers: int
     budget_ns: int
-    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., request_id: _Optional[int] = ..., model: _Optional[str] = ..., sender: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., sent_ns: _Optional[int] = ..., attempt: _Optional[int] = ..., followers: _Optional[int] = ..., budget_ns: _Optional[int] = ...) -> None: ...
+    routes: _containers.ScalarMap[str, str]
+    def __init__(self, version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., request_id: _Optional[int] = ..., model: _Optional[str] = ..., sender: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., sent_ns: _Optional[int] = ..., attempt: _Optional[int] = ..., followers: _Optional[int] = ..., budget_ns: _Optional[int] = ..., routes: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -304,6 +304,9 @@ class Ingress:
         #: every replicated shard's router: the ingress picks ids whose replicas are up and less loaded
         self._replicated = [replicas.Router(replicas.process_names(s)) for s in topology.shards if s.extra_replicas]
         self._sent_since_beat: collections.Counter[str] = collections.Counter()  # requests routed since its heartbeat
+        #: shards whose replicas are found by DNS: the ingress learns them from their heartbeats and picks one per
+        #: request, written into the envelope's routes (pipeline.discovery)
+        self._discovered = [s.name for s in topology.shards if s.discovered]
         self.retried = 0
         self.recorder: Any = None  # a pipeline.soak.replay.ReplayRecorder with --record
         self.stats = Stats()
@@ -340,6 +343,8 @@ class Ingress:
             raise UsageError(f"cannot bind the results endpoint {cfg.results_bind!r}: {exc}") from None
         self.results_endpoint = self._pull.getsockopt(zmq.LAST_ENDPOINT).decode()
         for shard in self.routes:
+            if self.topology.shard(shard).discovered:
+                continue  # sockets to its replicas open as their heartbeats arrive (_add_discovered)
             for name, replica in zip(self._replicas[shard], self.topology.shard(shard).replicas):
                 endpoint = replica.endpoint
                 push = self._push[name] = sockets.push(self._ctx, endpoint, bounds, configure=self.links.client(shard))
@@ -410,6 +415,72 @@ class Ingress:
             shards=[s.name for s in self.topology.shards],
         )
         return port
+
+    def _add_discovered(self, shard: str, name: str, address: str) -> None:
+        """A replica found by its heartbeat (``shard@address``): follow its liveness; for an entry shard, connect to
+        it (its socket's monitor says when it is reachable, as for a listed replica)."""
+        self.liveness.add(shard, name)
+        if name not in self.processes.shards:
+            self.processes.shards.append(name)
+        if shard not in self.routes or name in self._push or self._ctx is None or self.links is None:
+            return
+        from pipeline import discovery
+
+        endpoint = discovery.endpoint_at(self.topology.shard(shard).endpoint, address)
+        bounds = sockets.SocketBounds(send_hwm=self.config.send_hwm, recv_hwm=self.config.recv_hwm)
+        push = self._push[name] = sockets.push(self._ctx, endpoint, bounds, configure=self.links.client(shard))
+        self.liveness.set_connected(name, False)
+        self._monitors[name] = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        push.disconnect(endpoint)
+        push.connect(endpoint)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._watch_connection(name), name=f"ingress-monitor-{name}"))
+        log.info("replica_discovered", shard=shard, replica=name, endpoint=endpoint)
+
+    def _forget_discovered(self, now: float) -> None:
+        """Drop replicas found by DNS that have not been heard from for FORGET_AFTER_S (a replaced pod's address)."""
+        from pipeline import discovery
+
+        for shard in self._discovered:
+            for name in list(self.liveness.groups.get(shard, [])):
+                if self.liveness.down_since(name, now) < discovery.FORGET_AFTER_S:
+                    continue
+                self.liveness.forget(name)
+                if name in self.processes.shards:
+                    self.processes.shards.remove(name)
+                monitor = self._monitors.pop(name, None)
+                push = self._push.pop(name, None)
+                if push is not None:
+                    if monitor is not None:
+                        push.disable_monitor()
+                        monitor.close(linger=0)
+                    push.close(linger=0)
+                for task in [t for t in self._tasks if t.get_name() == f"ingress-monitor-{name}"]:
+                    task.cancel()
+                    self._tasks.remove(task)
+                log.info("replica_forgotten", shard=shard, replica=name)
+
+    def _choose_routes(self) -> dict[str, str]:
+        """For every shard found by DNS, the replica this request goes to: of those up, and reached by every
+        producer of the shard (their heartbeats say so), the least loaded; its address, by shard."""
+        from pipeline import discovery
+
+        routes: dict[str, str] = {}
+        for shard in self._discovered:
+            up = [n for n in self.liveness.groups.get(shard, []) if self.liveness.is_up(n)]
+            producers = [p for p in self.topology.producers(shard) if p != topo.INGRESS]
+            stats = {
+                name: seen.heartbeat.stats
+                for p in producers
+                for name in (self.liveness.groups.get(p) or [p])
+                if self.liveness.is_up(name) and (seen := self.processes.get(name)) is not None
+            }
+            reached = [n for n in up if discovery.reachable(stats, n)] or up
+            if not reached:
+                raise ShardLost(f"shard {shard!r}: none of its replicas is up ({self.liveness.replicas_not_up()})")
+            name = min(reached, key=lambda n: (self._replica_load(n), random.random()))
+            self._sent_since_beat[name] += 1
+            routes[shard] = name.partition(replicas.SEPARATOR)[2]
+        return routes
 
     async def stop(self, grace: float | None = None) -> None:
         """Shut down in order: NOT_SERVING, stop accepting, drain within ``grace``, end the rest, close."""
@@ -609,6 +680,7 @@ class Ingress:
         return False
 
     async def _send(self, rid: int, decoded: kserve.DecodedRequest, deadline_ns: int) -> None:
+        routes = self._choose_routes() if self._discovered else {}
         for shard, names in self.routes.items():
             envelope = pb.Envelope(
                 kind=pb.REQUEST,
@@ -618,14 +690,19 @@ class Ingress:
                 sender=topo.INGRESS,
                 sent_ns=time.time_ns(),
             )
+            envelope.routes.update(routes)
             frames = codec.encode(envelope, {n: decoded.inputs[n] for n in names})
-            # the id's first rendezvous choice, as every producer after the ingress routes (pipeline.replicas)
-            replica_names = self._replicas[shard]
-            router = self._routers[shard]
-            pick = router.order(rid)[0]
-            router.sent[pick] += 1
-            shard = replica_names[pick]
-            sock = self._push[shard]
+            if shard in routes:  # found by DNS: the replica chosen above
+                shard = replicas.discovered_name(shard, routes[shard])
+            else:  # the id's first rendezvous choice, as every producer after the ingress routes (pipeline.replicas)
+                replica_names = self._replicas[shard]
+                router = self._routers[shard]
+                pick = router.order(rid)[0]
+                router.sent[pick] += 1
+                shard = replica_names[pick]
+            sock = self._push.get(shard)
+            if sock is None:
+                raise ShardLost(f"shard {shard!r} is not connected")
             try:
                 try:
                     await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
@@ -676,6 +753,16 @@ class Ingress:
 
     def _on_heartbeat(self, env: pb.Envelope) -> None:
         shard = env.heartbeat.process or env.sender
+        found = replicas.discovered_shard(self.topology, shard) if not self.liveness.knows(shard) else None
+        if found is not None:
+            from pipeline import discovery
+
+            problem = discovery.admissible(found[1], len(self.liveness.groups.get(found[0], [])), self.topology.shard(found[0]).discovered)
+            if problem:
+                self.drops.inc("bad_replica")
+                log.warning("heartbeat_ignored", reason="bad_replica", process=shard, detail=problem)
+                return
+            self._add_discovered(found[0], shard, found[1])
         if not self.liveness.knows(shard):
             self.drops.inc("unknown_process")
             log.debug("heartbeat_ignored", reason="unknown_process", process=shard)
@@ -762,6 +849,8 @@ class Ingress:
         while True:
             self._loop_turned = time.monotonic()
             self._check_liveness()
+            if self._discovered:
+                self._forget_discovered(self._loop_turned)
             await asyncio.sleep(period)
 
 

@@ -70,6 +70,8 @@ class Ready:
     ready_ns: int  # arrival of the last part
     senders: tuple[str, ...]
     attempt: int = 0
+    #: the replicas the ingress chose for discovered shards (``Envelope.routes``: shard -> address), sent on
+    routes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class _Pending:
     spans: list[Any] = field(default_factory=list)
     span_keys: set[tuple[str, int, int]] = field(default_factory=set)
     senders: list[str] = field(default_factory=list)
+    routes: Mapping[str, str] = field(default_factory=dict)
 
 
 class JoinBuffer:
@@ -156,6 +159,7 @@ class JoinBuffer:
         model: str = "",
         spans: Iterable[Any] = (),
         attempt: int = 0,
+        routes: Mapping[str, str] | None = None,
     ) -> Outcome:
         """Take one part of a request; say whether it completed the request."""
         expected = [n for n in tensors if n in self.inputs]
@@ -188,6 +192,7 @@ class JoinBuffer:
                     ready_ns=now_ns,
                     senders=(sender,),
                     attempt=attempt,
+                    routes=dict(routes or {}),
                 )
                 return self._count(Outcome(Status.COMPLETE, request_id, ready=ready, ignored=ignored))
             if len(self._pending) >= self.max_pending:
@@ -196,7 +201,9 @@ class JoinBuffer:
                 )
                 return self._count(Outcome(Status.REFUSED, request_id, ignored=ignored))
             expires = deadline_ns if deadline_ns else now_ns + self.part_timeout_ns
-            entry = _Pending(model=model, deadline_ns=deadline_ns, expires_ns=expires, first_ns=now_ns, attempt=attempt)
+            entry = _Pending(
+                model=model, deadline_ns=deadline_ns, expires_ns=expires, first_ns=now_ns, attempt=attempt, routes=dict(routes or {})
+            )
             self._pending[request_id] = entry
             if self._next_expiry_ns is None or expires < self._next_expiry_ns or len(self._pending) == 1:
                 self._next_expiry_ns = expires
@@ -232,6 +239,7 @@ class JoinBuffer:
             ready_ns=now_ns,
             senders=tuple(entry.senders),
             attempt=entry.attempt,
+            routes=entry.routes,
         )
         return self._count(Outcome(Status.COMPLETE, request_id, ready=ready, ignored=ignored + duplicates))
 

@@ -55,7 +55,7 @@ import grpc
 import psutil
 import zmq
 
-from pipeline import colocation
+from pipeline import colocation, discovery
 from pipeline import replicas
 from pipeline import log as plog
 from pipeline import topology as topo
@@ -126,6 +126,7 @@ class WorkerConfig:
     cpus: tuple[int, ...] = ()
     metrics: str = ""  # Prometheus endpoint host:port ("" or none: off)
     replica: int = 0  # which replica of the shard this process is (pipeline.replicas)
+    replica_address: str = ""  # this replica's address, for a shard whose replicas are found by DNS (pipeline.discovery)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +137,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="K",
         help="serve replica K of the shard (0..N-1 of its 'replicas'; env PIPELINE_REPLICA; default 0)",
+    )
+    parser.add_argument(
+        "--replica-address",
+        metavar="ADDRESS",
+        help="this replica's own address (the pod IP), for a shard whose replicas are found by DNS (replicas: "
+        "{discover: dns}); its process name is SHARD@ADDRESS (env PIPELINE_REPLICA_ADDRESS)",
     )
     parser.add_argument(
         "--process",
@@ -243,6 +250,17 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     replica = _pick(getattr(args, "replica", None), env, "REPLICA", 0, int)
     topology = replicas.for_replica(topology, shard_name, replica)  # its endpoint, bind and metrics are the replica's
     spec = topology.shard(shard_name)
+    replica_address = str(_pick(getattr(args, "replica_address", None), env, "REPLICA_ADDRESS", "", str)).strip()
+    if spec.discovered and not replica_address:
+        raise UsageError(
+            f"shard {shard_name!r} has replicas found by DNS (replicas: {{count: {spec.discovered}, discover: dns}}); "
+            "expected --replica-address ADDRESS (this replica's own address, e.g. the pod IP; env PIPELINE_REPLICA_ADDRESS)"
+        )
+    if replica_address and not spec.discovered:
+        raise UsageError(
+            f"--replica-address {replica_address!r}: shard {shard_name!r} has no replicas found by DNS; expected "
+            "--replica K for a listed replica, or replicas: {count: N, discover: dns} in the topology"
+        )
 
     def pick(attr: str, var: str, fallback: Any, parse: Callable[[str], Any]) -> Any:
         return _pick(getattr(args, attr, None), env, var, fallback, parse)
@@ -267,6 +285,7 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         cpus=pick("cpus", "CPUS", (), parse_cpus),
         metrics=pick("metrics", "METRICS", spec.metrics, str),
         replica=replica,
+        replica_address=replica_address,
     )
     prom.parse_address(config.metrics)  # a bad address fails here, at start
     checks = {
@@ -441,7 +460,11 @@ class Worker:
         self.spec = topology.shard(config.shard)
         self.name = config.shard
         #: this replica's process name in heartbeats and metrics (the shard's name when it has one replica)
-        self.process_name = replicas.process_name(self.spec, config.replica)
+        self.process_name = (
+            replicas.discovered_name(self.name, config.replica_address)
+            if config.replica_address
+            else replicas.process_name(self.spec, config.replica)
+        )
         self.model = topology.name
         # shards first, the ingress last: when a shard cannot be reached, the request fails before
         # the ingress holds part of an answer
@@ -485,6 +508,10 @@ class Worker:
         #: consumers with several replicas: one PUSH socket per replica and the router that picks one per request
         self.replica_push: dict[str, list[zmq.Socket]] = {}
         self.routers: dict[str, replicas.Router] = {}
+        #: consumers whose replicas are found by DNS: one PUSH socket per resolved address (pipeline.discovery)
+        self.peers: dict[str, discovery.Peers] = {}
+        self.watcher: discovery.Watcher | None = None
+        self._dns_version = -1
         #: a replicated shard binds its TCP endpoint once warm, so producers route to it only when it can compute
         self._bind_when_warm: str | None = None
         #: replicated consumers this shard alone feeds (no join: it may fall back to another replica)
@@ -524,7 +551,7 @@ class Worker:
         try:
             self.links = security.open_links(self.ctx, self.topology, self.name, self.config.keys_dir or None, self.drops)
             binds = colocation.binds(self.topology, self.name, self.config.bind)
-            if binds.tcp and self.spec.extra_replicas:
+            if binds.tcp and (self.spec.extra_replicas or self.spec.discovered):
                 self._bind_when_warm = binds.tcp
             elif binds.tcp:
                 self.pulls.append(sockets.pull(self.ctx, binds.tcp, configure=self.links.server))
@@ -534,6 +561,13 @@ class Worker:
             for consumer in [*self.routes, *([] if topo.INGRESS in self.routes else [topo.INGRESS])]:
                 endpoint = colocation.link_endpoint(self.topology, self.name, consumer)
                 configure = None if colocation.is_inproc(endpoint) else self.links.client(consumer)
+                if consumer != topo.INGRESS and self.topology.shard(consumer).discovered:
+                    self.peers[consumer] = discovery.Peers(
+                        consumer,
+                        self.topology.shard(consumer).endpoint,
+                        lambda e, c=_reconnect_fast(configure): sockets.push(self.ctx, e, configure=c),  # type: ignore[misc]
+                    )
+                    continue
                 if consumer != topo.INGRESS and self.topology.shard(consumer).extra_replicas:
                     target = self.topology.shard(consumer)
                     self.replica_push[consumer] = [
@@ -543,6 +577,11 @@ class Worker:
                     self.push[consumer] = self.replica_push[consumer][0]
                     continue
                 self.push[consumer] = sockets.push(self.ctx, endpoint, configure=configure)
+            if self.peers:
+                names = [(p.host, p.port) for p in self.peers.values()]
+                # resolves at once, then every heartbeat interval, in its own thread (a lookup may block)
+                self.watcher = discovery.Watcher(names, self.config.heartbeat_interval_s)
+                self.watcher.start()
         except BaseException:
             self._close()
             raise
@@ -550,8 +589,25 @@ class Worker:
             self.poller.register(pull, zmq.POLLIN)
         self.poller.register(self._wake_r, zmq.POLLIN)
 
+    def _follow_dns(self) -> None:
+        """Apply the DNS watcher's latest views to the discovered consumers' sockets (pipeline.discovery)."""
+        if self.watcher is None:
+            return
+        version, views = self.watcher.latest()
+        if version == self._dns_version:
+            return
+        self._dns_version = version
+        for peers in self.peers.values():
+            view = views.get((peers.host, peers.port))
+            if view is not None:
+                peers.apply(view)
+
     def _close(self) -> None:
         self.metrics.close()
+        if self.watcher is not None:
+            self.watcher.stop()
+        for peers in self.peers.values():
+            peers.close()
         for sock in [*self.pulls, *self.push.values(), *(s for socks in self.replica_push.values() for s in socks)]:
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
@@ -609,6 +665,7 @@ class Worker:
         if self.compute.failure is not None:
             raise self._load_failure()
         self._flush_errors()
+        self._follow_dns()
         self._collect_done()
         for pull in self.pulls:
             if pull in events:
@@ -698,6 +755,7 @@ class Worker:
             model=env.model,
             spans=spans,
             attempt=env.attempt,
+            routes=env.routes,
         )
         status = outcome.status
         if status is Status.COMPLETE:
@@ -851,6 +909,9 @@ class Worker:
         out.update({f"errors.{code}": n for code, n in s.errors.items()})
         for router in self.routers.values():  # messages sent to each replica of a replicated consumer
             out.update({f"routed.{name}": n for name, n in zip(router.names, router.sent)})
+        for peers in self.peers.values():  # replicas found by DNS: where this worker sent, which it reaches now
+            out.update({f"routed.{peers.name(a)}": n for a, n in peers.sent.items()})
+            out.update(peers.reach())
         out.update(self.metrics.heartbeat_stats())
         return out
 
@@ -899,11 +960,13 @@ class Worker:
                 followers=followers if kind == pb.REQUEST else 0,
             )
             env.spans.extend(spans)
+            if kind == pb.REQUEST and r.routes:
+                env.routes.update(r.routes)  # the ingress's choice of replicas travels with the request
             env.budget_ns = dl.budget(r.deadline_ns, dl.now_ns())  # what is left of it, as the next hop's budget
             env.sent_ns = time.time_ns()
             self._target = consumer
             try:
-                codec.send(self._socket_for(consumer, r.request_id), env, {n: outputs[n] for n in names}, flags=zmq.NOBLOCK)
+                codec.send(self._socket_for(consumer, r.request_id, r.routes), env, {n: outputs[n] for n in names}, flags=zmq.NOBLOCK)
             except zmq.Again:
                 target = (
                     f"{consumer!r} at {self.topology.endpoint_of(consumer)}"
@@ -920,9 +983,13 @@ class Worker:
                 return
             self.stats.messages_out += 1
 
-    def _socket_for(self, consumer: str, request_id: int) -> zmq.Socket:
+    def _socket_for(self, consumer: str, request_id: int, routes: Mapping[str, str] | None = None) -> zmq.Socket:
         """The PUSH socket toward ``consumer``; for a replicated one, the replica rendezvous hashing picks among those
-        whose socket takes a message now (connected, queue not full); raise ``zmq.Again`` when none does."""
+        whose socket takes a message now (connected, queue not full); for one found by DNS, the replica the ingress
+        chose (``routes``); raise ``zmq.Again`` when none does."""
+        peers = self.peers.get(consumer)
+        if peers is not None:
+            return self._peer_socket(peers, consumer, request_id, (routes or {}).get(consumer, ""))
         socks = self.replica_push.get(consumer)
         if socks is None:
             return self.push[consumer]
@@ -935,6 +1002,19 @@ class Worker:
         self._target = router.names[i]
         router.sent[i] += 1
         return socks[i]
+
+    def _peer_socket(self, peers: discovery.Peers, consumer: str, request_id: int, routed: str) -> zmq.Socket:
+        """The socket to the replica the ingress chose; a sole producer (no join to meet) may take another connected
+        one; without a route (a request not routed by an ingress), the id's rendezvous choice over this view."""
+        address = routed
+        if not address or (consumer in self._sole_consumer and not peers.connected(address)):
+            address = peers.pick(request_id, prefer=address) or address
+        if not address:
+            self._target = replicas.discovered_name(consumer, "?")
+            raise zmq.Again()  # nothing resolved, nothing routed: UNAVAILABLE for this request
+        self._target = peers.name(address)
+        peers.sent[address] = peers.sent.get(address, 0) + 1
+        return peers.socket(address)
 
     def _fail(
         self, request_id: int, model: str, status: grpc.StatusCode, message: str, *, spans: Sequence[Any] = ()
@@ -1050,7 +1130,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if config.cpus:
         os.sched_setaffinity(0, config.cpus)  # before any thread starts: TensorFlow's and ZeroMQ's inherit it
-    plog.configure(config.log_level, process=replicas.process_name(topology.shard(config.shard), config.replica))
+    plog.configure(
+        config.log_level,
+        process=replicas.discovered_name(config.shard, config.replica_address)
+        if config.replica_address
+        else replicas.process_name(topology.shard(config.shard), config.replica),
+    )
     # the modules the shard file needs (custom layers), before any socket opens: a host without them fails here
     from pipeline.custom_objects import prepare_topology
 

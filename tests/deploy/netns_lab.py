@@ -69,11 +69,13 @@ class NetnsLab:
     def ns(self, name: str) -> str:
         return self.assigned[name].netns
 
-    def hosts(self, name: str, entries: Mapping[str, str]) -> Path:
-        """Write (in place) the hosts file of ``name``'s namespace: host name -> address."""
+    def hosts(self, name: str, entries: Mapping[str, str | Sequence[str]]) -> Path:
+        """Write (in place) the hosts file of ``name``'s namespace: host name -> address (or addresses: a headless
+        Service's name resolves to every one, glibc's getaddrinfo returning each line of the name)."""
         folder = NETNS_ETC / self.ns(name)
         folder.mkdir(parents=True, exist_ok=True)
-        lines = ["127.0.0.1 localhost"] + [f"{address} {host}" for host, address in sorted(entries.items())]
+        pairs = [(host, a) for host, value in sorted(entries.items()) for a in ([value] if isinstance(value, str) else value)]
+        lines = ["127.0.0.1 localhost"] + [f"{address} {host}" for host, address in pairs]
         with open(folder / "hosts", "w") as f:  # the same inode: a running process reads the new names at its next lookup
             f.write("\n".join(lines) + "\n")
         return folder / "hosts"

@@ -12,7 +12,10 @@ project's ``python -m pipeline.cli``. Each pod has a hostname of its own
 heartbeat's host. Services become names in every namespace's hosts file:
 the Service's DNS name to the address of the one pod its selector picks
 (``retarget`` moves a Service to another pod, for a rolling update) (a Service port must equal its target port here,
-since nothing translates ports). Probes are asked like a kubelet asks them:
+since nothing translates ports); a headless Service's name is one line per
+pod in ``members`` (its ready pods: the test says which), as cluster DNS
+answers. An env var from the downward API's ``status.podIP`` is the pod's
+address. Probes are asked like a kubelet asks them:
 HTTP GET or the gRPC health check to the pod's address, from the host; an
 exec probe runs its command inside the pod's namespace (the image's
 ``python3`` is the project's interpreter).
@@ -96,6 +99,8 @@ class PodRunner:
         self.pods: dict[str, Pod] = {}
         self.client = "client"
         self.targets: dict[str, Pod] = {}  # process -> the pod its Services lead to
+        #: process -> the pods a headless Service's name resolves to (its ready pods; the test says which)
+        self.members: dict[str, list[Pod]] = {}
         for d in (o for o in objects if o["kind"] == "Deployment"):
             process = d["spec"]["template"]["metadata"]["labels"][k8s.PROCESS_LABEL]
             pod = Pod(process, d, root / "pods" / process, namespace=f"pod-{process}", hostname=f"{d['metadata']['name']}-a")
@@ -142,9 +147,10 @@ class PodRunner:
         self.targets[process] = pod
         self.write_hosts()
 
-    def service_names(self) -> dict[str, str]:
-        """Every Service's DNS names -> the address of the pod it selects."""
-        names = {}
+    def service_names(self) -> dict[str, str | list[str]]:
+        """Every Service's DNS names -> the address of the pod it selects; a headless Service's -> the addresses of
+        its ready pods (``members``; no line at all when there is none, as DNS would answer)."""
+        names: dict[str, str | list[str]] = {}
         for svc in (o for o in self.objects if o["kind"] == "Service"):
             meta, spec = svc["metadata"], svc["spec"]
             (process,) = [n for n, p in self.pods.items() if all(p.labels.get(k) == v for k, v in spec["selector"].items())]
@@ -153,9 +159,11 @@ class PodRunner:
             for port in spec["ports"]:
                 target = port.get("targetPort", port["port"])
                 assert ports.get(target, target) == port["port"], f"Service {meta['name']}: port {port['port']} -> {target}; nothing maps ports here"
+            headless = spec.get("clusterIP") == "None"
+            addresses = [p.address for p in self.members.get(process, [pod])] if headless else pod.address
             for name in (meta["name"], f"{meta['name']}.{meta['namespace']}", f"{meta['name']}.{meta['namespace']}.svc",
                          f"{meta['name']}.{meta['namespace']}.svc.cluster.local"):  # fmt: skip
-                names[name] = pod.address
+                names[name] = addresses
         return names
 
     def _volume(self, pod: Pod, name: str) -> Path:
@@ -214,6 +222,11 @@ class PodRunner:
             argv = [pod.inside(c) if i else c for i, c in enumerate(command)] + args
         env = dict(BASE_ENV)
         for e in container.get("env", []):
+            if "valueFrom" in e:  # the downward API: what this runner knows of a pod
+                field = e["valueFrom"].get("fieldRef", {}).get("fieldPath")
+                assert field == "status.podIP", f"{pod.process}: env {e['name']} from {e['valueFrom']}; this runner knows status.podIP"
+                env[e["name"]] = pod.address
+                continue
             env[e["name"]] = pod.inside(e["value"])
         return argv, env
 

@@ -563,3 +563,115 @@ def test_systemd_one_unit_per_process(chain: Topology, tmp_path: Path) -> None:
         (out / name).write_text(body)
     code, said = analyze(sorted(out.iterdir()))
     assert code == 0 and said == "", said
+
+
+# ---------------------------------------------------------------- replicas
+def with_replicas(t: Topology, dest: Path, shard: str, hosts: tuple[str, ...]) -> Topology:
+    """A copy of ``t`` whose ``shard`` has one replica per host of ``hosts`` (replica 0 stays where it is)."""
+    t.shard(shard)  # a clear error for an unknown shard
+    extra = tuple(
+        topo.ReplicaSpec(endpoint=f"tcp://{h}:{6000 + k}", bind=f"tcp://{h}:{6000 + k}", host=h, metrics=f"{h}:{7000 + k}")
+        for k, h in enumerate(hosts, start=1)
+    )
+    shards = tuple(dataclasses.replace(s, extra_replicas=extra) if s.name == shard else s for s in t.shards)
+    return copy_topology(t, dest, shards=shards)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (bin/setup installs systemd)")
+def test_systemd_a_unit_per_replica_on_its_host(residual: Topology, tmp_path: Path) -> None:
+    """Replica k of a shard is a unit of its own on the host its entry names: ``worker --shard S --replica k``."""
+    t = with_replicas(residual, tmp_path / "replicated", "shard1", ("127.0.0.2", "127.0.0.1"))
+    executable = str(Path(sys.executable).with_name("pipeline"))
+    options = systemd.UnitOptions(executable=executable, directory=str(t.directory), drain_s=7)
+    here = systemd.units(t, "127.0.0.1", options)
+    there = systemd.units(t, "127.0.0.2", options)
+    assert sorted(here) == sorted([*(systemd.unit_name(t, p) for p in ("ingress", "shard0", "shard1@0", "shard1@2")), systemd.target_name(t)])
+    assert sorted(there) == sorted([systemd.unit_name(t, "shard1@1"), systemd.target_name(t)])
+    assert systemd.unit_name(t, "shard1@1") == "keras-pipeline-residual-shard1-r1.service"
+    for files, k in ((here, 0), (there, 1), (here, 2)):
+        text = files[systemd.unit_name(t, f"shard1@{k}")].splitlines()
+        assert f"ExecStart={executable} worker {t.directory} --shard shard1 --replica {k} --drain-timeout 7" in text
+        assert f"TimeoutStopSec={7 + kubernetes.EXIT_MARGIN_S}" in text
+        assert any(line.startswith("Description=") and f"replica {k} of 3 of shard shard1" in line for line in text)
+    assert f"ExecStart={executable} worker {t.directory} --shard shard0 --drain-timeout 7" in here[systemd.unit_name(t, "shard0")].splitlines()
+    assert systemd.unit_name(t, "shard1@1") in there[systemd.target_name(t)]
+    assert systemd.unit_name(t, "shard1@1") not in here[systemd.target_name(t)]
+    for files, name in ((here, "here"), (there, "there")):
+        out = tmp_path / name
+        out.mkdir()
+        for file, body in files.items():
+            (out / file).write_text(body)
+        code, said = analyze(sorted(out.iterdir()))
+        assert code == 0 and said == "", said
+    # the command writes them too (no refusal any more); a host with nothing placed is still an error
+    assert cli.main(["deploy", "systemd", str(t.directory), "--host", "127.0.0.2", "--out", str(tmp_path / "cli"), "--executable", executable]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").glob("*.service")) == [systemd.unit_name(t, "shard1@1")]
+    with pytest.raises(UsageError, match=r"127\.0\.0\.2"):
+        systemd.units(t, "127.0.0.9", options)
+
+
+def test_kubernetes_a_replicated_shard_is_one_deployment_behind_a_headless_service(residual: Topology, tmp_path: Path) -> None:
+    """Listed replicas become one Deployment with N replicas, a headless Service, and replicas found by DNS in the
+    ConfigMap; each pod reads its address from the downward API. Schemas and the fit checks pass, with CURVE too."""
+    t = with_replicas(residual, tmp_path / "replicated", "shard1", ("127.0.0.1", "127.0.0.1"))
+    objects = kubernetes.manifests(t, kubernetes.KubeOptions(namespace="ml"))
+    validate_all(objects)
+    assert checks.all_problems(objects) == []
+    kinds = [o["kind"] for o in objects]
+    assert kinds.count("Deployment") == 3 and kinds.count("Service") == 4  # one per process, as without replicas
+    d = deployment(objects, "shard1")
+    assert d["spec"]["replicas"] == 3 and deployment(objects, "shard0")["spec"]["replicas"] == 1
+    assert d["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    c = container(objects, "shard1")
+    assert {"name": "PIPELINE_REPLICA_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in c["env"]
+    assert "PIPELINE_REPLICA_ADDRESS" not in [e["name"] for e in container(objects, "shard0")["env"]]
+    assert c["args"] == ["worker", kubernetes.MODEL_DIR, "--shard", "shard1", "--drain-timeout", "10"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}  # per pod, as before
+    (svc,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "residual-shard1"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is False
+    (plain,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "residual-shard0"]
+    assert "clusterIP" not in plain["spec"]
+    pt = checks.pod_topology(objects)
+    host = "residual-shard1.ml.svc.cluster.local"
+    assert pt["shards"][1]["replicas"] == {"count": 3, "discover": "dns"}
+    assert pt["shards"][1]["endpoint"] == f"tcp://{host}:5555" and pt["shards"][1]["metrics"] == f"{host}:9100"
+    assert "replicas" not in pt["shards"][0]
+    parsed = topo.from_dict(pt, directory=Path("."))
+    topo.validate(parsed, check_files=False)  # what the pods read is a valid topology
+    assert parsed.shard("shard1").discovered == 3
+    # the pod template's annotations: every pod is scraped on its own address
+    assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9100"
+
+    # a topology already written with replicas found by DNS keeps its count; with CURVE every pod holds the key
+    secured, keys = curve_copy(t, tmp_path / "curve")
+    with_curve = kubernetes.manifests(secured, kubernetes.KubeOptions(), curve_keys=keys)
+    validate_all(with_curve)
+    assert checks.all_problems(with_curve) == []
+    assert deployment(with_curve, "shard1")["spec"]["replicas"] == 3
+
+    # the command writes it (no refusal any more)
+    out = tmp_path / "k8s"
+    assert cli.main(["deploy", "kubernetes", str(t.directory), "--out", str(out)]) == 0
+    written = [yaml.safe_load(f.read_text()) for f in sorted(out.glob("*.yaml"))]
+    assert deployment(written, "shard1")["spec"]["replicas"] == 3
+
+    # the checks fail on a replicated set gone wrong
+    def broken(change: Any) -> list[str]:
+        copied = copy.deepcopy(objects)
+        change(copied)
+        return checks.all_problems(copied)
+
+    def one_pod(objs: list[dict[str, Any]]) -> None:
+        deployment(objs, "shard1")["spec"]["replicas"] = 1
+
+    def virtual_ip(objs: list[dict[str, Any]]) -> None:
+        svc = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "residual-shard1")
+        del svc["spec"]["clusterIP"]
+
+    def no_address(objs: list[dict[str, Any]]) -> None:
+        env = deployment(objs, "shard1")["spec"]["template"]["spec"]["containers"][0]["env"]
+        env[:] = [e for e in env if e["name"] != "PIPELINE_REPLICA_ADDRESS"]
+
+    assert any("expected replicas 3, it has 1" in p for p in broken(one_pod))
+    assert any("expected a headless Service" in p for p in broken(virtual_ip))
+    assert any("expected PIPELINE_REPLICA_ADDRESS from status.podIP in its env" in p for p in broken(no_address))

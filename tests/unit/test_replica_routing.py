@@ -214,14 +214,6 @@ def test_a_suspect_replica_is_down_for_routing_but_ends_nothing(tmp_path: Path) 
     assert live.is_up("shard1@1", now=101.2)  # the suspicion lasts down_after_s
 
 
-def test_deploy_refuses_replicas_it_cannot_write_yet(tmp_path: Path) -> None:
-    from pipeline.deploy.command import _no_replicas
-
-    _no_replicas(_load(_data(), tmp_path), "kubernetes")  # one replica each: fine
-    with pytest.raises(UsageError, match=r"shards \{'shard1': 2\} have several replicas.*kubernetes generator"):
-        _no_replicas(_load(_with_two(_data()), tmp_path), "kubernetes")
-
-
 def test_procfile_has_a_line_per_replica(tmp_path: Path) -> None:
     from pipeline.procfile import lines
 
@@ -229,3 +221,18 @@ def test_procfile_has_a_line_per_replica(tmp_path: Path) -> None:
     assert "shard1_r1: exec pipeline worker DIR --shard shard1 --replica 1" in out
     assert "shard1_r0: exec pipeline worker DIR --shard shard1 --replica 0" in out
     assert "shard0: exec pipeline worker DIR --shard shard0" in out and len(out) == 5
+
+
+def test_processes_on_a_host_follow_each_replica(tmp_path: Path) -> None:
+    """A replica on another host runs there: Procfile lines and systemd units per host follow its entry."""
+    from pipeline.procfile import lines
+
+    data = _with_two(_data())
+    data["shards"][1]["replicas"][1] = {"endpoint": "tcp://127.0.0.2:5562", "metrics": "127.0.0.2:9112"}
+    t = _load(data, tmp_path)
+    assert replicas.processes_on(t, None) == ["ingress", "shard0", "shard1@0", "shard1@1", "shard2"]
+    assert replicas.processes_on(t, "127.0.0.1") == ["ingress", "shard0", "shard1@0", "shard2"]
+    assert replicas.processes_on(t, "127.0.0.2") == ["shard1@1"]
+    assert replicas.hosts_of(t) == ["127.0.0.1", "127.0.0.2"]
+    assert lines(t, "DIR", host="127.0.0.2") == ["shard1_r1: exec pipeline worker DIR --shard shard1 --replica 1"]
+    assert "shard1_r1: exec pipeline worker DIR --shard shard1 --replica 1" not in lines(t, "DIR", host="127.0.0.1")
