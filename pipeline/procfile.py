@@ -33,7 +33,7 @@ def lines(topology: Topology, directory: str, host: str | None = None, command: 
     """The Procfile lines of every process, or of those on ``host`` (a cluster host's name or an address)."""
     from pipeline.cluster import resolve_host
 
-    names = colocation.process_names_on(topology, None if host is None else resolve_host(topology, host))
+    names = replicas.processes_on(topology, None if host is None else resolve_host(topology, host))
     if not names:
         from pipeline.cluster import host_names
 
@@ -45,7 +45,7 @@ def lines(topology: Topology, directory: str, host: str | None = None, command: 
         )
     d = shlex.quote(directory)
     out = []
-    for name in replicas.expand(topology, names):
+    for name in names:
         selector = replicas.worker_selector(topology, name)
         if selector is not None:
             out.append(f"{name.replace(replicas.SEPARATOR, '_r')}: exec {command} worker {d} {shlex.join(selector)}")
