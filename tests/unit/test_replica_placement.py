@@ -14,10 +14,13 @@ from pipeline import cli, colocation, replicas
 from pipeline import topology as topo
 from pipeline.cluster import Cluster, cluster_from_dict, host_names
 from pipeline.errors import UsageError
+from pipeline.launch import free_ports
 from pipeline.partition import placement
 from pipeline.partition import replica_placement as rp
 
 ADDRESS = {"h1": "198.18.0.1", "h2": "198.18.0.2", "h3": "198.18.0.3"}
+#: the loopback ports of the topology before it is placed (never bound here: addresses in a file)
+PORTS = free_ports(11)
 
 
 def _cluster(pairs: list[dict[str, Any]] | None = None) -> Cluster:
@@ -40,16 +43,16 @@ def _data(ms: tuple[float, ...] = (1.0, 8.0, 1.0), width: int = 4) -> dict[str, 
         "inputs": [{"name": "x", **tensor}],
         "outputs": [{"name": "y", **tensor}],
         "ingress": {
-            "grpc": "127.0.0.1:40000",
-            "results": "tcp://127.0.0.1:40001",
-            "metrics": "127.0.0.1:40002",
+            "grpc": f"127.0.0.1:{PORTS[0]}",
+            "results": f"tcp://127.0.0.1:{PORTS[1]}",
+            "metrics": f"127.0.0.1:{PORTS[2]}",
         },
         "shards": [
             {
                 "name": f"shard{i}",
                 "file": f"shard{i}.keras",
-                "endpoint": f"tcp://127.0.0.1:{40003 + 2 * i}",
-                "metrics": f"127.0.0.1:{40004 + 2 * i}",
+                "endpoint": f"tcp://127.0.0.1:{PORTS[3 + 2 * i]}",
+                "metrics": f"127.0.0.1:{PORTS[4 + 2 * i]}",
                 "inputs": [["x", "a", "b"][i]],
                 "outputs": [
                     {
@@ -346,7 +349,7 @@ def test_a_loopback_topology_with_replicas_is_placed_with_them(tmp_path: Path) -
             "endpoint": data["shards"][1]["endpoint"],
             "metrics": data["shards"][1]["metrics"],
         },
-        {"endpoint": "tcp://127.0.0.1:40020", "metrics": "127.0.0.1:40021"},
+        {"endpoint": f"tcp://127.0.0.1:{PORTS[9]}", "metrics": f"127.0.0.1:{PORTS[10]}"},
     ]
     t = _topology(tmp_path, data)
     placed = placement.place_topology(t, _cluster())
