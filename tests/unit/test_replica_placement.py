@@ -207,19 +207,11 @@ def test_place_with_replicas_on_other_hosts_ports_unique_per_host(
         + "".join(f"- {{name: {n}, address: {a}}}\n" for n, a in ADDRESS.items())
         + "ingress: h1\nlinks:\n  default: {bandwidth: 10Gbit}\n"
     )
-    assert (
-        cli.main(
-            [
-                "place",
-                str(tmp_path),
-                "--cluster",
-                str(cluster),
-                "--replicas",
-                "shard1=2",
-            ]
-        )
-        == 0
-    )
+
+    def place(*extra: str) -> int:
+        return cli.main(["place", str(tmp_path), "--cluster", str(cluster), *extra])
+
+    assert place("--replicas", "shard1=2") == 0
     placed = topo.load(tmp_path, check_files=False)
     _check_ports(placed)
     names = host_names(placed)
@@ -248,45 +240,21 @@ def test_place_with_replicas_on_other_hosts_ports_unique_per_host(
     )
 
     # named hosts; placing again keeps the replicas' hosts and re-ports them
-    assert (
-        cli.main(
-            [
-                "place",
-                str(tmp_path),
-                "--cluster",
-                str(cluster),
-                "--replicas",
-                "shard1=h3,h3",
-            ]
-        )
-        == 0
-    )
+    assert place("--replicas", "shard1=h3,h3") == 0
     again = topo.load(tmp_path, check_files=False)
     _check_ports(again)
     assert [r.host for r in again.shard("shard1").extra_replicas] == [
         ADDRESS["h3"],
         ADDRESS["h3"],
     ]
-    assert cli.main(["place", str(tmp_path), "--cluster", str(cluster)]) == 0
+    assert place() == 0
     kept = topo.load(tmp_path, check_files=False)
     assert [r.host for r in kept.shard("shard1").extra_replicas] == [
         ADDRESS["h3"],
         ADDRESS["h3"],
     ]
     _check_ports(kept)
-    assert (
-        cli.main(
-            [
-                "place",
-                str(tmp_path),
-                "--cluster",
-                str(cluster),
-                "--replicas",
-                "shard1=1",
-            ]
-        )
-        == 0
-    )
+    assert place("--replicas", "shard1=1") == 0
     assert len(topo.load(tmp_path, check_files=False).shard("shard1").replicas) == 1
 
     # errors name the shard and leave the topology as it was
@@ -295,12 +263,7 @@ def test_place_with_replicas_on_other_hosts_ports_unique_per_host(
         ("shard1=0", "shard 'shard1' needs at least 1 replica"),
         ("shard1=h9", "shard 'shard1': unknown host 'h9'"),
     ):
-        assert (
-            cli.main(
-                ["place", str(tmp_path), "--cluster", str(cluster), "--replicas", bad]
-            )
-            == 2
-        )
+        assert place("--replicas", bad) == 2
         assert message in capsys.readouterr().err
     assert (tmp_path / topo.TOPOLOGY_FILE).read_text() == before
 
