@@ -139,11 +139,6 @@ def test_killing_the_process_takes_down_all_its_shards_and_a_restart_heals(mobil
     assert mismatches(cluster.target, t.name, inputs, references, tolerance=0.0, concurrency=1) == []
 
 
-def _settled_messages_in(target: str, shard: str) -> float:
-    """The shard's ``messages_in`` from a heartbeat sent at least two heartbeats after this call began."""
-    return settled_stat(target, shard, "messages_in")
-
-
 # ------------------------------------------------------------------ a join, CURVE, inproc and tcp links mixed
 @pytest.fixture(scope="module")
 def curve_join(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topo.Topology, Cluster, list[replay.Replay]]]:
@@ -186,7 +181,7 @@ def test_curve_still_guards_the_tcp_side_of_a_grouped_shard(curve_join) -> None:
     from pipeline.wire import codec
 
     t, cluster, files = curve_join
-    before = _settled_messages_in(cluster.target, "shard2")
+    before = settled_stat(cluster.target, "shard2", "messages_in")
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 0)
@@ -201,7 +196,7 @@ def test_curve_still_guards_the_tcp_side_of_a_grouped_shard(curve_join) -> None:
     finally:
         push.close(0)
         ctx.term()
-    assert _settled_messages_in(cluster.target, "shard2") == before  # nothing of the intruder was read
+    assert settled_stat(cluster.target, "shard2", "messages_in") == before  # nothing of the intruder was read
     # and the pipeline still answers right
     inputs = [q.inputs for q in files[0].requests[:3]]
     references = [q.outputs for q in files[0].requests[:3]]

@@ -46,11 +46,6 @@ START_S = 300.0
 DEADLINE_S = 10.0  # each request's deadline in the replica-loss run
 
 
-def _computed(target: str, name: str) -> float:
-    """``computed`` of a replica from a heartbeat sent at least two heartbeats after this call began."""
-    return settled_stat(target, name, "computed")
-
-
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topo.Topology, Cluster, list[replay.Replay]]]:
     root = tmp_path_factory.mktemp("replicas")
@@ -78,7 +73,7 @@ def test_replicas_answer_right_and_share_the_work(replicated) -> None:  # type: 
     procs = processes(cluster.target)
     for name in ("shard0@0", "shard0@1", "shard2@0", "shard2@1"):
         assert procs[name].up and procs[name].metrics == replicas.metrics_of(t, name), procs[name]
-        assert _computed(cluster.target, name) > 0, f"{name} computed nothing"
+        assert settled_stat(cluster.target, name, "computed") > 0, f"{name} computed nothing"
     # the join never waited on parts that went to another replica: nothing expired, nothing refused
     for name in ("shard2@0", "shard2@1"):
         stats = processes(cluster.target)[name].stats
@@ -128,17 +123,17 @@ def test_a_replica_killed_under_load_and_restarted(replicated) -> None:  # type:
         runs = [pool.submit(_load, cluster.target, t.name, inputs, references, tolerance, stop, counts) for _ in range(8)]
         try:
             time.sleep(3.0)
-            before = _computed(cluster.target, "shard2@0")
+            before = settled_stat(cluster.target, "shard2@0", "computed")
             cluster.stop_process("shard2@1", signal.SIGKILL)
             wait(lambda: not processes(cluster.target)["shard2@1"].up, "shard2@1 reported down")
             assert processes(cluster.target)["shard2@0"].up
             time.sleep(4.0)  # load on the survivor alone
-            during = _computed(cluster.target, "shard2@0")
+            during = settled_stat(cluster.target, "shard2@0", "computed")
             assert during > before, "the survivor took no traffic while its peer was down"
             served_alone = counts["correct"]
             cluster.start_process("shard2@1")
             wait(lambda: (lambda p: p.up and p.restarts >= 1)(processes(cluster.target)["shard2@1"]), "shard2@1 back", START_S)
-            wait(lambda: _computed(cluster.target, "shard2@1") > 0, "traffic back on the restarted shard2@1")
+            wait(lambda: settled_stat(cluster.target, "shard2@1", "computed") > 0, "traffic back on the restarted shard2@1")
             time.sleep(2.0)
         finally:
             stop.set()
@@ -202,7 +197,7 @@ def test_a_middle_shard_in_two_replicas(chain) -> None:  # type: ignore[no-untyp
     tolerance = file.tolerance or 1e-6
     assert mismatches(cluster.target, t.name, inputs * 20, references * 20, tolerance=tolerance, concurrency=12) == []
     for name in ("shard1@0", "shard1@1"):
-        assert _computed(cluster.target, name) > 0, f"{name} computed nothing"
+        assert settled_stat(cluster.target, name, "computed") > 0, f"{name} computed nothing"
     routed = processes(cluster.target)["shard0"].stats
     assert routed["routed.shard1@0"] > 0 and routed["routed.shard1@1"] > 0, dict(routed)
     # the sole producer routes around a replica that is gone: stop one (SIGTERM), every answer still right
