@@ -168,10 +168,7 @@ def test_the_manifests_run_and_answer_like_the_whole_model(context: Path, refere
     try:
         target = start_pipeline(runner)
         assert target == "residual-ingress.default.svc.cluster.local:8001"
-        np.savez(tmp_path / "inputs.npz", image=x)
-        result = answers(run_client(lab, tmp_path, "first", target, tmp_path / "inputs.npz", "--count", str(3 * ROWS)), tmp_path)
-        assert list(result["codes"]) == ["OK"] * 3 * ROWS
-        assert check_bitwise(result, y) == 3 * ROWS
+        first_answers(lab, tmp_path, target, x, y, 3 * ROWS)
         rss = {p: pod_rss(pod.proc.pid) for p, pod in runner.pods.items() if pod.proc}  # type: ignore[union-attr]
         print(f"resident memory of the warm pods (MiB): {rss}")
     finally:
@@ -201,9 +198,7 @@ def test_curve_and_a_pod_killed_and_restarted(context: Path, reference: Any, lab
             assert held == [f"{process}.key_secret"], (process, held)
             assert (pod.root / ".volumes" / "curve-key" / held[0]).stat().st_mode & 0o777 == 0o600
         target = start_pipeline(runner)
-        np.savez(tmp_path / "inputs.npz", image=x)
-        result = answers(run_client(lab, tmp_path, "first", target, tmp_path / "inputs.npz", "--count", str(2 * ROWS)), tmp_path)
-        assert check_bitwise(result, y) == 2 * ROWS
+        first_answers(lab, tmp_path, target, x, y, 2 * ROWS)
 
         # under load: kill shard0's process, start it again from its manifest
         load = Load.start(lab, tmp_path, target)
@@ -243,6 +238,15 @@ def wait_ok(log: Path, n: int, timeout_s: float = CLIENT_TIMEOUT_S) -> None:
         time.sleep(0.2)
 
 
+def first_answers(lab: NetnsLab, tmp: Path, target: str, x: np.ndarray, y: np.ndarray, count: int) -> None:
+    """``count`` requests of the rows of ``x`` (saved as ``tmp/inputs.npz``), one at a time: every one OK and bitwise
+    the whole model's answer ``y``."""
+    np.savez(tmp / "inputs.npz", image=x)
+    result = answers(run_client(lab, tmp, "first", target, tmp / "inputs.npz", "--count", str(count)), tmp)
+    assert list(result["codes"]) == ["OK"] * count
+    assert check_bitwise(result, y) == count
+
+
 class Load:
     """The load client (``tmp/load.log``, ``tmp/load.npz``) sending ``tmp/inputs.npz`` until told to stop, around a fault."""
 
@@ -251,8 +255,10 @@ class Load:
         self.log, self.stop = tmp / "load.log", tmp / "stop"
 
     @classmethod
-    def start(cls, lab: NetnsLab, tmp: Path, target: str) -> Load:
-        """Start it and wait for its first 20 correct answers."""
+    def start(cls, lab: NetnsLab, tmp: Path, target: str, x: np.ndarray | None = None) -> Load:
+        """Start it (on the rows of ``x``, or the inputs saved already) and wait for its first 20 correct answers."""
+        if x is not None:
+            np.savez(tmp / "inputs.npz", image=x)
         load = cls(run_client(lab, tmp, "load", target, tmp / "inputs.npz", "--until", str(tmp / "stop")), tmp)
         wait_ok(load.log, 20)
         return load
@@ -303,8 +309,7 @@ def test_a_rolling_update_of_a_shard(context: Path, reference: Any, lab: NetnsLa
     runner = run_pods(kubernetes.manifests(t, OPTIONS), context, lab, tmp_path)
     try:
         target = start_pipeline(runner)
-        np.savez(tmp_path / "inputs.npz", image=x)
-        load = Load.start(lab, tmp_path, target)
+        load = Load.start(lab, tmp_path, target, x)
         new = runner.replica("shard0", "b")
         runner.start("shard0", new)
         runner.wait_ready("shard0", READY_TIMEOUT_S, pod=new)
@@ -356,8 +361,7 @@ def test_a_rolling_update_of_the_ingress(context: Path, reference: Any, lab: Net
     runner = run_pods(kubernetes.manifests(t, OPTIONS), context, lab, tmp_path)
     try:
         target = start_pipeline(runner)
-        np.savez(tmp_path / "inputs.npz", image=x)
-        load = Load.start(lab, tmp_path, target)
+        load = Load.start(lab, tmp_path, target, x)
         new = runner.replica(INGRESS, "b")
         runner.start(INGRESS, new)
         runner.wait_ready(INGRESS, READY_TIMEOUT_S, pod=new)  # its process serves: the probe passes
@@ -413,10 +417,7 @@ def test_colocated_shards_run_as_one_pod(context: Path, reference: Any, lab: Net
         wait_pipeline_ready(runner)
         target = str(checks.pod_topology(runner.objects)["ingress"]["grpc"])
         assert target == "residual-ingress.default.svc.cluster.local:8001"
-        np.savez(tmp_path / "inputs.npz", image=x)
-        result = answers(run_client(lab, tmp_path, "first", target, tmp_path / "inputs.npz", "--count", str(3 * ROWS)), tmp_path)
-        assert list(result["codes"]) == ["OK"] * 3 * ROWS
-        assert check_bitwise(result, y) == 3 * ROWS
+        first_answers(lab, tmp_path, target, x, y, 3 * ROWS)
         rss = {p: pod_rss(pod.proc.pid) for p, pod in runner.pods.items() if pod.proc}  # type: ignore[union-attr]
         print(f"resident memory of the warm co-located pods (MiB): {rss}")
         assert "--process" in " ".join(worker.spec["containers"][0]["args"])
