@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     if cluster is not None and all(s.host in addresses for s in t.shards):
         # a placed topology: the new replicas' hosts are chosen (or named) as `pipeline place --replicas` does
         own = [cluster.host(s.host).name for s in t.shards]
-        chosen = replica_placement.plan_replicas(t, cluster, own, requests)
+        chosen, _ = replica_placement.plan_replicas(t, cluster, own, requests)
         out = with_replicas(t, counts, hosts={s: [cluster.host(h).address for h in chosen[s]] for s in requests})
     else:
         out = with_replicas(t, counts)

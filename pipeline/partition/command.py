@@ -111,6 +111,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "SHARD=HOST,... puts one more replica on each HOST named, and the planner chooses the hosts of a count "
         "(repeatable; see docs/REPLICAS.md)",
     )
+    p.add_argument(
+        "--propose-replicas",
+        action="store_true",
+        help="with --cluster: let the planner add replicas of the slowest shards on hosts it would leave idle, "
+        "when its cost model says each lowers the slowest stage by at least 10%% (off by default)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the exactness check at the end")
     p.add_argument("--list-ops", action="store_true", help="print every operation (the names --cut takes) and exit")
 
@@ -128,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("expected --shards K, at least one --cut NAME, or --cluster FILE (or --list-ops); received none of them")
     if args.cluster is not None and args.host is not None:
         raise UsageError(f"--host {args.host} with --cluster: the cluster file says where each process goes; pass one or the other")
+    if getattr(args, "propose_replicas", False) and args.cluster is None:
+        raise UsageError("--propose-replicas needs --cluster FILE: replicas are proposed for hosts the plan leaves idle")
     if args.objective is not None and args.cluster is None:
         raise UsageError(f"--objective {args.objective} needs --cluster FILE: without hosts and links there is only the compute to balance")
     cluster = None
@@ -180,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         cluster=cluster,
         objective=args.objective or "throughput",
         replicas=replica_counts,
+        propose_replicas=getattr(args, "propose_replicas", False),
     )
     print(result.table)
     if result.warning:
@@ -224,6 +233,7 @@ def partition(
     cluster: Cluster | None = None,
     objective: str = "throughput",
     replicas: Mapping[str, Any] | None = None,
+    propose_replicas: bool = False,
 ) -> PartitionResult:
     """Split ``model`` and write the topology directory ``out``; return the topology and the plan table.
 
@@ -231,7 +241,8 @@ def partition(
     (:mod:`pipeline.partition.placement`; ``shards=None`` lets the planner choose how many), and every
     process gets its host's address, ports unique per host; ``host`` is then ignored.
     ``replicas``: shard -> replica count, or a :class:`~pipeline.partition.replica_placement.ReplicaRequest`
-    (hosts named: with ``cluster`` only); with ``cluster`` the replicas' hosts are chosen with the shards'.
+    (hosts named: with ``cluster`` only); with ``cluster`` the replicas' hosts are chosen with the shards', and
+    ``propose_replicas`` lets the planner add replicas on hosts it would leave idle when they clearly pay.
     """
     from pipeline.partition import cost, planner
     from pipeline.partition.build import build_shard_model, split
@@ -354,11 +365,13 @@ def partition(
         if cluster is not None and placed is not None:
             from pipeline.partition import placement
 
-            replica_hosts = replica_placement.plan_replicas(topology, cluster, placed.hosts, requests)
+            replica_hosts, proposed = replica_placement.plan_replicas(
+                topology, cluster, placed.hosts, requests, propose_idle=propose_replicas
+            )
             topology = placement.assign_hosts(
                 topology, cluster, placed.hosts, base_port=base_port, grpc_address=grpc_address, replica_hosts=replica_hosts
             )
-            topology = placement.record_placement(topology, placed, cluster)
+            topology = replica_placement.note_proposed(placement.record_placement(topology, placed, cluster), proposed)
         elif requests:  # new replicas get free ports on their shard's host (pipeline.replicas)
             from pipeline import replicas as replicas_module
 
@@ -369,7 +382,7 @@ def partition(
 
             # a replicated shard stays in processes of its own (one per replica)
             topology = colocation.colocate(topology, name=worker_process_namer(cluster) if cluster is not None else None)
-        if requests:
+        if any(s.extra_replicas for s in topology.shards):
             from pipeline import replicas as replicas_module
 
             replicas_module.validate(topology, str(out / "topology.yaml"))

@@ -40,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serve SHARD with N replicas in all, their hosts chosen by the planner, or with one more replica on "
         "each HOST named (repeatable; see docs/REPLICAS.md)",
     )
+    p.add_argument(
+        "--propose-replicas",
+        action="store_true",
+        help="let the planner add replicas of the slowest shards on hosts it would leave idle, when its cost model "
+        "says each lowers the slowest stage by at least 10%% (off by default)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the placement without writing topology.yaml")
     p.add_argument(
         "--per-shard",
@@ -65,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         base_port=args.base_port,
         grpc_address=args.grpc_address,
         replicas=requests,
+        propose_replicas=args.propose_replicas,
     )
     from pipeline import colocation
 

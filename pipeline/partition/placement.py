@@ -978,22 +978,24 @@ def place_topology(
     base_port: int | None = None,
     grpc_address: str | None = None,
     replicas: Mapping[str, Any] | None = None,
+    propose_replicas: bool = False,
 ) -> Any:
     """Place an existing topology's shards on ``cluster`` without re-cutting them: the host of every shard
     chosen by :func:`plan` over the fixed shards; endpoints rewritten (:func:`assign_hosts`); the plan's
     estimate recorded under ``plan.placement``. ``replicas`` (shard -> count or
     :class:`~pipeline.partition.replica_placement.ReplicaRequest`) sets replica counts or hosts; the
-    replicas a topology has are placed too. Returns the new :class:`~pipeline.topology.Topology`
+    replicas a topology has are placed too; ``propose_replicas`` lets the planner add replicas on hosts
+    it would leave idle when its cost model says they clearly pay. Returns the new :class:`~pipeline.topology.Topology`
     (not written: call ``.write()``)."""
-    from pipeline.partition.replica_placement import plan_replicas
+    from pipeline.partition.replica_placement import note_proposed, plan_replicas
 
     problem = problem_from_topology(topology, shard_seconds(topology))
     chosen = plan(problem, cluster, objective=objective, slack=slack)
-    replica_hosts = plan_replicas(topology, cluster, chosen.hosts, replicas)
+    replica_hosts, proposed = plan_replicas(topology, cluster, chosen.hosts, replicas, propose_idle=propose_replicas)
     placed = assign_hosts(
         topology, cluster, chosen.hosts, base_port=base_port, grpc_address=grpc_address, replica_hosts=replica_hosts
     )
-    return record_placement(placed, chosen, cluster)
+    return note_proposed(record_placement(placed, chosen, cluster), proposed)
 
 
 def record_placement(topology: Any, chosen: Placement, cluster: Cluster) -> Any:

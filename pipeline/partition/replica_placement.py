@@ -42,9 +42,7 @@ class ReplicaRequest:
     hosts: tuple[str, ...] = ()
 
 
-def parse(
-    items: Iterable[str], t: topo.Topology | None = None, cluster: Cluster | None = None
-) -> dict[str, ReplicaRequest]:
+def parse(items: Iterable[str], t: topo.Topology | None = None, cluster: Cluster | None = None) -> dict[str, ReplicaRequest]:
     """``["shard2=3", "shard1=h2,h3"]`` -> requests by shard; :class:`UsageError` naming the item and the shard.
 
     Host names need ``cluster`` (a name or an address of one of its hosts); ``t`` checks the shard names."""
@@ -79,9 +77,7 @@ def parse(
                     ) from None
             request = ReplicaRequest(name, 1 + len(names), tuple(names))
         if name in given:
-            raise UsageError(
-                f"replicas: shard {name!r} is given twice ({given[name]!r}, {item!r}); expected one SHARD=... per shard"
-            )
+            raise UsageError(f"replicas: shard {name!r} is given twice ({given[name]!r}, {item!r}); expected one SHARD=... per shard")
         given[name] = str(item)
         if t is not None:
             t.shard(name)  # a clear error naming the shards there are
@@ -95,13 +91,9 @@ def as_requests(
     """Requests from ``{shard: count}`` or requests (the Python API takes either)."""
     out = {}
     for shard, v in (values or {}).items():
-        out[shard] = (
-            v if isinstance(v, ReplicaRequest) else ReplicaRequest(shard, int(v))
-        )
+        out[shard] = v if isinstance(v, ReplicaRequest) else ReplicaRequest(shard, int(v))
         if out[shard].count < 1:
-            raise UsageError(
-                f"shard {shard!r} needs at least 1 replica, received {out[shard].count}"
-            )
+            raise UsageError(f"shard {shard!r} needs at least 1 replica, received {out[shard].count}")
     return out
 
 
@@ -121,9 +113,7 @@ class ReplicaEstimate:
         return max(stages, key=lambda x: x[1])
 
 
-def estimate(
-    problem: Any, cluster: Cluster, hosts: Sequence[Sequence[str]]
-) -> ReplicaEstimate:
+def estimate(problem: Any, cluster: Cluster, hosts: Sequence[Sequence[str]]) -> ReplicaEstimate:
     """The cost model of the module's docstring; ``hosts[i]``: host names of shard ``i``'s replicas, replica 0 first."""
     compute = {h: 0.0 for h in cluster.names}
     share: list[dict[str, float]] = []
@@ -145,19 +135,10 @@ def estimate(
             dst[cluster.ingress] = dst.get(cluster.ingress, 0.0) + 1.0
         for a, pa in src.items():
             for b, pb in dst.items():
-                if (
-                    a != b
-                ):  # a tensor reaches a host once, whatever number of its shards consume it
-                    moved[(a, b)] = moved.get((a, b), 0.0) + f.nbytes * pa * min(
-                        1.0, pb
-                    )
-    links = {
-        (a, b): nbytes / cluster.link(a, b).bytes_per_s
-        for (a, b), nbytes in moved.items()
-    }
-    return ReplicaEstimate(
-        compute={h: s for h, s in compute.items() if s > 0}, links=links
-    )
+                if a != b:  # a tensor reaches a host once, whatever number of its shards consume it
+                    moved[(a, b)] = moved.get((a, b), 0.0) + f.nbytes * pa * min(1.0, pb)
+    links = {(a, b): nbytes / cluster.link(a, b).bytes_per_s for (a, b), nbytes in moved.items()}
+    return ReplicaEstimate(compute={h: s for h, s in compute.items() if s > 0}, links=links)
 
 
 def choose_hosts(
@@ -175,9 +156,7 @@ def choose_hosts(
     index = {n: i for i, n in enumerate(names)}
     for shard in requests:
         if shard not in index:
-            raise UsageError(
-                f"replicas: no shard named {shard!r}; the shards are {names}"
-            )
+            raise UsageError(f"replicas: no shard named {shard!r}; the shards are {names}")
     current = [[cluster.host(h).name] for h in shard_hosts]
     for shard, hs in (existing or {}).items():
         current[index[shard]] += [cluster.host(h).name for h in hs]
@@ -213,17 +192,57 @@ def choose_hosts(
     return {names[i]: tuple(hs[1:]) for i, hs in enumerate(current)}
 
 
-def existing_hosts(
-    topology: topo.Topology, cluster: Cluster
+#: a replica the planner proposes (``--propose-replicas``) must lower the estimated slowest stage by this share.
+PROPOSE_MIN_GAIN = 0.10
+
+
+def propose(
+    problem: Any,
+    cluster: Cluster,
+    shard_hosts: Sequence[str],
+    replica_hosts: Mapping[str, Sequence[str]],
+    *,
+    exclude: Iterable[str] = (),
+    min_gain: float = PROPOSE_MIN_GAIN,
 ) -> dict[str, tuple[str, ...]]:
+    """Replicas on hosts that would otherwise be left idle (no shard, no replica), while one clearly pays.
+
+    Each round tries one more replica of every shard (but those in ``exclude``, whose count the user gave) on every
+    idle host and keeps the one with the smallest estimated slowest stage, if that is at least ``min_gain`` below
+    the current one; it stops when no idle host is left or no replica pays. Returns the hosts of replicas 1.. of
+    every shard, the ones given included."""
+    names = list(problem.names)
+    current = [[cluster.host(h).name, *(cluster.host(x).name for x in replica_hosts.get(names[i], ()))] for i, h in enumerate(shard_hosts)]
+    skip = set(exclude)
+    while True:
+        used = {h for hs in current for h in hs}
+        idle = [h for h in cluster.names if h not in used]
+        if not idle:
+            break
+        now = estimate(problem, cluster, current).bottleneck[1]
+        best: tuple[float, int, str] | None = None
+        for i, name in enumerate(names):
+            if name in skip:
+                continue
+            for h in idle:
+                trial = [list(x) for x in current]
+                trial[i].append(h)
+                value = estimate(problem, cluster, trial).bottleneck[1]
+                if best is None or value < best[0] - 1e-15:
+                    best = (value, i, h)
+        if best is None or best[0] > now * (1.0 - min_gain) or best[0] >= now - 1e-15:
+            break  # nothing pays enough (and nothing at all that does not lower the slowest stage)
+        current[best[1]].append(best[2])
+    return {names[i]: tuple(hs[1:]) for i, hs in enumerate(current)}
+
+
+def existing_hosts(topology: topo.Topology, cluster: Cluster) -> dict[str, tuple[str, ...]]:
     """Host names of the replicas 1.. a topology already has, those whose address is a host of ``cluster``."""
     by_address = {h.address: h.name for h in cluster.hosts}
     out = {}
     for s in topology.shards:
         if s.extra_replicas:
-            out[s.name] = tuple(
-                by_address[r.host] for r in s.extra_replicas if r.host in by_address
-            )
+            out[s.name] = tuple(by_address[r.host] for r in s.extra_replicas if r.host in by_address)
     return out
 
 
@@ -232,27 +251,39 @@ def plan_replicas(
     cluster: Cluster,
     shard_hosts: Sequence[str],
     requests: Mapping[str, int | ReplicaRequest] | None,
-) -> dict[str, tuple[str, ...]]:
+    *,
+    propose_idle: bool = False,
+) -> tuple[dict[str, tuple[str, ...]], dict[str, list[str]]]:
     """The hosts of every replica 1.. of ``topology``'s shards once shard ``i`` sits on ``shard_hosts[i]``:
     ``requests`` applied to the replicas the topology has (a count for a shard whose replicas were not on this
-    cluster's hosts)."""
+    cluster's hosts); with ``propose_idle``, then :func:`propose` on the hosts left idle. Also returns what
+    :func:`propose` added (shard -> hosts)."""
     from pipeline.partition.placement import problem_from_topology, shard_seconds
 
     reqs = as_requests(requests)
     have = existing_hosts(topology, cluster)
-    for s in (
-        topology.shards
-    ):  # replicas placed elsewhere (a loopback topology): placed anew, as many
-        if (
-            s.extra_replicas
-            and s.name not in reqs
-            and len(have.get(s.name, ())) < len(s.extra_replicas)
-        ):
+    for s in topology.shards:  # replicas placed elsewhere (a loopback topology): placed anew, as many
+        if s.extra_replicas and s.name not in reqs and len(have.get(s.name, ())) < len(s.extra_replicas):
             reqs[s.name] = ReplicaRequest(s.name, len(s.replicas))
-    if not reqs and not have:
-        return {}
+    if not reqs and not have and not propose_idle:
+        return {}, {}
     problem = problem_from_topology(topology, shard_seconds(topology))
-    return choose_hosts(problem, cluster, shard_hosts, reqs, have)
+    chosen = choose_hosts(problem, cluster, shard_hosts, reqs, have)
+    if not propose_idle:
+        return chosen, {}
+    more = propose(problem, cluster, shard_hosts, chosen, exclude=reqs)
+    return more, {s: list(hs[len(chosen.get(s, ())) :]) for s, hs in more.items() if len(hs) > len(chosen.get(s, ()))}
+
+
+def note_proposed(topology: topo.Topology, proposed: Mapping[str, Sequence[str]]) -> topo.Topology:
+    """``topology`` with the replicas the planner proposed under ``plan.placement.proposed_replicas``."""
+    if not proposed:
+        return topology
+    extra = dict(topology.extra)
+    plan = dict(extra.get("plan") or {})
+    plan["placement"] = {**(plan.get("placement") or {}), "proposed_replicas": {s: list(hs) for s, hs in proposed.items()}}
+    extra["plan"] = plan
+    return topology.replace(extra=extra)
 
 
 # ------------------------------------------------------------------ presentation
@@ -263,14 +294,10 @@ def replica_table(topology: topo.Topology, cluster: Cluster) -> str:
     if not any(s.extra_replicas for s in topology.shards):
         return ""
     by_address = {h.address: h.name for h in cluster.hosts}
-    hosts = [
-        [by_address.get(r.host, r.host) for r in s.replicas] for s in topology.shards
-    ]
+    hosts = [[by_address.get(r.host, r.host) for r in s.replicas] for s in topology.shards]
     if any(h not in cluster.names for hs in hosts for h in hs):
         return "replicas: some replica is not on a host of the cluster; no estimate"
-    est = estimate(
-        problem_from_topology(topology, shard_seconds(topology)), cluster, hosts
-    )
+    est = estimate(problem_from_topology(topology, shard_seconds(topology)), cluster, hosts)
     lines = ["replicas (each shard's work spread evenly over its replicas)"]
     for s, hs in zip(topology.shards, hosts):
         if s.extra_replicas:
@@ -281,9 +308,10 @@ def replica_table(topology: topo.Topology, cluster: Cluster) -> str:
         lines.append(f"  link     {a + '->' + b:<26} {secs * 1e3:>9.3f} ms")
     name, secs = est.bottleneck
     rate = f"{1.0 / secs:.0f}" if secs > 0 else "inf"
-    lines.append(
-        f"bottleneck with replicas: {name} {secs * 1e3:.3f} ms/sample (at most {rate} samples/s)"
-    )
+    lines.append(f"bottleneck with replicas: {name} {secs * 1e3:.3f} ms/sample (at most {rate} samples/s)")
+    offered = ((topology.extra.get("plan") or {}).get("placement") or {}).get("proposed_replicas") or {}
+    if offered:
+        lines.append("proposed by the planner (--propose-replicas): " + "; ".join(f"{s} on {', '.join(hs)}" for s, hs in offered.items()))
     return "\n".join(lines)
 
 
@@ -296,5 +324,7 @@ __all__ = [
     "existing_hosts",
     "parse",
     "plan_replicas",
+    "note_proposed",
+    "propose",
     "replica_table",
 ]

@@ -64,11 +64,7 @@ def _data(ms: tuple[float, ...] = (1.0, 8.0, 1.0), width: int = 4) -> dict[str, 
             for i in range(3)
         ],
         "tensors": {"a": tensor, "b": tensor},
-        "plan": {
-            "shards": [
-                {"shard": f"shard{i}", "estimated_ms": x} for i, x in enumerate(ms)
-            ]
-        },
+        "plan": {"shards": [{"shard": f"shard{i}", "estimated_ms": x} for i, x in enumerate(ms)]},
     }
 
 
@@ -96,20 +92,14 @@ def _check_ports(t: topo.Topology) -> None:
     assert len(set(pairs)) == len(pairs), Counter(pairs).most_common(3)
     for s in t.shards:
         for r in s.replicas:
-            assert (
-                r.endpoint.startswith(f"tcp://{r.host}:")
-                and r.metrics.startswith(f"{r.host}:")
-                and r.bind.startswith("tcp://0.0.0.0:")
-            )
+            assert r.endpoint.startswith(f"tcp://{r.host}:") and r.metrics.startswith(f"{r.host}:") and r.bind.startswith("tcp://0.0.0.0:")
 
 
 def test_parse_counts_and_host_lists() -> None:
     c = _cluster()
     got = rp.parse(["shard1=3", "shard2=h2, 198.18.0.3", "shard0=h1,h1"], cluster=c)
     assert got["shard1"] == rp.ReplicaRequest("shard1", 3)
-    assert got["shard2"] == rp.ReplicaRequest(
-        "shard2", 3, ("h2", "h3")
-    )  # the shard's own, then one per host named
+    assert got["shard2"] == rp.ReplicaRequest("shard2", 3, ("h2", "h3"))  # the shard's own, then one per host named
     assert got["shard0"] == rp.ReplicaRequest("shard0", 3, ("h1", "h1"))
 
 
@@ -138,13 +128,9 @@ def test_bad_items_name_the_shard(item: str, message: str) -> None:
 
 
 def test_other_errors_name_the_shard(tmp_path: Path) -> None:
-    with pytest.raises(
-        UsageError, match=r"shard 'shard1': naming hosts \(\['h2'\]\) needs a cluster"
-    ):
+    with pytest.raises(UsageError, match=r"shard 'shard1': naming hosts \(\['h2'\]\) needs a cluster"):
         rp.parse(["shard1=h2"])
-    with pytest.raises(
-        UsageError, match=r"shard 'shard1' is given twice \('shard1=2', 'shard1=h3'\)"
-    ):
+    with pytest.raises(UsageError, match=r"shard 'shard1' is given twice \('shard1=2', 'shard1=h3'\)"):
         rp.parse(["shard1=2", "shard1=h3"], cluster=_cluster())
     with pytest.raises(UsageError, match=r"no shard named 'shard7'"):
         rp.parse(["shard7=2"], _topology(tmp_path), _cluster())
@@ -160,18 +146,14 @@ def test_the_bottleneck_replica_goes_to_the_idle_host_then_the_least_loaded() ->
     )
     two = rp.choose_hosts(p, c, own, rp.parse(["shard1=2"], cluster=c))
     assert two == {"shard0": (), "shard1": ("h3",), "shard2": ()}
-    assert rp.estimate(p, c, [["h1"], ["h2", "h3"], ["h1"]]).bottleneck[
-        1
-    ] == pytest.approx(4e-3)
+    assert rp.estimate(p, c, [["h1"], ["h2", "h3"], ["h1"]]).bottleneck[1] == pytest.approx(4e-3)
     # a third: h1 (2 + 8/3 ms) beats a second replica on h2 or h3 (8/3 + 8/3 ms)
     assert rp.choose_hosts(p, c, own, rp.parse(["shard1=3"], cluster=c))["shard1"] == (
         "h3",
         "h1",
     )
     # named hosts are taken as they are, the same host twice included
-    assert rp.choose_hosts(p, c, own, rp.parse(["shard1=h2,h2"], cluster=c))[
-        "shard1"
-    ] == ("h2", "h2")
+    assert rp.choose_hosts(p, c, own, rp.parse(["shard1=h2,h2"], cluster=c))["shard1"] == ("h2", "h2")
 
 
 def test_a_slow_link_keeps_a_replica_off_a_host_by_the_cost_model() -> None:
@@ -183,20 +165,12 @@ def test_a_slow_link_keeps_a_replica_off_a_host_by_the_cost_model() -> None:
         ]
     )
     p = _problem(t)
-    got = rp.choose_hosts(
-        p, slow, ["h1", "h2", "h1"], rp.parse(["shard1=2"], cluster=slow)
-    )
-    assert got["shard1"] == (
-        "h1",
-    )  # h3 would make its link the bottleneck (200 KB at 10 Mbit: 160 ms)
-    assert rp.choose_hosts(
-        p, _cluster(), ["h1", "h2", "h1"], rp.parse(["shard1=2"], cluster=slow)
-    )["shard1"] == ("h3",)
+    got = rp.choose_hosts(p, slow, ["h1", "h2", "h1"], rp.parse(["shard1=2"], cluster=slow))
+    assert got["shard1"] == ("h1",)  # h3 would make its link the bottleneck (200 KB at 10 Mbit: 160 ms)
+    assert rp.choose_hosts(p, _cluster(), ["h1", "h2", "h1"], rp.parse(["shard1=2"], cluster=slow))["shard1"] == ("h3",)
 
 
-def test_place_with_replicas_on_other_hosts_ports_unique_per_host(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_place_with_replicas_on_other_hosts_ports_unique_per_host(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     t = _topology(tmp_path)
     for s in t.shards:
         (tmp_path / s.file).write_bytes(b"")
@@ -222,22 +196,14 @@ def test_place_with_replicas_on_other_hosts_ports_unique_per_host(
     assert all("shard1" not in p.shards for p in placed.processes)
     assert colocation.process_of(placed, "shard1").shards == ("shard1",)
     out = capsys.readouterr().out
-    assert (
-        "replicas (each shard's work spread evenly over its replicas)" in out
-        and "shard1     2 replicas on" in out
-    )
+    assert "replicas (each shard's work spread evenly over its replicas)" in out and "shard1     2 replicas on" in out
     from pipeline.procfile import lines
 
     on_replica_host = lines(placed, "DIR", host=names["shard1@1"])
-    assert (
-        "shard1_r1: exec pipeline worker DIR --shard shard1 --replica 1"
-        in on_replica_host
-    )
+    assert "shard1_r1: exec pipeline worker DIR --shard shard1 --replica 1" in on_replica_host
     assert not any(x.startswith("shard1_r0:") for x in on_replica_host)
     every = lines(placed, "DIR")
-    assert sorted(every) == sorted(
-        x for h in sorted(set(names.values())) for x in lines(placed, "DIR", host=h)
-    )
+    assert sorted(every) == sorted(x for h in sorted(set(names.values())) for x in lines(placed, "DIR", host=h))
 
     # named hosts; placing again keeps the replicas' hosts and re-ports them
     assert place("--replicas", "shard1=h3,h3") == 0
@@ -283,9 +249,7 @@ def test_replicas_of_a_placed_topology_follow_its_hosts(tmp_path: Path) -> None:
     first = out.shard("shard1").replicas[1]
     assert cli.main(["replicas", str(tmp_path), "shard1=h3,h1", "shard0=h2"]) == 0
     out = topo.load(tmp_path, check_files=False)
-    assert (
-        out.shard("shard1").replicas[1] == first
-    )  # an existing replica on a host named stays as it is
+    assert out.shard("shard1").replicas[1] == first  # an existing replica on a host named stays as it is
     assert [r.host for r in out.shard("shard1").replicas] == [
         ADDRESS["h2"],
         ADDRESS["h3"],
@@ -318,8 +282,39 @@ def test_a_loopback_topology_with_replicas_is_placed_with_them(tmp_path: Path) -
     placed = placement.place_topology(t, _cluster())
     _check_ports(placed)
     hosts = [r.host for r in placed.shard("shard1").replicas]
-    assert (
-        len(hosts) == 2
-        and hosts[0] != hosts[1]
-        and all(h in ADDRESS.values() for h in hosts)
+    assert len(hosts) == 2 and hosts[0] != hosts[1] and all(h in ADDRESS.values() for h in hosts)
+
+
+def test_the_planner_proposes_replicas_only_on_idle_hosts_and_only_when_they_clearly_pay(tmp_path: Path) -> None:
+    t = _topology(Path("."))
+    p, c = _problem(t), _cluster()
+    own = ["h1", "h2", "h1"]  # h3 idle; shard1 (8 ms on h2) the bottleneck
+    none = {"shard0": (), "shard1": (), "shard2": ()}
+    assert rp.propose(p, c, own, none) == {"shard0": (), "shard1": ("h3",), "shard2": ()}  # 8 ms -> 4 ms
+    # shard1's count was given: a replica of another shard would not move the bottleneck (h2), even with no margin
+    assert rp.propose(p, c, own, none, exclude=["shard1"]) == none
+    assert rp.propose(p, c, own, none, exclude=["shard1"], min_gain=0.0) == none
+    # the margin: with shard1 at 2.4 ms, h1 (2 ms) the next stage, a replica on h3 gains 2.4 -> 2.0 ms (17 %), not 20 %
+    close = _problem(_topology(Path("."), _data(ms=(1.0, 2.4, 1.0))))
+    assert rp.propose(close, c, own, none)["shard1"] == ("h3",)
+    assert rp.propose(close, c, own, none, min_gain=0.2) == none
+    assert rp.propose(p, c, ["h1", "h2", "h3"], none) == none  # no host is idle
+    slow = _cluster([{"between": ["h1", "h3"], "bandwidth": "10Mbit"}, {"between": ["h2", "h3"], "bandwidth": "10Mbit"}])
+    wide = _problem(_topology(Path("."), _data(width=100_000)))
+    assert rp.propose(wide, slow, own, none) == none  # h3's links would be the new bottleneck
+    # through place_topology on four hosts (the planner uses three, one per shard): recorded, and shown
+    four = cluster_from_dict(
+        {
+            "version": 1,
+            "hosts": [{"name": f"h{i}", "address": f"198.18.0.{i}"} for i in range(1, 5)],
+            "ingress": "h1",
+            "links": {"default": {"bandwidth": "10Gbit"}},
+        }
     )
+    placed = placement.place_topology(_topology(tmp_path, _data(ms=(1.0, 8.0, 1.0))), four, propose_replicas=True)
+    offered = placed.extra["plan"]["placement"]["proposed_replicas"]
+    assert list(offered) == ["shard1"] and len(offered["shard1"]) == 1
+    assert len(placed.shard("shard1").replicas) == 2
+    _check_ports(placed)
+    assert "proposed by the planner (--propose-replicas): shard1 on h4" in rp.replica_table(placed, four)
+    assert not placement.place_topology(_topology(tmp_path), four).shard("shard1").extra_replicas  # off unless asked
