@@ -360,7 +360,8 @@ def cluster_of(topology: Any) -> Cluster | None:
 
 
 def host_names(topology: Any, cluster: Cluster | None = None) -> dict[str, str]:
-    """Process name -> host name, from each process's address (the address itself where no host has it)."""
+    """Process name -> host name, from each process's address (the address itself where no host has it); a
+    replicated shard's name maps to its first replica's host, and each replica's name (``shard2@1``) to its own."""
     from pipeline.topology import INGRESS
 
     cluster = cluster if cluster is not None else cluster_of(topology)
@@ -368,6 +369,9 @@ def host_names(topology: Any, cluster: Cluster | None = None) -> dict[str, str]:
     names = {INGRESS: by_address.get(topology.ingress.host, topology.ingress.host)}
     for s in topology.shards:
         names[s.name] = by_address.get(s.host, s.host)
+        if s.extra_replicas:  # every replica's process (shard2@1), each on its own host
+            for k, r in enumerate(s.replicas):
+                names[f"{s.name}@{k}"] = by_address.get(r.host, r.host)
     return names
 
 

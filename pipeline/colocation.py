@@ -120,7 +120,7 @@ def is_inproc(endpoint: str) -> bool:
 
 # ------------------------------------------------------------------ making groups
 def by_host(t: topo.Topology, name: Callable[[str, int], str] | None = None) -> tuple[topo.ProcessSpec, ...]:
-    """One process per host holding every shard placed there, in shard order.
+    """One process per host holding every shard placed there, in shard order (a shard with replicas runs alone).
 
     ``name(host, hosts)`` names the process of a host (default: ``workers`` when
     there is one host, ``workers-<host>`` otherwise); the cluster planner can pass
@@ -128,7 +128,8 @@ def by_host(t: topo.Topology, name: Callable[[str, int], str] | None = None) -> 
     """
     hosts: dict[str, list[str]] = {}
     for s in t.shards:
-        hosts.setdefault(s.host, []).append(s.name)
+        if not s.extra_replicas:  # a replicated shard runs in processes of its own, one per replica
+            hosts.setdefault(s.host, []).append(s.name)
 
     def default(host: str, count: int) -> str:
         return DEFAULT_GROUP if count == 1 else f"{DEFAULT_GROUP}-{re.sub(r'[^A-Za-z0-9_.-]', '_', host)}"

@@ -202,38 +202,53 @@ def parse_counts(items: Iterable[str], t: topo.Topology | None = None) -> dict[s
 
 
 def with_replicas(
-    t: topo.Topology, counts: Mapping[str, int], *, ports: Callable[[int, str], list[int]] | None = None
+    t: topo.Topology,
+    counts: Mapping[str, int],
+    *,
+    ports: Callable[[int, str], list[int]] | None = None,
+    hosts: Mapping[str, Sequence[str]] | None = None,
 ) -> topo.Topology:
-    """Set the replica count of shards; a new replica gets fresh ports on its shard's host (endpoint and metrics),
-    a smaller count keeps the first replicas."""
+    """Set the replica count of shards; a new replica gets fresh ports (endpoint and metrics) on its shard's host,
+    or on ``hosts[shard][k - 1]`` for replica ``k`` (an address); a smaller count keeps the first replicas, and
+    so does a host list for the replicas already on the hosts it names. A shard that gets replicas leaves a
+    ``processes:`` group it shared (each replica is a process of its own)."""
     if ports is None:
         ports = _ports_for(t)
     shards = []
     for s in t.shards:
         n = counts.get(s.name)
-        if n is None or n == len(s.replicas):
+        where = list((hosts or {}).get(s.name, ()))
+        if n is None or (n == len(s.replicas) and not where):
             shards.append(s)
             continue
         if n < 1:
             raise UsageError(f"shard {s.name!r} needs at least 1 replica, received {n}")
-        kept = list(s.extra_replicas[: n - 1])
-        missing = n - 1 - len(kept)
-        if missing:
-            host = s.host
-            fresh = iter(ports(2 * missing, host))
-            for _ in range(missing):
-                endpoint = f"tcp://{host}:{next(fresh)}"
-                metrics_port = next(fresh)
-                kept.append(
-                    topo.ReplicaSpec(
-                        endpoint=endpoint,
-                        bind=topo.bind_address(endpoint),
-                        host=host,
-                        metrics=f"{host}:{metrics_port}" if s.metrics else "",
-                    )
+        if where and len(where) != n - 1:
+            raise UsageError(f"shard {s.name!r}: {n} replicas need {n - 1} hosts besides the shard's own, received {where}")
+        where = where or [s.host] * (n - 1)
+        kept: list[topo.ReplicaSpec] = []
+        for k, host in enumerate(where):
+            if k < len(s.extra_replicas) and s.extra_replicas[k].host == host:
+                kept.append(s.extra_replicas[k])
+                continue
+            port, metrics_port = ports(2, host)
+            endpoint = f"tcp://{host}:{port}"
+            kept.append(
+                topo.ReplicaSpec(
+                    endpoint=endpoint,
+                    bind=topo.bind_address(endpoint),
+                    host=host,
+                    metrics=f"{host}:{metrics_port}" if s.metrics else "",
                 )
+            )
         shards.append(dataclasses.replace(s, extra_replicas=tuple(kept)))
-    out = t.replace(shards=tuple(shards))
+    alone = {s.name for s in shards if s.extra_replicas}
+    processes = tuple(
+        dataclasses.replace(p, shards=tuple(x for x in p.shards if x not in alone))
+        for p in t.processes
+        if any(x not in alone for x in p.shards)
+    )
+    out = t.replace(shards=tuple(shards), processes=processes)
     validate(out, str(t.directory / topo.TOPOLOGY_FILE))
     return out
 
@@ -316,13 +331,33 @@ class Router:
 # ------------------------------------------------------------------- command
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path, metavar="DIR", help="a topology directory")
-    p.add_argument("counts", nargs="+", metavar="SHARD=N", help="the number of replicas of a shard, e.g. shard2=3")
+    p.add_argument(
+        "counts",
+        nargs="+",
+        metavar="SHARD=N|SHARD=HOST,...",
+        help="the number of replicas of a shard, e.g. shard2=3; on a topology placed on a cluster, also the hosts "
+        "of the replicas added to the shard's own, e.g. shard2=h2,h3",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """``pipeline replicas DIR shard2=3``: set replica counts in an existing topology (new replicas get free ports)."""
+    """``pipeline replicas DIR shard2=3``: set replica counts in an existing topology (new replicas get free ports;
+    on a placed topology, on the hosts :mod:`pipeline.partition.replica_placement` chooses or the item names)."""
+    from pipeline.cluster import cluster_of
+    from pipeline.partition import replica_placement
+
     t = topo.load(args.directory, check_files=False)
-    out = with_replicas(t, parse_counts(args.counts, t))
+    cluster = cluster_of(t)
+    requests = replica_placement.parse(args.counts, t, cluster)
+    counts = {shard: r.count for shard, r in requests.items()}
+    addresses = {h.address for h in cluster.hosts} if cluster is not None else set()
+    if cluster is not None and all(s.host in addresses for s in t.shards):
+        # a placed topology: the new replicas' hosts are chosen (or named) as `pipeline place --replicas` does
+        own = [cluster.host(s.host).name for s in t.shards]
+        chosen, _ = replica_placement.plan_replicas(t, cluster, own, requests)
+        out = with_replicas(t, counts, hosts={s: [cluster.host(h).address for h in chosen[s]] for s in requests})
+    else:
+        out = with_replicas(t, counts)
     out.write(args.directory)
     for name, (shard, k) in replica_processes(out).items():
         if len(out.shard(shard).replicas) > 1:

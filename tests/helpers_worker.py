@@ -21,6 +21,7 @@ import zmq
 
 from pipeline import process
 from pipeline.pb import envelope_pb2 as pb
+from pipeline.topology import Batching, IngressSpec, ShardOutput, ShardSpec, TensorSpec, Topology
 from pipeline.wire import codec
 
 #: a worker's cold start imports TensorFlow; on a busy 2-core machine several at once take a while.
@@ -69,14 +70,10 @@ def stop_workers(workers: Sequence[WorkerProcess], timeout_s: float = 5.0) -> di
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
+    """``predicate()`` once it is true; fails the test naming ``what`` after ``timeout_s`` (the soak tests' wait)."""
+    from soak.helpers_soak import wait_for
+
+    return wait_for(predicate, timeout_s, what, interval_s=interval_s)
 
 
 @dataclass
@@ -227,3 +224,61 @@ def send_part(
 def budget_of(seconds: float) -> int:
     """The ``budget_ns`` of a request with ``seconds`` left."""
     return int(seconds * 1e9)
+
+
+# ------------------------------------------------------------------ hand-built topologies
+#: the batching of the small test shards: up to 8 rows, gathered for at most 1 ms.
+SMALL_BATCHES = Batching(max_batch=8, max_delay_ms=1.0)
+
+
+def ipc_shard(
+    name: str, inputs: Sequence[str], outputs: Mapping[str, Sequence[str]], endpoint: str, *, batching: Batching | None = None, file: str = ""
+) -> ShardSpec:
+    """A shard of a hand-built topology bound and reached at ``endpoint`` (an ipc path), ``outputs`` tensor -> consumers."""
+    return ShardSpec(
+        name=name,
+        file=file or f"{name}.keras",
+        inputs=tuple(inputs),
+        outputs=tuple(ShardOutput(o, tuple(c)) for o, c in outputs.items()),
+        endpoint=endpoint,
+        host="127.0.0.1",
+        bind=endpoint,
+        batching=batching or Batching(),
+    )
+
+
+def played_topology(
+    name: str,
+    directory: Path,
+    *,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    tensors: Mapping[str, TensorSpec],
+    shards: Sequence[ShardSpec],
+    results: str,
+    heartbeat_s: float,
+) -> Topology:
+    """A hand-built topology whose ingress the test plays (a :class:`FakeIngress` on ``results``), written to ``directory``."""
+    topology = Topology(
+        name=name,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        tensors=dict(tensors),
+        shards=tuple(shards),
+        ingress=IngressSpec(grpc="127.0.0.1:0", results=results, host="127.0.0.1", bind=results),
+        directory=directory,
+        heartbeat_interval_s=heartbeat_s,
+    )
+    topology.write(directory)
+    return topology
+
+
+def wait_workers_ready(ingress: FakeIngress, names: Sequence[str], alive: Callable[[str], Any]) -> None:
+    """Until every worker in ``names`` has sent ``ingress`` a ready heartbeat; ``alive(name)`` fails the test if one exited."""
+    for name in names:
+        wait_until(
+            lambda: alive(name) or (ingress.latest(name) or pb.Heartbeat()).ready,
+            WORKER_START_TIMEOUT_S,
+            f"worker {name} to report ready",
+            interval_s=0.1,
+        )

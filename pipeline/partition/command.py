@@ -12,6 +12,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--replicas",
         action="append",
         default=[],
-        metavar="SHARD=N",
-        help="serve SHARD with N replica processes, each with its own endpoint and metrics address (repeatable; "
-        "see pipeline/replicas.py)",
+        metavar="SHARD=N|SHARD=HOST,...",
+        help="serve SHARD with N replica processes, each with its own endpoint and metrics address; with --cluster, "
+        "SHARD=HOST,... puts one more replica on each HOST named, and the planner chooses the hosts of a count "
+        "(repeatable; see docs/REPLICAS.md)",
+    )
+    p.add_argument(
+        "--propose-replicas",
+        action="store_true",
+        help="with --cluster: let the planner add replicas of the slowest shards on hosts it would leave idle, "
+        "when its cost model says each lowers the slowest stage by at least 10%% (off by default)",
     )
     p.add_argument("--no-verify", action="store_true", help="skip the exactness check at the end")
     p.add_argument("--list-ops", action="store_true", help="print every operation (the names --cut takes) and exit")
@@ -126,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("expected --shards K, at least one --cut NAME, or --cluster FILE (or --list-ops); received none of them")
     if args.cluster is not None and args.host is not None:
         raise UsageError(f"--host {args.host} with --cluster: the cluster file says where each process goes; pass one or the other")
+    if getattr(args, "propose_replicas", False) and args.cluster is None:
+        raise UsageError("--propose-replicas needs --cluster FILE: replicas are proposed for hosts the plan leaves idle")
     if args.objective is not None and args.cluster is None:
         raise UsageError(f"--objective {args.objective} needs --cluster FILE: without hosts and links there is only the compute to balance")
     cluster = None
@@ -139,11 +149,10 @@ def run(args: argparse.Namespace) -> int:
     if args.shards is not None and args.shards < 1:
         raise UsageError(f"--shards must be at least 1, received {args.shards}")
     from pipeline.custom_objects import check_module_names, import_modules
+    from pipeline.partition import replica_placement
     from pipeline.partition.source import load_source
 
-    from pipeline import replicas
-
-    replica_counts = replicas.parse_counts(getattr(args, "replicas", None) or [])
+    replica_counts = replica_placement.parse(getattr(args, "replicas", None) or [], cluster=cluster)
     imports = check_module_names(args.imports)
     shapes = parse_input_shapes(args.input_shape)
     single_shape = shapes.pop("", None)
@@ -179,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         cluster=cluster,
         objective=args.objective or "throughput",
         replicas=replica_counts,
+        propose_replicas=getattr(args, "propose_replicas", False),
     )
     print(result.table)
     if result.warning:
@@ -222,13 +232,17 @@ def partition(
     imports: tuple[str, ...] = (),
     cluster: Cluster | None = None,
     objective: str = "throughput",
-    replicas: dict[str, int] | None = None,
+    replicas: Mapping[str, Any] | None = None,
+    propose_replicas: bool = False,
 ) -> PartitionResult:
     """Split ``model`` and write the topology directory ``out``; return the topology and the plan table.
 
     With ``cluster``, the cuts and the host of every shard are chosen together
     (:mod:`pipeline.partition.placement`; ``shards=None`` lets the planner choose how many), and every
     process gets its host's address, ports unique per host; ``host`` is then ignored.
+    ``replicas``: shard -> replica count, or a :class:`~pipeline.partition.replica_placement.ReplicaRequest`
+    (hosts named: with ``cluster`` only); with ``cluster`` the replicas' hosts are chosen with the shards', and
+    ``propose_replicas`` lets the planner add replicas on hosts it would leave idle when they clearly pay.
     """
     from pipeline.partition import cost, planner
     from pipeline.partition.build import build_shard_model, split
@@ -343,22 +357,35 @@ def partition(
                 },
             },
         )
+        from pipeline.partition import replica_placement
+
+        requests = replica_placement.as_requests(replicas)
+        for shard in requests:
+            topology.shard(shard)  # a clear error naming the shards there are
         if cluster is not None and placed is not None:
             from pipeline.partition import placement
 
-            topology = placement.assign_hosts(topology, cluster, placed.hosts, base_port=base_port, grpc_address=grpc_address)
-            topology = placement.record_placement(topology, placed, cluster)
+            replica_hosts, proposed = replica_placement.plan_replicas(
+                topology, cluster, placed.hosts, requests, propose_idle=propose_replicas
+            )
+            topology = placement.assign_hosts(
+                topology, cluster, placed.hosts, base_port=base_port, grpc_address=grpc_address, replica_hosts=replica_hosts
+            )
+            topology = replica_placement.note_proposed(placement.record_placement(topology, placed, cluster), proposed)
+        elif requests:  # new replicas get free ports on their shard's host (pipeline.replicas)
+            from pipeline import replicas as replicas_module
+
+            topology = replicas_module.with_replicas(topology, {s: r.count for s, r in requests.items()})
         if colocate or (colocate is None and cluster is not None):  # with a cluster file: one process per host by default
             from pipeline import colocation
             from pipeline.cluster import worker_process_namer
 
+            # a replicated shard stays in processes of its own (one per replica)
             topology = colocation.colocate(topology, name=worker_process_namer(cluster) if cluster is not None else None)
-        if replicas:  # new replicas get free ports on their shard's host (pipeline.replicas)
+        if any(s.extra_replicas for s in topology.shards):
             from pipeline import replicas as replicas_module
 
-            for shard in replicas:
-                topology.shard(shard)  # a clear error naming the shards there are
-            topology = replicas_module.with_replicas(topology, replicas)
+            replicas_module.validate(topology, str(out / "topology.yaml"))
         topology.write(tmp)
         if verify:
             from pipeline.partition.verify import verify_directory
@@ -392,6 +419,10 @@ def partition(
             objective=objective,
             first_last=[(graph.ops[p.ops[0]].name, graph.ops[p.ops[-1]].name) for p in plans],
         )
+        from pipeline.partition.replica_placement import replica_table
+
+        replicas_text = replica_table(topology, cluster)
+        table += "\n\n" + replicas_text if replicas_text else ""
     return PartitionResult(topology=topology, table=table, seconds=time.perf_counter() - start, warning=warning)
 
 

@@ -846,11 +846,16 @@ def assign_hosts(
     *,
     base_port: int | None = None,
     grpc_address: str | None = None,
+    replica_hosts: Mapping[str, Sequence[str]] | None = None,
 ) -> Any:
     """``topology`` with shard ``i`` on host ``hosts[i]`` (a name or address) and the ingress on the cluster's
     ingress host: endpoints, bind and metrics addresses and the gRPC address rewritten, ports unique per host
-    (consecutive from ``base_port``, default :data:`CLUSTER_BASE_PORT`), and the cluster recorded."""
-    from pipeline.topology import bind_address
+    (consecutive from ``base_port``, default :data:`CLUSTER_BASE_PORT`), and the cluster recorded.
+
+    ``replica_hosts``: shard -> the hosts of its replicas 1.. (names or addresses; see
+    :mod:`pipeline.partition.replica_placement`), given ports after the shards'; a shard not named keeps its
+    number of replicas, on its new host."""
+    from pipeline.topology import ReplicaSpec, bind_address
 
     if len(hosts) != len(topology.shards):
         raise UsageError(f"expected one host per shard ({len(topology.shards)}), received {len(hosts)}: {list(hosts)}")
@@ -893,6 +898,17 @@ def assign_hosts(
                 spec, endpoint=endpoint, host=h.address, bind=bind_address(endpoint), metrics=f"{h.address}:{port(h.address)}"
             )
         )
+    wanted = dict(replica_hosts or {})
+    unknown = sorted(set(wanted) - {s.name for s in shards})
+    if unknown:
+        raise UsageError(f"replicas of {unknown}: no such shard; the shards are {[s.name for s in shards]}")
+    for i, spec in enumerate(shards):
+        extra = []
+        for host in wanted.get(spec.name, [spec.host] * len(spec.extra_replicas)):
+            h = cluster.host(host)
+            endpoint = f"tcp://{h.address}:{port(h.address)}"
+            extra.append(ReplicaSpec(endpoint, bind_address(endpoint), h.address, f"{h.address}:{port(h.address)}"))
+        shards[i] = dataclasses.replace(spec, extra_replicas=tuple(extra))
     from pipeline.cluster import TOPOLOGY_KEY
 
     extra = dict(topology.extra)
@@ -961,15 +977,25 @@ def place_topology(
     slack: float = DEFAULT_SLACK,
     base_port: int | None = None,
     grpc_address: str | None = None,
+    replicas: Mapping[str, Any] | None = None,
+    propose_replicas: bool = False,
 ) -> Any:
     """Place an existing topology's shards on ``cluster`` without re-cutting them: the host of every shard
     chosen by :func:`plan` over the fixed shards; endpoints rewritten (:func:`assign_hosts`); the plan's
-    estimate recorded under ``plan.placement``. Returns the new :class:`~pipeline.topology.Topology`
+    estimate recorded under ``plan.placement``. ``replicas`` (shard -> count or
+    :class:`~pipeline.partition.replica_placement.ReplicaRequest`) sets replica counts or hosts; the
+    replicas a topology has are placed too; ``propose_replicas`` lets the planner add replicas on hosts
+    it would leave idle when its cost model says they clearly pay. Returns the new :class:`~pipeline.topology.Topology`
     (not written: call ``.write()``)."""
+    from pipeline.partition.replica_placement import note_proposed, plan_replicas
+
     problem = problem_from_topology(topology, shard_seconds(topology))
     chosen = plan(problem, cluster, objective=objective, slack=slack)
-    placed = assign_hosts(topology, cluster, chosen.hosts, base_port=base_port, grpc_address=grpc_address)
-    return record_placement(placed, chosen, cluster)
+    replica_hosts, proposed = plan_replicas(topology, cluster, chosen.hosts, replicas, propose_idle=propose_replicas)
+    placed = assign_hosts(
+        topology, cluster, chosen.hosts, base_port=base_port, grpc_address=grpc_address, replica_hosts=replica_hosts
+    )
+    return note_proposed(record_placement(placed, chosen, cluster), proposed)
 
 
 def record_placement(topology: Any, chosen: Placement, cluster: Cluster) -> Any:

@@ -58,7 +58,9 @@ def placement_text(topology: Topology) -> str:
     objective = (plan.get("placement") or {}).get("objective")
     rows = {r.get("shard"): r for r in plan.get("shards") or [] if isinstance(r, dict)}
     spans = [(str(rows[s.name].get("first", "")), str(rows[s.name].get("last", ""))) if s.name in rows else ("", "") for s in topology.shards]
-    return "\n\n" + placement_table(
+    from pipeline.partition.replica_placement import replica_table
+
+    text = "\n\n" + placement_table(
         estimate,
         shard_names=[s.name for s in topology.shards],
         hosts=hosts,
@@ -66,6 +68,8 @@ def placement_text(topology: Topology) -> str:
         objective=objective,
         first_last=spans,
     )
+    replicas = replica_table(topology, cluster)  # the table above counts each shard's first replica only
+    return text + ("\n\n" + replicas if replicas else "")
 
 
 def weights_lines(weights: Any) -> str:

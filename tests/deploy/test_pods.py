@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from netns_lab import NetnsLab, skip_unless_possible  # noqa: E402
-from pods import BASE_ENV, PodRunner, image_files  # noqa: E402
+from pods import BASE_ENV, Pod, PodRunner, image_files  # noqa: E402
 
 from pipeline import topology as topo  # noqa: E402
 from pipeline.deploy import checks, containerfile, kubernetes  # noqa: E402
@@ -168,10 +168,7 @@ def test_the_manifests_run_and_answer_like_the_whole_model(context: Path, refere
     try:
         target = start_pipeline(runner)
         assert target == "residual-ingress.default.svc.cluster.local:8001"
-        np.savez(tmp_path / "inputs.npz", image=x)
-        result = answers(run_client(lab, tmp_path, "first", target, tmp_path / "inputs.npz", "--count", str(3 * ROWS)), tmp_path)
-        assert list(result["codes"]) == ["OK"] * 3 * ROWS
-        assert check_bitwise(result, y) == 3 * ROWS
+        first_answers(lab, tmp_path, target, x, y, 3 * ROWS)
         rss = {p: pod_rss(pod.proc.pid) for p, pod in runner.pods.items() if pod.proc}  # type: ignore[union-attr]
         print(f"resident memory of the warm pods (MiB): {rss}")
     finally:
@@ -201,28 +198,19 @@ def test_curve_and_a_pod_killed_and_restarted(context: Path, reference: Any, lab
             assert held == [f"{process}.key_secret"], (process, held)
             assert (pod.root / ".volumes" / "curve-key" / held[0]).stat().st_mode & 0o777 == 0o600
         target = start_pipeline(runner)
-        np.savez(tmp_path / "inputs.npz", image=x)
-        result = answers(run_client(lab, tmp_path, "first", target, tmp_path / "inputs.npz", "--count", str(2 * ROWS)), tmp_path)
-        assert check_bitwise(result, y) == 2 * ROWS
+        first_answers(lab, tmp_path, target, x, y, 2 * ROWS)
 
         # under load: kill shard0's process, start it again from its manifest
-        stop = tmp_path / "stop"
-        client = run_client(lab, tmp_path, "load", target, tmp_path / "inputs.npz", "--until", str(stop))
-        log = tmp_path / "load.log"
-        wait_ok(log, 20)
-        before = ok_count(log)
+        load = Load.start(lab, tmp_path, target)
+        before = load.ok()
         code = runner.kill("shard0", signal.SIGKILL)
         assert code == -signal.SIGKILL
         time.sleep(2.0)  # the pipeline is without shard0 for a while: requests fail, none is wrong
         runner.start("shard0")
         runner.wait_ready("shard0", READY_TIMEOUT_S)
-        restarted = ok_count(log)
-        wait_ok(log, restarted + 40)
-        stop.touch()
-        result = answers(client, tmp_path)
-        codes = list(result["codes"])
-        ok = check_bitwise(result, y)
-        errors = sorted({c for c in codes if c != "OK"})
+        load.wait_more(40)
+        result, codes, ok, by_code = load.finish(y)
+        errors = sorted(by_code)
         last_error = max((i for i, c in enumerate(codes) if c != "OK"), default=-1)
         print(f"kill and restart: {len(codes)} requests, {ok} correct, {len(codes) - ok} errors {errors}, "
               f"{len(codes) - 1 - last_error} correct in a row at the end; ok before the kill {before}")  # fmt: skip
@@ -250,6 +238,55 @@ def wait_ok(log: Path, n: int, timeout_s: float = CLIENT_TIMEOUT_S) -> None:
         time.sleep(0.2)
 
 
+def first_answers(lab: NetnsLab, tmp: Path, target: str, x: np.ndarray, y: np.ndarray, count: int) -> None:
+    """``count`` requests of the rows of ``x`` (saved as ``tmp/inputs.npz``), one at a time: every one OK and bitwise
+    the whole model's answer ``y``."""
+    np.savez(tmp / "inputs.npz", image=x)
+    result = answers(run_client(lab, tmp, "first", target, tmp / "inputs.npz", "--count", str(count)), tmp)
+    assert list(result["codes"]) == ["OK"] * count
+    assert check_bitwise(result, y) == count
+
+
+class Load:
+    """The load client (``tmp/load.log``, ``tmp/load.npz``) sending ``tmp/inputs.npz`` until told to stop, around a fault."""
+
+    def __init__(self, client: subprocess.Popen[bytes], tmp: Path) -> None:
+        self.client, self.tmp = client, tmp
+        self.log, self.stop = tmp / "load.log", tmp / "stop"
+
+    @classmethod
+    def start(cls, lab: NetnsLab, tmp: Path, target: str, x: np.ndarray | None = None) -> Load:
+        """Start it (on the rows of ``x``, or the inputs saved already) and wait for its first 20 correct answers."""
+        if x is not None:
+            np.savez(tmp / "inputs.npz", image=x)
+        load = cls(run_client(lab, tmp, "load", target, tmp / "inputs.npz", "--until", str(tmp / "stop")), tmp)
+        wait_ok(load.log, 20)
+        return load
+
+    def ok(self) -> int:
+        return ok_count(self.log)
+
+    def wait_more(self, n: int) -> None:
+        """Until ``n`` more correct answers than now."""
+        wait_ok(self.log, self.ok() + n)
+
+    def finish(self, y: np.ndarray) -> tuple[dict[str, Any], list[str], int, dict[str, int]]:
+        """Stop it; its answers, every request's code, how many were OK (each bitwise right), the count of each error."""
+        self.stop.touch()
+        result = answers(self.client, self.tmp)
+        codes = list(result["codes"])
+        ok = check_bitwise(result, y)
+        return result, codes, ok, {c: codes.count(c) for c in sorted(set(codes)) if c != "OK"}
+
+
+def terminate(runner: PodRunner, pod: Pod) -> float:
+    """Terminate ``pod`` as a kubelet does; it must exit 0 within its grace period. Returns how long it drained."""
+    code, drain_s = runner.terminate(pod)
+    assert code == 0, pod.tail()
+    assert drain_s < pod.spec["terminationGracePeriodSeconds"]
+    return drain_s
+
+
 def pod_rss(pid: int) -> float:
     """Resident memory of a pod's pipeline process (the child of `ip netns exec`), MiB."""
     import psutil
@@ -272,27 +309,16 @@ def test_a_rolling_update_of_a_shard(context: Path, reference: Any, lab: NetnsLa
     runner = run_pods(kubernetes.manifests(t, OPTIONS), context, lab, tmp_path)
     try:
         target = start_pipeline(runner)
-        np.savez(tmp_path / "inputs.npz", image=x)
-        stop = tmp_path / "stop"
-        client = run_client(lab, tmp_path, "load", target, tmp_path / "inputs.npz", "--until", str(stop))
-        log = tmp_path / "load.log"
-        wait_ok(log, 20)
+        load = Load.start(lab, tmp_path, target, x)
         new = runner.replica("shard0", "b")
         runner.start("shard0", new)
         runner.wait_ready("shard0", READY_TIMEOUT_S, pod=new)
-        wait_ok(log, ok_count(log) + 40)  # both pods up, heartbeating, for a while: the surge window
+        load.wait_more(40)  # both pods up, heartbeating, for a while: the surge window
         runner.retarget("shard0", new)  # the old pod leaves the Service's endpoints as it terminates
-        old = runner.pods["shard0"]
-        code, drain_s = runner.terminate(old)
-        assert code == 0, old.tail()
-        assert drain_s < old.spec["terminationGracePeriodSeconds"]
-        wait_ok(log, ok_count(log) + 40)
-        stop.touch()
-        result = answers(client, tmp_path)
-        codes = list(result["codes"])
-        ok = check_bitwise(result, y)
+        drain_s = terminate(runner, runner.pods["shard0"])
+        load.wait_more(40)
+        _, codes, ok, errors = load.finish(y)
         restarts = ingress_metric(runner, 'pipeline_shard_restarts_total{shard="shard0"}')
-        errors = {c: codes.count(c) for c in sorted(set(codes)) if c != "OK"}
         print(f"rolling update of shard0: {len(codes)} requests, {ok} correct, errors {errors}, "
               f"restarts the ingress counted {restarts}, old pod drained in {drain_s:.2f} s")  # fmt: skip
         assert restarts <= 1, f"the ingress took the two pods' heartbeats for {restarts} restarts"
@@ -335,25 +361,14 @@ def test_a_rolling_update_of_the_ingress(context: Path, reference: Any, lab: Net
     runner = run_pods(kubernetes.manifests(t, OPTIONS), context, lab, tmp_path)
     try:
         target = start_pipeline(runner)
-        np.savez(tmp_path / "inputs.npz", image=x)
-        stop = tmp_path / "stop"
-        client = run_client(lab, tmp_path, "load", target, tmp_path / "inputs.npz", "--until", str(stop))
-        log = tmp_path / "load.log"
-        wait_ok(log, 20)
+        load = Load.start(lab, tmp_path, target, x)
         new = runner.replica(INGRESS, "b")
         runner.start(INGRESS, new)
         runner.wait_ready(INGRESS, READY_TIMEOUT_S, pod=new)  # its process serves: the probe passes
         runner.retarget(INGRESS, new)  # new connections go to the new pod
-        old = runner.pods[INGRESS]
-        code, drain_s = runner.terminate(old)
-        assert code == 0, old.tail()
-        assert drain_s < old.spec["terminationGracePeriodSeconds"]
-        wait_ok(log, ok_count(log) + 40)
-        stop.touch()
-        result = answers(client, tmp_path)
-        codes = list(result["codes"])
-        ok = check_bitwise(result, y)
-        errors = {c: codes.count(c) for c in sorted(set(codes)) if c != "OK"}
+        drain_s = terminate(runner, runner.pods[INGRESS])
+        load.wait_more(40)
+        _, codes, ok, errors = load.finish(y)
         print(f"rolling update of the ingress: {len(codes)} requests, {ok} correct, errors {errors}, old ingress drained in {drain_s:.2f} s")
         assert set(errors) <= {"UNAVAILABLE"}, errors
         assert all(c == "OK" for c in codes[-30:]), codes[-40:]
@@ -402,10 +417,7 @@ def test_colocated_shards_run_as_one_pod(context: Path, reference: Any, lab: Net
         wait_pipeline_ready(runner)
         target = str(checks.pod_topology(runner.objects)["ingress"]["grpc"])
         assert target == "residual-ingress.default.svc.cluster.local:8001"
-        np.savez(tmp_path / "inputs.npz", image=x)
-        result = answers(run_client(lab, tmp_path, "first", target, tmp_path / "inputs.npz", "--count", str(3 * ROWS)), tmp_path)
-        assert list(result["codes"]) == ["OK"] * 3 * ROWS
-        assert check_bitwise(result, y) == 3 * ROWS
+        first_answers(lab, tmp_path, target, x, y, 3 * ROWS)
         rss = {p: pod_rss(pod.proc.pid) for p, pod in runner.pods.items() if pod.proc}  # type: ignore[union-attr]
         print(f"resident memory of the warm co-located pods (MiB): {rss}")
         assert "--process" in " ".join(worker.spec["containers"][0]["args"])

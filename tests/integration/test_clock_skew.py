@@ -33,19 +33,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers_wo
 
 from helpers_worker import (  # noqa: E402
     REPLY_TIMEOUT_S,
-    WORKER_START_TIMEOUT_S,
     FakeIngress,
     WorkerProcess,
     budget_of,
     pusher,
     send_part,
+    SMALL_BATCHES,
+    ipc_shard,
+    played_topology,
     start_worker,
     stop_workers,
-    wait_until,
+    wait_workers_ready,
 )
 
-from pipeline.pb import envelope_pb2 as pb  # noqa: E402
-from pipeline.topology import INGRESS, Batching, IngressSpec, ShardOutput, ShardSpec, TensorSpec, Topology  # noqa: E402
+from pipeline.topology import INGRESS, ShardSpec, TensorSpec, Topology  # noqa: E402
 
 #: Debian's libfaketime (package faketime), the multi-threaded variant (a worker runs several threads).
 LIBFAKETIME = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"))), Path("/usr/lib/faketime/libfaketimeMT.so.1"))
@@ -86,30 +87,18 @@ def build(directory: Path, sockets: Path, results: str) -> Topology:
     spec = lambda n: TensorSpec(n, "float32", (-1, 4))  # noqa: E731
 
     def shard(name: str, inputs: tuple[str, ...], outputs: dict[str, tuple[str, ...]]) -> ShardSpec:
-        endpoint = f"ipc://{sockets}/skew-{name}"
-        return ShardSpec(
-            name=name,
-            file=f"{name}.keras",
-            inputs=inputs,
-            outputs=tuple(ShardOutput(o, c) for o, c in outputs.items()),
-            endpoint=endpoint,
-            host="127.0.0.1",
-            bind=endpoint,
-            batching=Batching(max_batch=8, max_delay_ms=1.0),
-        )
+        return ipc_shard(name, inputs, outputs, f"ipc://{sockets}/skew-{name}", batching=SMALL_BATCHES)
 
-    topology = Topology(
-        name="skew",
+    return played_topology(
+        "skew",
+        directory,
         inputs=(spec("x"),),
         outputs=(spec("out"),),
         tensors={n: spec(n) for n in ("x", "a", "out")},
         shards=(shard("s1", ("x",), {"a": ("j",)}), shard("j", ("x", "a"), {"out": (INGRESS,)})),
-        ingress=IngressSpec(grpc="127.0.0.1:0", results=results, host="127.0.0.1", bind=results),
-        directory=directory,
-        heartbeat_interval_s=HEARTBEAT_S,
+        results=results,
+        heartbeat_s=HEARTBEAT_S,
     )
-    topology.write(directory)
-    return topology
 
 
 class Skewed:
@@ -144,13 +133,7 @@ def skewed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
         workers["s1"] = start_worker(tmp_path, "s1", tmp_path)
         workers["j"] = start_worker(tmp_path, "j", tmp_path, env=faketime_env(offset, monotonic_too=monotonic_too))
         fleet = Skewed(ctx, topology, ingress, workers)
-        for name in workers:
-            wait_until(
-                lambda: fleet.alive() or (ingress.latest(name) or pb.Heartbeat()).ready,
-                WORKER_START_TIMEOUT_S,
-                f"worker {name} to report ready",
-                interval_s=0.1,
-            )
+        wait_workers_ready(ingress, list(workers), lambda _name: fleet.alive())
         yield offset, fleet
     finally:
         if fleet is not None:

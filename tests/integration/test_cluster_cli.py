@@ -61,7 +61,7 @@ def _check_addresses(t: topo.Topology) -> None:
     ports: dict[str, list[int]] = {}
     for host, endpoint, bind, metrics in [
         (t.ingress.host, t.ingress.results, t.ingress.bind, t.ingress.metrics),
-        *[(s.host, s.endpoint, s.bind, s.metrics) for s in t.shards],
+        *[(r.host, r.endpoint, r.bind, r.metrics) for s in t.shards for r in s.replicas],
     ]:
         assert host in addresses
         parts = urlsplit(endpoint)
@@ -95,6 +95,32 @@ def test_partition_with_a_cluster_places_every_process(placed: tuple[Path, str])
     assert "bytes/sample" in stdout and "bottleneck:" in stdout
     for s in t.shards:
         assert s.name in stdout
+
+
+def test_partition_with_a_cluster_places_replicas_too(files: tuple[Path, Path], tmp_path: Path) -> None:
+    from pipeline import colocation
+    from pipeline.cluster import host_names
+
+    model, cluster = files
+    out = tmp_path / "replicated"
+    r = pipeline(
+        "partition", str(model), "--cluster", str(cluster), "--shards", "3", "--replicas", "shard1=2", "--replicas", "shard2=mid,cloud",
+        "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    t = topo.load(out)
+    _check_addresses(t)  # replicas included: on cluster hosts, ports unique per host
+    names = host_names(t)
+    assert len(t.shard("shard1").replicas) == 2 and names["shard1@1"] in ADDRESS
+    assert [names[f"shard2@{k}"] for k in (1, 2)] == ["mid", "cloud"]
+    for shard in ("shard1", "shard2"):  # a replicated shard runs alone, whatever shares its host
+        assert colocation.process_of(t, shard).shards == (shard,)
+    assert "replicas (each shard's work spread evenly over its replicas)" in r.stdout and "shard2     3 replicas on" in r.stdout
+    assert "bottleneck with replicas:" in pipeline("show", str(out)).stdout
+    mid = pipeline("procfile", str(out), "--host", "mid")
+    assert mid.returncode == 0 and "shard2_r1: exec pipeline worker" in mid.stdout and "shard2_r2" not in mid.stdout
+    bad = pipeline("partition", str(model), "--cluster", str(cluster), "--shards", "3", "--replicas", "shard2=moon", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "shard 'shard2': unknown host 'moon'" in bad.stderr and not (tmp_path / "x").exists()
 
 
 def test_show_prints_hosts_links_and_the_bottleneck(placed: tuple[Path, str]) -> None:

@@ -26,15 +26,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helpers_pipeline import processes, record, serving, server_ready, settled_stat, wait  # noqa: E402
 from soak.helpers_soak import check, join_topology, pipeline  # noqa: E402
 
 from answers import mismatches  # noqa: E402
 from pipeline import colocation  # noqa: E402
 from pipeline import topology as topo  # noqa: E402
 from pipeline.launch import Cluster, relocate  # noqa: E402
-from pipeline.pb import admin_pb2 as apb  # noqa: E402
-from pipeline.pb import admin_pb2_grpc as apb_grpc  # noqa: E402
-from pipeline.pb import grpc_service_pb2 as kpb  # noqa: E402
 from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc  # noqa: E402
 from pipeline.serving import kserve  # noqa: E402
 from pipeline.soak import replay  # noqa: E402
@@ -45,35 +43,6 @@ START_S = 300.0
 WAIT_S = 30.0
 
 
-def _wait(predicate, what: str, timeout_s: float = WAIT_S):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def _processes(target: str) -> dict[str, apb.Process]:
-    with grpc.insecure_channel(target) as channel:
-        response = apb_grpc.PipelineAdminStub(channel).Processes(apb.ProcessesRequest(), timeout=10)
-    return {p.name: p for p in response.processes}
-
-
-def _ready(target: str) -> bool:
-    with grpc.insecure_channel(target) as channel:
-        try:
-            return bool(kpb_grpc.GRPCInferenceServiceStub(channel).ServerReady(kpb.ServerReadyRequest(), timeout=2).ready)
-        except grpc.RpcError:
-            return False
-
-
-def _record(directory: Path, out: Path, count: int, batch: int, seed: int) -> replay.Replay:
-    check(pipeline("record", str(directory), "--count", str(count), "--batch", str(batch), "--seed", str(seed), "--threads", THREADS, "--out", str(out)))
-    return replay.load(out)
-
-
 # ------------------------------------------------------------------ MobileNetV3Large, 4 shards, 1 process
 @pytest.fixture(scope="module")
 def mobilenet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topo.Topology, Cluster, list[replay.Replay]]]:
@@ -81,14 +50,12 @@ def mobilenet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topo.T
     check(pipeline("partition", "mobilenet_v3_large", "--shards", "4", "--colocate", "--out", str(root / "source"), "--no-verify"))
     t = relocate(root / "source", root / "run")
     assert [(p.name, p.shards) for p in t.processes] == [("workers", ("shard0", "shard1", "shard2", "shard3"))]
-    files = [_record(t.directory, root / f"r{b}.npz", 8, b, b) for b in (1, 2)]
-    cluster = Cluster(t, root / "logs", common_worker_args=["--threads", THREADS])
-    assert sorted(cluster.command("workers")[3:]) == sorted(["worker", str(t.directory), "--process", "workers", "--threads", THREADS])
-    try:
-        cluster.start(START_S)
+    files = [record(t.directory, root / f"r{b}.npz", count=8, batch=b, seed=b, threads=THREADS) for b in (1, 2)]
+    assert sorted(Cluster(t, root / "logs", common_worker_args=["--threads", THREADS]).command("workers")[3:]) == sorted(
+        ["worker", str(t.directory), "--process", "workers", "--threads", THREADS]
+    )
+    with serving(t, root / "logs", threads=THREADS, start_s=START_S) as cluster:
         yield t, cluster, files
-    finally:
-        cluster.stop()
 
 
 def test_one_process_serves_four_shards_bitwise_and_under_load(mobilenet) -> None:  # type: ignore[no-untyped-def]
@@ -107,7 +74,7 @@ def test_each_shard_reports_itself_from_the_one_process(mobilenet) -> None:  # t
 
     t, cluster, _ = mobilenet
     pid = cluster.procs["workers"].pid
-    procs = _processes(cluster.target)
+    procs = processes(cluster.target)
     shards = [s.name for s in t.shards]
     for name in shards:
         assert procs[name].up and procs[name].ready, procs[name]
@@ -155,9 +122,9 @@ def test_killing_the_process_takes_down_all_its_shards_and_a_restart_heals(mobil
     shards = [s.name for s in t.shards]
     old_pid = cluster.procs["workers"].pid
     cluster.stop_process("workers", signal.SIGKILL)
-    down = _wait(lambda: (lambda p: p if all(not p[n].up for n in shards) else None)(_processes(cluster.target)), "every shard reported down")
+    down = wait(lambda: (lambda p: p if all(not p[n].up for n in shards) else None)(processes(cluster.target)), "every shard reported down", WAIT_S)
     assert {n: down[n].up for n in shards} == dict.fromkeys(shards, False)
-    assert not _ready(cluster.target)
+    assert not server_ready(cluster.target)
     with grpc.insecure_channel(cluster.target) as channel:
         stub = kpb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as err:
@@ -165,18 +132,11 @@ def test_killing_the_process_takes_down_all_its_shards_and_a_restart_heals(mobil
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
     cluster.start_process("workers")
     cluster.wait_ready(START_S)
-    procs = _processes(cluster.target)
+    procs = processes(cluster.target)
     assert all(procs[n].up and procs[n].pid != old_pid and procs[n].restarts >= 1 for n in shards), procs
     inputs = [q.inputs for q in files[0].requests]
     references = [q.outputs for q in files[0].requests]
     assert mismatches(cluster.target, t.name, inputs, references, tolerance=0.0, concurrency=1) == []
-
-
-def _settled_messages_in(target: str, shard: str) -> float:
-    """The shard's ``messages_in`` from a heartbeat sent at least two heartbeats after this call began."""
-    first = _processes(target)[shard].heartbeats
-    fresh = _wait(lambda: (lambda p: p if p.heartbeats >= first + 2 else None)(_processes(target)[shard]), f"two heartbeats of {shard}")
-    return fresh.stats["messages_in"]
 
 
 # ------------------------------------------------------------------ a join, CURVE, inproc and tcp links mixed
@@ -195,13 +155,9 @@ def curve_join(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topo.
     assert colocation.binds(t, "shard2") == colocation.Binds(tcp=t.shard("shard2").bind, inproc="inproc://shard/shard2")
     assert colocation.link_endpoint(t, "shard0", "shard2") == "inproc://shard/shard2"
     assert colocation.link_endpoint(t, "shard1", "shard2") == t.shard("shard2").endpoint
-    files = [_record(t.directory, root / f"j{b}.npz", 12, b, 10 + b) for b in (1, 3)]
-    cluster = Cluster(t, root / "logs", common_worker_args=["--threads", THREADS])
-    try:
-        cluster.start(START_S)
+    files = [record(t.directory, root / f"j{b}.npz", count=12, batch=b, seed=10 + b, threads=THREADS) for b in (1, 3)]
+    with serving(t, root / "logs", threads=THREADS, start_s=START_S) as cluster:
         yield t, cluster, files
-    finally:
-        cluster.stop()
 
 
 def test_a_join_with_curve_and_inproc_links_answers_right(curve_join) -> None:  # type: ignore[no-untyped-def]
@@ -212,7 +168,7 @@ def test_a_join_with_curve_and_inproc_links_answers_right(curve_join) -> None:  
     assert mismatches(cluster.target, t.name, inputs, references, tolerance=0.0, concurrency=1) == []
     tolerance = max(f.tolerance or 0.0 for f in files) or 1e-6
     assert mismatches(cluster.target, t.name, inputs * 5, references * 5, tolerance=tolerance, concurrency=12) == []
-    procs = _processes(cluster.target)
+    procs = processes(cluster.target)
     assert procs["shard0"].pid == procs["shard2"].pid != procs["shard1"].pid
     log = cluster.procs["mixed"].text()
     assert "curve_client_refused" not in log and "curve_enabled" in log
@@ -225,7 +181,7 @@ def test_curve_still_guards_the_tcp_side_of_a_grouped_shard(curve_join) -> None:
     from pipeline.wire import codec
 
     t, cluster, files = curve_join
-    before = _settled_messages_in(cluster.target, "shard2")
+    before = settled_stat(cluster.target, "shard2", "messages_in")
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 0)
@@ -240,7 +196,7 @@ def test_curve_still_guards_the_tcp_side_of_a_grouped_shard(curve_join) -> None:
     finally:
         push.close(0)
         ctx.term()
-    assert _settled_messages_in(cluster.target, "shard2") == before  # nothing of the intruder was read
+    assert settled_stat(cluster.target, "shard2", "messages_in") == before  # nothing of the intruder was read
     # and the pipeline still answers right
     inputs = [q.inputs for q in files[0].requests[:3]]
     references = [q.outputs for q in files[0].requests[:3]]
@@ -290,7 +246,7 @@ def test_sigterm_drains_every_shard_of_the_process_and_a_bad_shard_stops_them_al
     env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = process.start("pair", argv, tmp_path / "logs", env=env)
     try:
-        _wait(lambda: proc.text().count('"worker_ready"') == 2 or not proc.alive, "both shards ready", 180)
+        wait(lambda: proc.text().count('"worker_ready"') == 2 or not proc.alive, "both shards ready", 180)
         assert proc.alive, proc.tail()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0, proc.tail()

@@ -29,14 +29,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helpers_pipeline import processes, record, serving, settled_stat, wait  # noqa: E402
 from soak.helpers_soak import check, join_topology, pipeline  # noqa: E402
 
 from answers import mismatches, require_discriminating  # noqa: E402
 from pipeline import replicas  # noqa: E402
 from pipeline import topology as topo  # noqa: E402
 from pipeline.launch import Cluster, relocate  # noqa: E402
-from pipeline.pb import admin_pb2 as apb  # noqa: E402
-from pipeline.pb import admin_pb2_grpc as apb_grpc  # noqa: E402
 from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc  # noqa: E402
 from pipeline.serving import kserve  # noqa: E402
 from pipeline.soak import replay  # noqa: E402
@@ -44,31 +43,7 @@ from pipeline.soak import replay  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 THREADS = "1"  # every worker's intra-op pool; the references use the same, so batch-1 answers are bitwise
 START_S = 300.0
-WAIT_S = 60.0
 DEADLINE_S = 10.0  # each request's deadline in the replica-loss run
-
-
-def _wait(predicate, what: str, timeout_s: float = WAIT_S):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def _processes(target: str) -> dict[str, apb.Process]:
-    with grpc.insecure_channel(target) as channel:
-        response = apb_grpc.PipelineAdminStub(channel).Processes(apb.ProcessesRequest(), timeout=10)
-    return {p.name: p for p in response.processes}
-
-
-def _computed(target: str, name: str) -> float:
-    """``computed`` of a replica from a heartbeat sent at least two heartbeats after this call began."""
-    first = _processes(target)[name].heartbeats
-    fresh = _wait(lambda: (lambda p: p if p.heartbeats >= first + 2 else None)(_processes(target)[name]), f"two heartbeats of {name}")
-    return fresh.stats["computed"]
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +54,9 @@ def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topo.
     t = relocate(source, root / "run")
     assert [len(s.replicas) for s in t.shards] == [2, 1, 2]
     assert set(t.producers("shard2")) == {"ingress", "shard0", "shard1"}  # a join of three producers
-    files = []
-    for b in (1, 3):
-        out = root / f"r{b}.npz"
-        check(pipeline("record", str(t.directory), "--count", "12", "--batch", str(b), "--seed", str(b), "--threads", THREADS, "--out", str(out)))
-        files.append(replay.load(out))
-    cluster = Cluster(t, root / "logs", common_worker_args=["--threads", THREADS])
-    try:
-        cluster.start(START_S)
+    files = [record(t.directory, root / f"r{b}.npz", count=12, batch=b, seed=b, threads=THREADS) for b in (1, 3)]
+    with serving(t, root / "logs", threads=THREADS, start_s=START_S) as cluster:
         yield t, cluster, files
-    finally:
-        cluster.stop()
 
 
 def test_replicas_answer_right_and_share_the_work(replicated) -> None:  # type: ignore[no-untyped-def]
@@ -103,16 +70,16 @@ def test_replicas_answer_right_and_share_the_work(replicated) -> None:  # type: 
     assert mismatches(cluster.target, t.name, inputs, references, tolerance=0.0, concurrency=1) == []
     tolerance = max(f.tolerance or 0.0 for f in files) or 1e-6
     assert mismatches(cluster.target, t.name, inputs * 6, references * 6, tolerance=tolerance, concurrency=12) == []
-    procs = _processes(cluster.target)
+    procs = processes(cluster.target)
     for name in ("shard0@0", "shard0@1", "shard2@0", "shard2@1"):
         assert procs[name].up and procs[name].metrics == replicas.metrics_of(t, name), procs[name]
-        assert _computed(cluster.target, name) > 0, f"{name} computed nothing"
+        assert settled_stat(cluster.target, name, "computed") > 0, f"{name} computed nothing"
     # the join never waited on parts that went to another replica: nothing expired, nothing refused
     for name in ("shard2@0", "shard2@1"):
-        stats = _processes(cluster.target)[name].stats
+        stats = processes(cluster.target)[name].stats
         assert stats["join_expired"] == 0 and stats["join_refused"] == 0, dict(stats)
     # both replicas of shard0 send to both replicas of shard2 (their routers agree with the ingress's)
-    s0 = _processes(cluster.target)["shard0@0"].stats
+    s0 = processes(cluster.target)["shard0@0"].stats
     assert s0["routed.shard2@0"] > 0 and s0["routed.shard2@1"] > 0, dict(s0)
 
 
@@ -156,17 +123,17 @@ def test_a_replica_killed_under_load_and_restarted(replicated) -> None:  # type:
         runs = [pool.submit(_load, cluster.target, t.name, inputs, references, tolerance, stop, counts) for _ in range(8)]
         try:
             time.sleep(3.0)
-            before = _computed(cluster.target, "shard2@0")
+            before = settled_stat(cluster.target, "shard2@0", "computed")
             cluster.stop_process("shard2@1", signal.SIGKILL)
-            _wait(lambda: not _processes(cluster.target)["shard2@1"].up, "shard2@1 reported down")
-            assert _processes(cluster.target)["shard2@0"].up
+            wait(lambda: not processes(cluster.target)["shard2@1"].up, "shard2@1 reported down")
+            assert processes(cluster.target)["shard2@0"].up
             time.sleep(4.0)  # load on the survivor alone
-            during = _computed(cluster.target, "shard2@0")
+            during = settled_stat(cluster.target, "shard2@0", "computed")
             assert during > before, "the survivor took no traffic while its peer was down"
             served_alone = counts["correct"]
             cluster.start_process("shard2@1")
-            _wait(lambda: (lambda p: p.up and p.restarts >= 1)(_processes(cluster.target)["shard2@1"]), "shard2@1 back", START_S)
-            _wait(lambda: _computed(cluster.target, "shard2@1") > 0, "traffic back on the restarted shard2@1")
+            wait(lambda: (lambda p: p.up and p.restarts >= 1)(processes(cluster.target)["shard2@1"]), "shard2@1 back", START_S)
+            wait(lambda: settled_stat(cluster.target, "shard2@1", "computed") > 0, "traffic back on the restarted shard2@1")
             time.sleep(2.0)
         finally:
             stop.set()
@@ -217,14 +184,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topo.Topol
     check(pipeline("partition", str(model), "--cut", "s1", "--cut", "s2", "--out", str(root / "source"), "--no-verify", "--replicas", "shard1=2"))
     t = relocate(root / "source", root / "run")
     assert [len(s.replicas) for s in t.shards] == [1, 2, 1] and list(t.producers("shard1")) == ["shard0"]
-    out = root / "r.npz"
-    check(pipeline("record", str(t.directory), "--count", "16", "--batch", "1", "--seed", "3", "--threads", THREADS, "--out", str(out)))
-    cluster = Cluster(t, root / "logs", common_worker_args=["--threads", THREADS])
-    try:
-        cluster.start(START_S)
-        yield t, cluster, replay.load(out)
-    finally:
-        cluster.stop()
+    file = record(t.directory, root / "r.npz", count=16, batch=1, seed=3, threads=THREADS)
+    with serving(t, root / "logs", threads=THREADS, start_s=START_S) as cluster:
+        yield t, cluster, file
 
 
 def test_a_middle_shard_in_two_replicas(chain) -> None:  # type: ignore[no-untyped-def]
@@ -235,12 +197,12 @@ def test_a_middle_shard_in_two_replicas(chain) -> None:  # type: ignore[no-untyp
     tolerance = file.tolerance or 1e-6
     assert mismatches(cluster.target, t.name, inputs * 20, references * 20, tolerance=tolerance, concurrency=12) == []
     for name in ("shard1@0", "shard1@1"):
-        assert _computed(cluster.target, name) > 0, f"{name} computed nothing"
-    routed = _processes(cluster.target)["shard0"].stats
+        assert settled_stat(cluster.target, name, "computed") > 0, f"{name} computed nothing"
+    routed = processes(cluster.target)["shard0"].stats
     assert routed["routed.shard1@0"] > 0 and routed["routed.shard1@1"] > 0, dict(routed)
     # the sole producer routes around a replica that is gone: stop one (SIGTERM), every answer still right
     cluster.stop_process("shard1@1")
-    _wait(lambda: not _processes(cluster.target)["shard1@1"].up, "shard1@1 reported down")
+    wait(lambda: not processes(cluster.target)["shard1@1"].up, "shard1@1 reported down")
     assert mismatches(cluster.target, t.name, inputs * 4, references * 4, tolerance=tolerance, concurrency=8) == []
     cluster.start_process("shard1@1")
-    _wait(lambda: _processes(cluster.target)["shard1@1"].up, "shard1@1 back", START_S)
+    wait(lambda: processes(cluster.target)["shard1@1"].up, "shard1@1 back", START_S)

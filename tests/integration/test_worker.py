@@ -35,19 +35,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers_wo
 
 from helpers_worker import (  # noqa: E402
     REPLY_TIMEOUT_S,
-    WORKER_START_TIMEOUT_S,
     FakeIngress,
     WorkerProcess,
     budget_of,
     pusher,
     send_part,
+    SMALL_BATCHES,
+    ipc_shard,
+    played_topology,
     start_worker,
     stop_workers,
     wait_until,
+    wait_workers_ready,
 )
 
 from pipeline.pb import envelope_pb2 as pb  # noqa: E402
-from pipeline.topology import INGRESS, Batching, IngressSpec, ShardOutput, ShardSpec, TensorSpec, Topology  # noqa: E402
+from pipeline.topology import INGRESS, Batching, ShardSpec, TensorSpec, Topology  # noqa: E402
 
 HEARTBEAT_S = 0.2
 EDGE_MAX_DELAY_MS = 100.0
@@ -86,20 +89,11 @@ def build_tiny(directory: Path, sockets: Path, results: str) -> Topology:
     tensors = {n: f32(n) for n in ("x", "a", "c:0", "d", "out")}
 
     def shard(name: str, inputs: tuple[str, ...], outputs: dict[str, tuple[str, ...]]) -> ShardSpec:
-        endpoint = f"ipc://{sockets}/tiny-{name}"
-        return ShardSpec(
-            name=name,
-            file=f"{name}.keras",
-            inputs=inputs,
-            outputs=tuple(ShardOutput(o, c) for o, c in outputs.items()),
-            endpoint=endpoint,
-            host="127.0.0.1",
-            bind=endpoint,
-            batching=Batching(max_batch=8, max_delay_ms=1.0),
-        )
+        return ipc_shard(name, inputs, outputs, f"ipc://{sockets}/tiny-{name}", batching=SMALL_BATCHES)
 
-    topology = Topology(
-        name="tiny",
+    return played_topology(
+        "tiny",
+        directory,
         inputs=(tensors["x"],),
         outputs=(tensors["c:0"], tensors["out"]),
         tensors=tensors,
@@ -109,12 +103,9 @@ def build_tiny(directory: Path, sockets: Path, results: str) -> Topology:
             shard("s3", ("x",), {"d": ("s4",)}),
             shard("s4", ("a", "c:0", "d"), {"out": (INGRESS,)}),
         ),
-        ingress=IngressSpec(grpc="127.0.0.1:0", results=results, host="127.0.0.1", bind=results),
-        directory=directory,
-        heartbeat_interval_s=HEARTBEAT_S,
+        results=results,
+        heartbeat_s=HEARTBEAT_S,
     )
-    topology.write(directory)
-    return topology
 
 
 def build_edge(directory: Path, sockets: Path, results: str) -> Topology:
@@ -132,31 +123,19 @@ def build_edge(directory: Path, sockets: Path, results: str) -> Topology:
         "z": TensorSpec("z", "float32", (-1, -1)),
     }
     w_end, sink_end = f"ipc://{sockets}/edge-w", f"ipc://{sockets}/edge-sink"
-    topology = Topology(
-        name="edge",
+    return played_topology(
+        "edge",
+        directory,
         inputs=(tensors["x"],),
         outputs=(tensors["y"],),
         tensors=tensors,
         shards=(
-            ShardSpec(
-                name="w",
-                file="w.keras",
-                inputs=("x",),
-                outputs=(ShardOutput("y", (INGRESS,)), ShardOutput("z", ("sink",))),
-                endpoint=w_end,
-                host="127.0.0.1",
-                bind=w_end,
-                batching=Batching(max_batch=16, max_delay_ms=EDGE_MAX_DELAY_MS),
-            ),
-            # played by the test; its file only has to exist
-            ShardSpec(name="sink", file="w.keras", inputs=("z",), outputs=(), endpoint=sink_end, host="127.0.0.1", bind=sink_end),
+            ipc_shard("w", ("x",), {"y": (INGRESS,), "z": ("sink",)}, w_end, batching=Batching(max_batch=16, max_delay_ms=EDGE_MAX_DELAY_MS)),
+            ipc_shard("sink", ("z",), {}, sink_end, file="w.keras"),  # played by the test; its file only has to exist
         ),
-        ingress=IngressSpec(grpc="127.0.0.1:0", results=results, host="127.0.0.1", bind=results),
-        directory=directory,
-        heartbeat_interval_s=HEARTBEAT_S,
+        results=results,
+        heartbeat_s=HEARTBEAT_S,
     )
-    topology.write(directory)
-    return topology
 
 
 def build_solo(directory: Path, sockets: Path, results: str) -> Topology:
@@ -174,41 +153,18 @@ def build_solo(directory: Path, sockets: Path, results: str) -> Topology:
     tensors = {n: TensorSpec(n, "float32", (-1, 4)) for n in ("x", "y1", "y2")}
     tensors["big"] = TensorSpec("big", "float32", (-1, SLOW_N, SLOW_N))
     tensors["slow"] = TensorSpec("slow", "float32", (-1, SLOW_N))
-    shards = tuple(
-        ShardSpec(
-            name=name,
-            file=f"{name}.keras",
-            inputs=("x",),
-            outputs=(ShardOutput(out, (INGRESS,)),),
-            endpoint=f"ipc://{sockets}/solo-{name}",
-            host="127.0.0.1",
-            bind=f"ipc://{sockets}/solo-{name}",
-        )
-        for name, out in (("t1", "y1"), ("t2", "y2"))
-    )
-    shards += (
-        ShardSpec(
-            name="slow",
-            file="slow.keras",
-            inputs=("big",),
-            outputs=(ShardOutput("slow", (INGRESS,)),),
-            endpoint=f"ipc://{sockets}/solo-slow",
-            host="127.0.0.1",
-            bind=f"ipc://{sockets}/solo-slow",
-        ),
-    )
-    topology = Topology(
-        name="solo",
+    shards = [ipc_shard(name, ("x",), {out: (INGRESS,)}, f"ipc://{sockets}/solo-{name}") for name, out in (("t1", "y1"), ("t2", "y2"))]
+    shards.append(ipc_shard("slow", ("big",), {"slow": (INGRESS,)}, f"ipc://{sockets}/solo-slow"))
+    return played_topology(
+        "solo",
+        directory,
         inputs=(tensors["x"], tensors["big"]),
         outputs=(tensors["y1"], tensors["y2"], tensors["slow"]),
         tensors=tensors,
         shards=shards,
-        ingress=IngressSpec(grpc="127.0.0.1:0", results=results, host="127.0.0.1", bind=results),
-        directory=directory,
-        heartbeat_interval_s=HEARTBEAT_S,
+        results=results,
+        heartbeat_s=HEARTBEAT_S,
     )
-    topology.write(directory)
-    return topology
 
 
 # ------------------------------------------------------------------- the fleet
@@ -262,13 +218,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 workers[shard] = start_worker(base / topology, shard, base, env=env.get(shard))
         fleet = Fleet(ctx, topologies, ingress, sink, workers)
         for topology, shards in placement.items():
-            for shard in shards:
-                wait_until(
-                    lambda: fleet.alive(shard) or (fleet.ingress[topology].latest(shard) or pb.Heartbeat()).ready,
-                    WORKER_START_TIMEOUT_S,
-                    f"worker {shard} to report ready",
-                    interval_s=0.1,
-                )
+            wait_workers_ready(fleet.ingress[topology], shards, fleet.alive)
         yield fleet
     finally:
         stop_workers(list(workers.values()))

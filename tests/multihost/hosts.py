@@ -13,7 +13,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -169,11 +168,7 @@ def reference_spread(replay_path: Path) -> float:
 
 
 def wait(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
+    """``predicate()`` once it is true; fails the test naming ``what`` after ``timeout_s`` (the soak tests' wait)."""
+    from tests.soak.helpers_soak import wait_for
+
+    return wait_for(predicate, timeout_s, what, interval_s=interval_s)

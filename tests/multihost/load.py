@@ -33,15 +33,6 @@ from pipeline.serving import kserve
 from pipeline.soak import replay as replay_mod
 
 
-def request(model: str, inputs: dict[str, np.ndarray]) -> kpb.ModelInferRequest:
-    r = kpb.ModelInferRequest(model_name=model)
-    for name, array in inputs.items():
-        array = np.ascontiguousarray(array)
-        r.inputs.add(name=name, datatype=kserve.kserve_datatype(array.dtype.name), shape=list(array.shape))
-        r.raw_input_contents.append(array.tobytes())
-    return r
-
-
 def difference(expected: dict[str, np.ndarray], response: kpb.ModelInferResponse) -> float:
     """Largest absolute difference over every output (inf when one is missing or has another shape)."""
     got = {t.name: kserve.output_array(response, i) for i, t in enumerate(response.outputs)}
@@ -73,7 +64,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, object]]:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     sink = open(args.out, "w")
     replay = replay_mod.load(args.replay)
-    requests = [request(replay.model, r.inputs) for r in replay.requests]
+    requests = [kserve.infer_request(replay.model, r.inputs) for r in replay.requests]
     records: list[dict[str, object]] = []
     order = iter(range(1 << 62))
     async with grpc.aio.insecure_channel(args.target) as channel:

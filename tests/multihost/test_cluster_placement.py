@@ -4,8 +4,10 @@ what the whole model answers, bitwise, one request at a time, from the ingress's
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,14 @@ from tests.multihost.test_multihost import join_directory
 from tests.netns import Network
 
 ROOT = Path(__file__).resolve().parents[2]
+#: run on the ingress's host: every process's ``computed`` from its last heartbeat, as JSON
+COMPUTED = """
+import json, sys, grpc
+from pipeline.pb import admin_pb2 as apb, admin_pb2_grpc as agrpc
+with grpc.insecure_channel(sys.argv[1]) as ch:
+    r = agrpc.PipelineAdminStub(ch).Processes(apb.ProcessesRequest(), timeout=10)
+print(json.dumps({p.name: p.stats["computed"] for p in r.processes}))
+"""
 
 
 @pytest.mark.timeout(900)
@@ -47,3 +57,32 @@ def test_a_join_placed_by_the_planner_answers_bitwise(make_network: Callable[[in
     assert mh.counts(records) == {"correct": 8}, records[:3]
     spread = mh.reference_spread(replay)
     assert spread > 1e-4, f"reference outputs of different inputs differ by only {spread}: the comparison could not fail"
+
+
+@pytest.mark.timeout(900)
+def test_replicas_of_the_join_on_two_hosts_answer_bitwise(make_network: Callable[[int], Network], tmp_path: Path) -> None:
+    """``place --replicas shard2=2``: the join's second replica on another host than its first (ports per host);
+    every producer, on its own host, routes each request's parts to one replica, across the links."""
+    net = make_network(3)
+    directory = join_directory(tmp_path)
+    replay = mh.record(directory, tmp_path / "replay.npz", 8)
+    cluster = mh.cluster_file(net, tmp_path / "cluster.yaml", speed=0.001)
+    t = mh.place(directory, cluster, "--replicas", "shard2=2")
+    placement = host_names(t)
+    assert len(t.shard("shard2").replicas) == 2 and placement["shard2@0"] != placement["shard2@1"], placement
+    assert set(t.producers("shard2")) == {"ingress", "shard0", "shard1"}
+    run = mh.MultiHost(net, t, tmp_path / "logs", placement, worker_args=["--threads", "1"])
+    try:
+        run.start()
+        assert {"shard2@0", "shard2@1"} <= set(run.cluster.procs)  # type: ignore[union-attr]
+        records = run.load(replay, tmp_path / "replicas.jsonl", concurrency=1, count=16, timeout=30)
+        time.sleep(3 * t.heartbeat_interval_s)  # the counts of the last requests reach the ingress
+        asked = net.run("h1", [sys.executable, "-c", COMPUTED, run.target], timeout_s=60, cwd=ROOT)
+        assert asked.returncode == 0, asked.stderr[-2000:]
+        computed = json.loads(asked.stdout)
+    finally:
+        run.stop()
+    assert mh.counts(records) == {"correct": 16}, records[:3]
+    assert mh.reference_spread(replay) > 1e-4
+    # both replicas, each on its own host, computed joins (16 random ids: all on one replica has odds 2 ** -15)
+    assert computed["shard2@0"] > 0 and computed["shard2@1"] > 0, computed

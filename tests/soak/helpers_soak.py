@@ -134,6 +134,9 @@ def grpc_port(p: Proc, timeout_s: float = START_TIMEOUT_S) -> int:
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, procs: Sequence[Proc] = (), interval_s: float = 0.05) -> Any:
+    """``predicate()`` once it is true; fails the test naming ``what`` (and the tails of ``procs``) after ``timeout_s``.
+
+    The one polling wait of the test helpers (``helpers_worker.wait_until``, ``multihost.hosts.wait``)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
@@ -169,12 +172,7 @@ class Client:
 
 
 def request(model: str, inputs: dict[str, np.ndarray]) -> kpb.ModelInferRequest:
-    r = kpb.ModelInferRequest(model_name=model)
-    for name, array in inputs.items():
-        array = np.ascontiguousarray(array)
-        r.inputs.add(name=name, datatype=kserve.kserve_datatype(array.dtype.name), shape=list(array.shape))
-        r.raw_input_contents.append(array.tobytes())
-    return r
+    return kserve.infer_request(model, inputs)
 
 
 def outputs(response: kpb.ModelInferResponse) -> dict[str, np.ndarray]:

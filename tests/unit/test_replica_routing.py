@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,19 @@ import pytest
 from pipeline import replicas
 from pipeline import topology as topo
 from pipeline.errors import TopologyError, UsageError
+from pipeline.launch import free_ports
+
+#: every port the topologies below name, drawn free once (no test here binds them: they are addresses in a file)
+_KEYS = ("grpc", "results", "ingress_metrics", "shard0", "shard1", "shard2", "metrics0", "metrics1", "metrics2", "replica", "replica_metrics", "stray")
+PORT = dict(zip(_KEYS, free_ports(len(_KEYS))))
+
+
+def _ep(key: str) -> str:
+    return f"tcp://127.0.0.1:{PORT[key]}"
+
+
+def _m(key: str) -> str:
+    return f"127.0.0.1:{PORT[key]}"
 
 
 def _data() -> dict[str, Any]:
@@ -23,13 +37,13 @@ def _data() -> dict[str, Any]:
         "name": "m",
         "inputs": [{"name": "x", **tensor}],
         "outputs": [{"name": "y", **tensor}],
-        "ingress": {"grpc": "127.0.0.1:8001", "results": "tcp://127.0.0.1:5550", "metrics": "127.0.0.1:9100"},
+        "ingress": {"grpc": _m("grpc"), "results": _ep("results"), "metrics": _m("ingress_metrics")},
         "shards": [
             {
                 "name": f"shard{i}",
                 "file": f"shard{i}.keras",
-                "endpoint": f"tcp://127.0.0.1:555{i + 1}",
-                "metrics": f"127.0.0.1:910{i + 1}",
+                "endpoint": _ep(f"shard{i}"),
+                "metrics": _m(f"metrics{i}"),
                 "inputs": [["x", "a", "b"][i]],
                 "outputs": [{"name": ["a", "b", "y"][i], "consumers": [["shard1", "shard2", "ingress"][i]]}],
             }
@@ -48,8 +62,8 @@ def _load(data: dict[str, Any], tmp_path: Path) -> topo.Topology:
 def _with_two(data: dict[str, Any]) -> dict[str, Any]:
     data = copy.deepcopy(data)
     data["shards"][1]["replicas"] = [
-        {"endpoint": "tcp://127.0.0.1:5552", "metrics": "127.0.0.1:9102"},
-        {"endpoint": "tcp://127.0.0.1:5562", "metrics": "127.0.0.1:9112"},
+        {"endpoint": _ep("shard1"), "metrics": _m("metrics1")},
+        {"endpoint": _ep("replica"), "metrics": _m("replica_metrics")},
     ]
     return data
 
@@ -67,14 +81,14 @@ def test_old_files_load_unchanged(tmp_path: Path) -> None:
 def test_two_replicas_round_trip_and_names(tmp_path: Path) -> None:
     t = _load(_with_two(_data()), tmp_path)
     s = t.shard("shard1")
-    assert [r.endpoint for r in s.replicas] == ["tcp://127.0.0.1:5552", "tcp://127.0.0.1:5562"]
+    assert [r.endpoint for r in s.replicas] == [_ep("shard1"), _ep("replica")]
     assert replicas.process_names(s) == ["shard1@0", "shard1@1"]
     assert replicas.shard_of(t, "shard1@1") == ("shard1", 1)
-    assert replicas.metrics_of(t, "shard1@1") == "127.0.0.1:9112"
+    assert replicas.metrics_of(t, "shard1@1") == _m("replica_metrics")
     again = _load(t.to_dict(), tmp_path)
     assert again.shard("shard1").replicas == s.replicas
     mine = replicas.for_replica(t, "shard1", 1).shard("shard1")
-    assert (mine.endpoint, mine.metrics, len(mine.replicas)) == ("tcp://127.0.0.1:5562", "127.0.0.1:9112", 2)
+    assert (mine.endpoint, mine.metrics, len(mine.replicas)) == (_ep("replica"), _m("replica_metrics"), 2)
     with pytest.raises(UsageError, match="shard 'shard1' has 2 replica"):
         replicas.for_replica(t, "shard1", 2)
     assert replicas.expand(t, ["ingress", "shard0", "shard1", "shard2"]) == ["ingress", "shard0", "shard1@0", "shard1@1", "shard2"]
@@ -90,7 +104,7 @@ def test_two_replicas_round_trip_and_names(tmp_path: Path) -> None:
         (3, r"shard 'shard1' has replicas: 3 without their addresses.*pipeline replicas DIR shard1=3"),
         ([], r"shard 'shard1' has replicas: \[\]"),
         ("two", r"shard 'shard1' has replicas: 'two'"),
-        ([{"endpoint": "tcp://127.0.0.1:5599"}], r"shard 'shard1' replicas\[0\] has endpoint .*expected the shard's own"),
+        ([{"endpoint": _ep("stray")}], r"shard 'shard1' replicas\[0\] has endpoint .*expected the shard's own"),
         ([{"metrics": "x"}], r"replicas\[0\] \(shard 'shard1'\): missing key 'endpoint'"),
     ],
 )
@@ -104,16 +118,17 @@ def test_bad_counts_and_lists_name_the_shard(tmp_path: Path, value: Any, message
 @pytest.mark.parametrize(
     ("endpoint", "metrics", "message"),
     [
-        ("tcp://127.0.0.1:5553", "127.0.0.1:9112", r"shard 'shard1' replica 1 has endpoint 'tcp://127.0.0.1:5553', which shard 'shard2'"),
-        ("tcp://127.0.0.1:5550", "127.0.0.1:9112", r"shard 'shard1' replica 1 has endpoint .*which the ingress"),
-        ("tcp://127.0.0.1:5552", "127.0.0.1:9112", r"shard 'shard1' replica 1 has endpoint .*which shard 'shard1' already"),
-        ("tcp://127.0.0.1:5562", "127.0.0.1:9101", r"shard 'shard1' replica 1 has metrics address '127.0.0.1:9101', which shard 'shard0'"),
+        (_ep("shard2"), _m("replica_metrics"), r"shard 'shard1' replica 1 has endpoint '{endpoint}', which shard 'shard2'"),
+        (_ep("results"), _m("replica_metrics"), r"shard 'shard1' replica 1 has endpoint .*which the ingress"),
+        (_ep("shard1"), _m("replica_metrics"), r"shard 'shard1' replica 1 has endpoint .*which shard 'shard1' already"),
+        (_ep("replica"), _m("metrics0"), r"shard 'shard1' replica 1 has metrics address '{metrics}', which shard 'shard0'"),
         ("ipc:///tmp/x", "", r"shard 'shard1' replica 1 has endpoint 'ipc:///tmp/x'; expected tcp"),
     ],
 )
 def test_colliding_replica_addresses_name_the_shard(tmp_path: Path, endpoint: str, metrics: str, message: str) -> None:
     data = _with_two(_data())
     data["shards"][1]["replicas"][1] = {"endpoint": endpoint, "metrics": metrics}
+    message = message.replace("{endpoint}", re.escape(endpoint)).replace("{metrics}", re.escape(metrics))
     with pytest.raises(TopologyError, match=message):
         _load(data, tmp_path)
 
