@@ -349,11 +349,7 @@ def measure_link(config: LinkConfig, ctx: zmq.Context | None = None) -> LinkResu
     ctx = ctx or zmq.Context()
     client = _Client(config, ctx)
     try:
-        client.sock.send_multipart([HELLO, PROTOCOL_VERSION])
-        try:
-            hello = client.recv(config.connect_timeout_s, "the peer's hello")
-        except Unavailable:
-            raise _unreachable(config) from None
+        hello = _hello(client, config)
         if len(hello) < 3 or hello[0].bytes != HELLO or hello[1].bytes != PROTOCOL_VERSION:
             raise UsageError(
                 f"the peer at {config.endpoint} is not a probe peer of protocol {PROTOCOL_VERSION.decode()}: "
@@ -426,17 +422,22 @@ def _stream(client: _Client, config: LinkConfig, kind: bytes) -> Rate:
     return rate
 
 
+def _hello(client: _Client, config: LinkConfig) -> list[zmq.Frame]:
+    """Greet the peer and return its hello's frames; :func:`_unreachable`'s error when it does not answer in time."""
+    client.sock.send_multipart([HELLO, PROTOCOL_VERSION])
+    try:
+        return client.recv(config.connect_timeout_s, "the peer's hello")
+    except Unavailable:
+        raise _unreachable(config) from None
+
+
 def remote_speed(config: LinkConfig, params: dict[str, object], timeout_s: float) -> tuple[str, dict[str, object]]:
     """Ask the peer at ``config.endpoint`` to run the speed probe on its host: ``(peer host, the run's report)``."""
     parse_endpoint(config.endpoint, bind=False, what="--peer")
     ctx = zmq.Context()
     client = _Client(config, ctx)
     try:
-        client.sock.send_multipart([HELLO, PROTOCOL_VERSION])
-        try:
-            hello = client.recv(config.connect_timeout_s, "the peer's hello")
-        except Unavailable:
-            raise _unreachable(config) from None
+        hello = _hello(client, config)
         about = json.loads(hello[2].bytes) if len(hello) >= 3 and hello[0].bytes == HELLO else {}
         client.sock.send_multipart([SPEED, json.dumps(params).encode()])
         while True:
