@@ -81,6 +81,8 @@ DEFAULT_DRAIN_TIMEOUT_S = 2.5
 MAX_RECV_PER_TURN = 256
 #: longest poll, so that flags set outside the loop are seen promptly.
 MAX_POLL_MS = 100
+#: a warm shard reports ready once it reaches its consumers, or after this long without them (seconds).
+CONSUMERS_GRACE_S = 10.0
 #: how often queued (ready, not yet computed) requests are checked against their deadlines.
 SWEEP_INTERVAL_NS = 10_000_000
 #: ERRORs waiting for room in the queue toward the ingress (a burst of expiries can pass its high-water
@@ -492,6 +494,8 @@ class Worker:
         self.compute = _ComputeThread(config, topology, self._wake)
         self._in_flight: list[Ready] = []
         self._stop_requested = False
+        self._consumers_reached = False  # once true, stays (see _reached_consumers)
+        self._warm_at: float | None = None
         self._draining = False
         self._draining_deadline_ns = 0
         self._error_backlog: deque[list[Any]] = deque()  # encoded ERRORs, oldest first
@@ -851,7 +855,29 @@ class Worker:
             return
         interval = int(self.config.heartbeat_interval_s * 1e9)
         self._next_heartbeat_ns = max(self._next_heartbeat_ns + interval, now + interval // 2)
-        self.send_heartbeat(ready=self.compute.ready.is_set() and not self._stop_requested)
+        self.send_heartbeat(ready=self.compute.ready.is_set() and not self._stop_requested and self._reached_consumers())
+
+    def _reached_consumers(self) -> bool:
+        """Whether this shard has once reached every (single-replica) consumer, or waited long enough for them.
+
+        Warm is not enough to be ready: a CURVE or TCP handshake toward the next shard may still be under way,
+        and the first request would then be refused ("cannot reach"). Once every consumer's socket has taken a
+        peer (or ``CONSUMERS_GRACE_S`` after warm-up, so a consumer that is down does not hold this shard back:
+        its own liveness says so), the shard reports ready for good.
+        """
+        if self._consumers_reached:
+            return True
+        if self._warm_at is None:
+            self._warm_at = time.monotonic()
+        waiting = [
+            c for c, sock in self.push.items()
+            if c != topo.INGRESS and c not in self.replica_push and c not in self.peers and not sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT
+        ]  # fmt: skip
+        if not waiting or time.monotonic() - self._warm_at > CONSUMERS_GRACE_S:
+            if waiting:
+                log.warning("consumers_not_reached", shard=self.name, consumers=waiting, after_s=CONSUMERS_GRACE_S)
+            self._consumers_reached = True
+        return self._consumers_reached
 
     def send_heartbeat(self, *, ready: bool) -> None:
         env = pb.Envelope(kind=pb.HEARTBEAT, model=self.model, sender=self.process_name)

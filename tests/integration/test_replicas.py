@@ -56,6 +56,8 @@ def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topo.
     assert set(t.producers("shard2")) == {"ingress", "shard0", "shard1"}  # a join of three producers
     files = [record(t.directory, root / f"r{b}.npz", count=12, batch=b, seed=b, threads=THREADS) for b in (1, 3)]
     with serving(t, root / "logs", threads=THREADS, start_s=START_S) as cluster:
+        # ServerReady needs one replica of each shard; the tests need every replica up (and reachable)
+        wait(lambda: all(p.up for p in processes(cluster.target).values()), "every replica up for the ingress", START_S)
         yield t, cluster, files
 
 
