@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,23 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
-def measure(target: str, model: str, t: topo.Topology, requests: int) -> dict[str, Any]:
-    """p50 at concurrency 1 and the rate at concurrency 16, through the KServe v2 load generator."""
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User plus system CPU time of these processes so far (a process that is gone counts 0)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def measure(target: str, model: str, t: topo.Topology, requests: int, pids: Sequence[int] = ()) -> dict[str, Any]:
+    """p50 at concurrency 1 and the rate at concurrency 16, through the KServe v2 load generator; with ``pids``,
+    also the CPU the load used, in cores (those processes and this one, the load generator)."""
     from pipeline.bench import local
     from pipeline.bench.load import run_load
 
@@ -83,8 +99,12 @@ def measure(target: str, model: str, t: topo.Topology, requests: int) -> dict[st
     asyncio.run(run_load(target, [req1], total=20, concurrency=1))  # warm the path
     one = asyncio.run(run_load(target, [req1], total=requests, concurrency=1))
     asyncio.run(run_load(target, reqs, total=2 * LOAD_CONCURRENCY, concurrency=LOAD_CONCURRENCY))
+    watched = [*pids, os.getpid()]
+    cpu0, wall0 = cpu_seconds(watched), time.perf_counter()
     load = asyncio.run(run_load(target, reqs, total=max(requests, 8 * LOAD_CONCURRENCY), concurrency=LOAD_CONCURRENCY))
+    cores = (cpu_seconds(watched) - cpu0) / (time.perf_counter() - wall0)
     return {
+        **({"load_cpu_cores": cores} if pids else {}),
         "p50_ms": float(np.percentile(np.asarray(one.latencies_s) * 1e3, 50)) if one.latencies_s else float("nan"),
         "rate": load.rate,
         "load_p50_ms": float(np.percentile(np.asarray(load.latencies_s) * 1e3, 50)) if load.latencies_s else float("nan"),

@@ -47,7 +47,7 @@ def served(source: topo.Topology, work: Path, logs: Path, shard: str, count: int
     names = replicas.process_names(copy.shard(shard))
     worker_args = {name: ["--threads", "1", "--cpus", str(cpus[k % len(cpus)])] for k, name in enumerate(names)}
     with Cluster(copy, logs / label, worker_args=worker_args) as cluster:
-        out = measure(cluster.target, copy.name, copy, requests)
+        out = measure(cluster.target, copy.name, copy, requests, pids=[p.pid for p in cluster.procs.values()])
     out["replicas"] = count
     return out
 
@@ -65,6 +65,8 @@ def bench_replicas(source: topo.Topology, work: Path, logs: Path, requests: int,
         "shard": shard,
         "cores": len(os.sched_getaffinity(0)),
         "rounds": runs,
+        "cpu_cores_one": best["one"].get("load_cpu_cores", float("nan")),
+        "cpu_cores_two": best["two"].get("load_cpu_cores", float("nan")),
         "rate_one": best["one"]["rate"],
         "rate_two": best["two"]["rate"],
         "rate_ratio": best["two"]["rate"] / best["one"]["rate"] if best["one"]["rate"] else float("nan"),
@@ -81,6 +83,8 @@ def render(r: dict[str, Any]) -> list[str]:
         f"  rate at c=16: one replica {r['rate_one']:.1f}/s, two {r['rate_two']:.1f}/s, ratio {r['rate_ratio']:.2f} (goal >= 1.7)",
         f"  p50 at c=1:   one {r['p50_one_ms']:.2f} ms, two {r['p50_two_ms']:.2f} ms, ratio {r['p50_ratio']:.2f} (goal within 10%)",
         "  rate ratio per round: " + ", ".join(f"{x:.2f}" for x in r["round_ratios"]),
+        f"  CPU busy under that load (the pipeline's processes and the load generator): one replica "
+        f"{r.get('cpu_cores_one', float('nan')):.2f} cores, two {r.get('cpu_cores_two', float('nan')):.2f} cores, of {r['cores']}",
     ]
     for k in ("one", "two"):
         errs = [run["errors"] for run in r["rounds"][k] if run["errors"]]
