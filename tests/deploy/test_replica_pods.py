@@ -53,6 +53,7 @@ from test_pods import (  # noqa: E402,F401  (fixtures: context, reference, lab)
 )
 
 from pipeline import topology as topo  # noqa: E402
+from pipeline.launch import free_ports  # noqa: E402
 from pipeline.deploy import checks, kubernetes  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -69,7 +70,9 @@ def replicated(ctx: Path) -> topo.Topology:
         dest.mkdir(parents=True)
         for f in [*(s.file for s in source.shards), topo.MODEL_FILE]:
             (dest / f).symlink_to((source.directory / f).resolve())
-        extra = (topo.ReplicaSpec(endpoint="tcp://127.0.0.1:45999", bind="tcp://127.0.0.1:45999", host="127.0.0.1", metrics="127.0.0.1:45998"),)
+        port, metrics = free_ports(2)  # replica 1's own addresses (the generator gives every pod its own)
+        endpoint = f"tcp://127.0.0.1:{port}"
+        extra = (topo.ReplicaSpec(endpoint=endpoint, bind=endpoint, host="127.0.0.1", metrics=f"127.0.0.1:{metrics}"),)
         shards = tuple(dataclasses.replace(s, extra_replicas=extra) if s.name == "shard1" else s for s in source.shards)
         source.replace(directory=dest, shards=shards).write(dest)
     return topo.load(dest)

@@ -65,7 +65,7 @@ def test_unreachable_peer_and_bad_input_fail_with_a_clear_error(tmp_path: Path) 
     r = probe("link", f"tcp://127.0.0.1:{port}", "--connect-timeout", "1")
     assert r.returncode != 0 and time.monotonic() - t0 < 30
     assert f"no probe peer answered at tcp://127.0.0.1:{port} within 1 s" in r.stderr, r.stderr
-    bad = probe("link", "127.0.0.1:5600")
+    bad = probe("link", f"127.0.0.1:{port}")  # no tcp:// scheme
     assert bad.returncode == 2 and "expected tcp://ADDRESS:PORT" in bad.stderr, bad.stderr
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text(CLUSTER)

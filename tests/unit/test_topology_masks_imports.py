@@ -11,6 +11,10 @@ import yaml
 from pipeline import topology as topo
 from pipeline.custom_objects import ImportFailed, check_module_names, foreign_classes, import_modules
 from pipeline.errors import TopologyError, UsageError
+from pipeline.launch import free_ports
+
+#: addresses written into topologies, never bound (drawn free all the same, so no run can collide)
+RESULTS, S0, S1, SIDE = free_ports(4)
 
 
 def _data() -> dict[str, Any]:
@@ -20,19 +24,19 @@ def _data() -> dict[str, Any]:
         "imports": ["acme_layers", "acme.more"],
         "inputs": [{"name": "tokens", "dtype": "int32", "shape": [-1, 9]}],
         "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 3]}],
-        "ingress": {"grpc": "127.0.0.1:0", "results": "tcp://127.0.0.1:5000"},
+        "ingress": {"grpc": "127.0.0.1:0", "results": f"tcp://127.0.0.1:{RESULTS}"},
         "shards": [
             {
                 "name": "s0",
                 "file": "s0.keras",
-                "endpoint": "tcp://127.0.0.1:5001",
+                "endpoint": f"tcp://127.0.0.1:{S0}",
                 "inputs": ["tokens"],
                 "outputs": [{"name": "h", "consumers": ["s1"]}, {"name": "h:mask", "consumers": ["s1"]}],
             },
             {
                 "name": "s1",
                 "file": "s1.keras",
-                "endpoint": "tcp://127.0.0.1:5002",
+                "endpoint": f"tcp://127.0.0.1:{S1}",
                 "inputs": ["h", "h:mask"],
                 "outputs": [{"name": "y", "consumers": ["ingress"]}],
             },
@@ -98,7 +102,7 @@ def test_a_mask_sent_where_its_tensor_is_not_is_refused(tmp_path: Path) -> None:
         {
             "name": "side",
             "file": "side.keras",
-            "endpoint": "tcp://127.0.0.1:5003",
+            "endpoint": f"tcp://127.0.0.1:{SIDE}",
             "inputs": ["h:mask"],
             "outputs": [{"name": "z", "consumers": ["s1"]}],
         },
