@@ -44,6 +44,7 @@ import zmq
 
 from pipeline import replicas
 from pipeline.log import get_logger
+from pipeline.wire import sockets
 
 log = get_logger("pipeline.discovery")
 
@@ -140,7 +141,7 @@ class Peers:
     def connected(self, address: str) -> bool:
         """The socket to ``address`` takes a message now (connected, queue not full)."""
         sock = self.sockets.get(address)
-        return sock is not None and bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
+        return sock is not None and sockets.takes_message(sock)
 
     def pick(self, request_id: int, prefer: str = "") -> str | None:
         """``prefer`` when it takes a message now, else the first connected address in the id's rendezvous order."""

@@ -220,12 +220,6 @@ def bench_multihost(source: topo.Topology, work: Path, logs: Path, options: Opti
 
         # the compute-only plan, cut once
         compute = partition_source(model, work / "compute", shards=options.shards, **common).topology
-        speed = 1.0
-
-        def cluster_for(rate: str, speeds: Mapping[str, float] | None = None) -> Any:
-            every = {h.name: speed * (speeds or {}).get(h.name, 1.0) for h in network.hosts}
-            return cluster_from_dict(yaml.safe_load(cluster_yaml(network, rate, every)), source=f"bench cluster ({rate})")
-
         hosts_in_order = [network.hosts[i % 3].name for i in range(len(compute.shards))]
         base = iter(range(6000, 60000, 100))
 
@@ -235,12 +229,17 @@ def bench_multihost(source: topo.Topology, work: Path, logs: Path, options: Opti
             return _placed_copy(t.directory, work / label, p)
 
         # the single-host reference: every process on the ingress's host, links unshaped (never crossed)
-        single = placed(compute, cluster_for(options.rates[0]), [network.hosts[0].name] * len(compute.shards), "single")
+        unit = cluster_from_dict(yaml.safe_load(cluster_yaml(network, options.rates[0])), source="bench cluster (speed 1.0)")
+        single = placed(compute, unit, [network.hosts[0].name] * len(compute.shards), "single")
         # What the cluster files say of each host's speed, as a user would measure it: the namespace hosts
         # share this machine's CPUs, so each gets a third of what the machine computes (the local reference's
         # best rate), in units of the cost model's reference host (pipeline/partition/cost.py).
-        speed = host_speed(single, out["local"]["rate"], len(network.hosts), cluster_for(options.rates[0]))
-        out["host_speed"] = speed
+        speed = out["host_speed"] = host_speed(single, out["local"]["rate"], len(network.hosts), unit)
+
+        def cluster_for(rate: str, speeds: Mapping[str, float] | None = None) -> Any:
+            every = {h.name: speed * (speeds or {}).get(h.name, 1.0) for h in network.hosts}
+            return cluster_from_dict(yaml.safe_load(cluster_yaml(network, rate, every)), source=f"bench cluster ({rate})")
+
         first = cluster_for(options.rates[0])
         out["single"] = {"plan": plan_summary(single, first), **runner.serve_and_load(single, "single")}
 

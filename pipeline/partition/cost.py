@@ -167,6 +167,11 @@ def op_costs(graph: Graph, shapes: dict[int, tuple[int, ...]]) -> list[OpCost]:
     return out
 
 
+def seconds_per_sample(graph: Graph, batch: int, input_shapes: dict[str, tuple[int, ...]] | None = None) -> float:
+    """The estimate for a whole graph: seconds per sample when it runs batches of ``batch`` rows on a speed-1.0 host."""
+    return float(sum(c.seconds(batch) for c in op_costs(graph, concrete_shapes(graph, input_shapes))))
+
+
 def is_known(op: Op) -> bool:
     """Keras's own layers and operations follow the rules above; anything else is estimated."""
     return op.class_name.startswith(("keras.", "keras_hub.", "keras_nlp.", "keras_cv."))

@@ -938,8 +938,7 @@ def shard_seconds(topology: Any) -> list[float]:
     for s in topology.shards:
         model = load_keras_file(topology.shard_path(s.name), unsafe=unsafe)
         graph = build_graph(model)
-        shapes = cost.concrete_shapes(graph, _sample_shapes(topology, graph))
-        out.append(float(sum(c.seconds(s.batching.max_batch) for c in cost.op_costs(graph, shapes))))
+        out.append(cost.seconds_per_sample(graph, s.batching.max_batch, _sample_shapes(topology, graph)))
     return out
 
 

@@ -121,23 +121,10 @@ def _configure_threads(threads: int | None) -> None:
         raise UsageError(f"--threads {threads}: TensorFlow's runtime is already running in this process ({exc})") from exc
 
 
-def estimated_seconds(model: object, batch: int) -> float:
-    """The cost model's seconds per sample for ``model`` run in batches of ``batch`` on a speed-1.0 host."""
-    from pipeline.partition import cost
-    from pipeline.partition.graph import build_graph
-
-    graph = build_graph(model)
-    return float(sum(c.seconds(batch) for c in cost.op_costs(graph, cost.concrete_shapes(graph))))
-
-
-def compiled_reference(model_source: str, batch: int) -> tuple[object, dict[str, np.ndarray]]:
-    """The model as one ``tf.function`` and a fixed-seed random batch for it (its cost estimate: :func:`reference_run`)."""
-    fn, inputs, _ = reference_run(model_source, batch)
-    return fn, inputs
-
-
 def reference_run(model_source: str, batch: int) -> tuple[object, dict[str, np.ndarray], float]:
     """The model as one ``tf.function``, a fixed-seed random batch for it, and the cost model's seconds per sample."""
+    from pipeline.partition import cost
+    from pipeline.partition.graph import build_graph
     from pipeline.partition.reference import compiled, random_inputs
     from pipeline.partition.source import load_source
     from pipeline.topology import TensorSpec
@@ -152,7 +139,7 @@ def reference_run(model_source: str, batch: int) -> tuple[object, dict[str, np.n
         for t in model.inputs
     ]
     inputs = random_inputs(specs, batch, np.random.default_rng(0))
-    return compiled(model, specs), inputs, estimated_seconds(model, batch)
+    return compiled(model, specs), inputs, cost.seconds_per_sample(build_graph(model), batch)
 
 
 def _block(result: object) -> None:

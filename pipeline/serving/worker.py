@@ -871,7 +871,7 @@ class Worker:
             self._warm_at = time.monotonic()
         waiting = [
             c for c, sock in self.push.items()
-            if c != topo.INGRESS and c not in self.replica_push and c not in self.peers and not sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT
+            if c != topo.INGRESS and c not in self.replica_push and c not in self.peers and not sockets.takes_message(sock)
         ]  # fmt: skip
         if not waiting or time.monotonic() - self._warm_at > CONSUMERS_GRACE_S:
             if waiting:
@@ -1022,9 +1022,9 @@ class Worker:
         router = self.routers[consumer]
         order = router.order(request_id)
         i = order[0]  # the ingress chose the id so that this replica is up (replicas.choose_id)
-        if not socks[i].getsockopt(zmq.EVENTS) & zmq.POLLOUT and consumer in self._sole_consumer:
+        if not sockets.takes_message(socks[i]) and consumer in self._sole_consumer:
             # this worker is the shard's only producer: no other part to meet, the next live replica will do
-            i = next((k for k in order if socks[k].getsockopt(zmq.EVENTS) & zmq.POLLOUT), i)
+            i = next((k for k in order if sockets.takes_message(socks[k])), i)
         self._target = router.names[i]
         router.sent[i] += 1
         return socks[i]

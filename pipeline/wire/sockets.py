@@ -39,6 +39,11 @@ def pull(ctx: zmq.Context, bind: str, bounds: SocketBounds = DEFAULT_BOUNDS, con
     return sock
 
 
+def takes_message(sock: zmq.Socket) -> bool:
+    """Whether a send would not block now: for a ``ZMQ_IMMEDIATE`` PUSH, a peer is connected and its queue has room."""
+    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
+
+
 def push(ctx: zmq.Context, endpoint: str, bounds: SocketBounds = DEFAULT_BOUNDS, configure: Configure | None = None) -> zmq.Socket:
     """A connected PUSH socket that queues only to live peers (``ZMQ_IMMEDIATE``; ``configure`` runs before the connect)."""
     sock = ctx.socket(zmq.PUSH)
