@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 from pipeline.cluster import HOP_FLOOR_S, LOOPBACK, Cluster, Link
 from pipeline.errors import PartitionError, UsageError
-from pipeline.partition.planner import DEFAULT_SLACK, Crossings, plan_balanced
+from pipeline.partition.planner import DEFAULT_SLACK, Crossings, check_shard_count, plan_balanced
 
 OBJECTIVES = ("throughput", "latency")
 #: ties closer than this are ties (seconds).
@@ -537,13 +537,7 @@ def plan(
             raise UsageError(f"--shards {shards}: the topology has {total} shards, and placing does not re-cut it")
         shards = total
     if shards is not None:
-        if shards < 1:
-            raise PartitionError(f"--shards must be at least 1, received {shards}")
-        if shards - 1 > len(candidates):
-            raise PartitionError(
-                f"--shards {shards} needs {shards - 1} cut points, but this model has only {len(candidates)} places where "
-                f"it can be cut ({n} operations); expected --shards between 1 and {len(candidates) + 1}"
-            )
+        check_shard_count(shards, len(candidates), n)
     if objective == "throughput":
         best = _search(index, candidates, shards, slack, mode="bottleneck")
         bound = best.value[0] * (1.0 + slack) + _EPS

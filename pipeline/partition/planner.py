@@ -86,19 +86,24 @@ def _leading_axes(mask: tuple[int | None, ...], shape: tuple[int | None, ...]) -
     return 0 < len(mask) <= len(shape) and all(a is None or b is None or a == b for a, b in zip(mask, shape))
 
 
+def check_shard_count(k: int, cut_points: int, operations: int) -> None:
+    """:class:`PartitionError` unless ``k`` shards can be cut from a model with ``cut_points`` places to cut."""
+    if k < 1:
+        raise PartitionError(f"--shards must be at least 1, received {k}")
+    if k - 1 > cut_points:
+        raise PartitionError(
+            f"--shards {k} needs {k - 1} cut points, but this model has only {cut_points} places where it can be "
+            f"cut ({operations} operations); expected --shards between 1 and {cut_points + 1}"
+        )
+
+
 def plan_balanced(
     seconds: Sequence[float], cross: Crossings, k: int, slack: float = DEFAULT_SLACK
 ) -> list[int]:
     """Boundaries (sorted, ``k - 1`` of them) minimising the slowest shard, then the bytes crossing cuts."""
     n = len(seconds)
     candidates = np.flatnonzero(cross.allowed)
-    if k < 1:
-        raise PartitionError(f"--shards must be at least 1, received {k}")
-    if k - 1 > len(candidates):
-        raise PartitionError(
-            f"--shards {k} needs {k - 1} cut points, but this model has only {len(candidates)} places where it can be "
-            f"cut ({n} operations); expected --shards between 1 and {len(candidates) + 1}"
-        )
+    check_shard_count(k, len(candidates), n)
     if k == 1:
         return []
     prefix = np.concatenate([[0.0], np.cumsum(np.asarray(seconds, dtype=np.float64))])

@@ -346,14 +346,7 @@ class Ingress:
             if self.topology.shard(shard).discovered:
                 continue  # sockets to its replicas open as their heartbeats arrive (_add_discovered)
             for name, replica in zip(self._replicas[shard], self.topology.shard(shard).replicas):
-                endpoint = replica.endpoint
-                push = self._push[name] = sockets.push(self._ctx, endpoint, bounds, configure=self.links.client(shard))
-                self.liveness.set_connected(name, False)
-                self._monitors[name] = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-                # the factory connects at once; connect again now that the monitor is attached, so the
-                # handshake with a shard that is already up cannot happen before anyone listens for it
-                push.disconnect(endpoint)
-                push.connect(endpoint)
+                self._open_monitored(shard, name, replica.endpoint)
 
         server = grpc.aio.server(
             options=[
@@ -416,6 +409,18 @@ class Ingress:
         )
         return port
 
+    def _open_monitored(self, shard: str, name: str, endpoint: str) -> None:
+        """The PUSH socket to replica ``name`` of ``shard``, down until its monitor reports a handshake."""
+        assert self._ctx is not None and self.links is not None
+        bounds = sockets.SocketBounds(send_hwm=self.config.send_hwm, recv_hwm=self.config.recv_hwm)
+        push = self._push[name] = sockets.push(self._ctx, endpoint, bounds, configure=self.links.client(shard))
+        self.liveness.set_connected(name, False)
+        self._monitors[name] = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        # the factory connects at once; connect again now that the monitor is attached, so the
+        # handshake with a shard that is already up cannot happen before anyone listens for it
+        push.disconnect(endpoint)
+        push.connect(endpoint)
+
     def _add_discovered(self, shard: str, name: str, address: str) -> None:
         """A replica found by its heartbeat (``shard@address``): follow its liveness; for an entry shard, connect to
         it (its socket's monitor says when it is reachable, as for a listed replica)."""
@@ -427,12 +432,7 @@ class Ingress:
         from pipeline import discovery
 
         endpoint = discovery.endpoint_at(self.topology.shard(shard).endpoint, address)
-        bounds = sockets.SocketBounds(send_hwm=self.config.send_hwm, recv_hwm=self.config.recv_hwm)
-        push = self._push[name] = sockets.push(self._ctx, endpoint, bounds, configure=self.links.client(shard))
-        self.liveness.set_connected(name, False)
-        self._monitors[name] = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        push.disconnect(endpoint)
-        push.connect(endpoint)
+        self._open_monitored(shard, name, endpoint)
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch_connection(name), name=f"ingress-monitor-{name}"))
         log.info("replica_discovered", shard=shard, replica=name, endpoint=endpoint)
 

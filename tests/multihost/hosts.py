@@ -95,6 +95,17 @@ class MultiHost:
     def stop(self) -> dict[str, int | None]:
         return self.cluster.stop() if self.cluster is not None else {}
 
+    def __enter__(self) -> MultiHost:
+        """Started; whatever did start is stopped again when the start fails."""
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def ready(self) -> bool:
         """``ServerReady`` asked from the ingress's host (this process cannot reach the namespaces)."""
         result = self.network.run(self.ingress_host, [sys.executable, "-c", READY_PROBE, self.target], timeout_s=30, cwd=ROOT)

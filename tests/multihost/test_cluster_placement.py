@@ -48,12 +48,8 @@ def test_a_join_placed_by_the_planner_answers_bitwise(make_network: Callable[[in
     assert set(placement.values()) <= {h.name for h in net.hosts}
     assert len(set(placement.values())) >= 2, f"the planner put everything on one host: {placement}"
     assert placement[topo.INGRESS] == "h1" and t.ingress.grpc == f"{net.host('h1').address}:8001"
-    run = mh.MultiHost(net, t, tmp_path / "logs", placement, worker_args=["--threads", "1"])
-    try:
-        run.start()
+    with mh.MultiHost(net, t, tmp_path / "logs", placement, worker_args=["--threads", "1"]) as run:
         records = run.load(replay, tmp_path / "placed.jsonl", concurrency=1, count=8, timeout=30)
-    finally:
-        run.stop()
     assert mh.counts(records) == {"correct": 8}, records[:3]
     spread = mh.reference_spread(replay)
     assert spread > 1e-4, f"reference outputs of different inputs differ by only {spread}: the comparison could not fail"
@@ -71,17 +67,13 @@ def test_replicas_of_the_join_on_two_hosts_answer_bitwise(make_network: Callable
     placement = host_names(t)
     assert len(t.shard("shard2").replicas) == 2 and placement["shard2@0"] != placement["shard2@1"], placement
     assert set(t.producers("shard2")) == {"ingress", "shard0", "shard1"}
-    run = mh.MultiHost(net, t, tmp_path / "logs", placement, worker_args=["--threads", "1"])
-    try:
-        run.start()
+    with mh.MultiHost(net, t, tmp_path / "logs", placement, worker_args=["--threads", "1"]) as run:
         assert {"shard2@0", "shard2@1"} <= set(run.cluster.procs)  # type: ignore[union-attr]
         records = run.load(replay, tmp_path / "replicas.jsonl", concurrency=1, count=16, timeout=30)
         time.sleep(3 * t.heartbeat_interval_s)  # the counts of the last requests reach the ingress
         asked = net.run("h1", [sys.executable, "-c", COMPUTED, run.target], timeout_s=60, cwd=ROOT)
         assert asked.returncode == 0, asked.stderr[-2000:]
         computed = json.loads(asked.stdout)
-    finally:
-        run.stop()
     assert mh.counts(records) == {"correct": 16}, records[:3]
     assert mh.reference_spread(replay) > 1e-4
     # both replicas, each on its own host, computed joins (16 random ids: all on one replica has odds 2 ** -15)

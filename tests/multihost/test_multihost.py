@@ -106,12 +106,8 @@ def join_pipeline(network3: Network, tmp_path_factory: pytest.TempPathFactory) -
     base = tmp_path_factory.mktemp("join3")
     t, hosts = placed_join(network3, base)
     replay = mh.record(t.directory, base / "replay.npz", 24)
-    run = mh.MultiHost(network3, t, base / "logs", hosts, worker_args=["--threads", "1"])
-    try:
-        run.start()
+    with mh.MultiHost(network3, t, base / "logs", hosts, worker_args=["--threads", "1"]) as run:
         yield run, replay
-    finally:
-        run.stop()
 
 
 def _spread_ok(replay: Path, tolerance: float) -> float:
@@ -244,12 +240,8 @@ def test_curve_across_three_hosts(network3: Network, tmp_path: Path) -> None:
     t = topo.load(t.directory)
     replay = mh.record(t.directory, tmp_path / "replay.npz", 8)
     assert t.security == "curve" and all(s.curve_public_key for s in t.shards)
-    run = mh.MultiHost(network3, t, tmp_path / "logs", hosts, worker_args=["--threads", "1"])
-    try:
-        run.start()
+    with mh.MultiHost(network3, t, tmp_path / "logs", hosts, worker_args=["--threads", "1"]) as run:
         records = run.load(replay, tmp_path / "curve.jsonl", concurrency=1, count=8, timeout=30)
-    finally:
-        run.stop()
     _spread_ok(replay, 0.0)
     assert mh.counts(records) == {"correct": 8}, records[:3]
 
