@@ -6,13 +6,15 @@ sockets), run on a thread of its own; they share the process's one
 ``zmq.Context`` and its one TensorFlow runtime. Links between them are
 ``inproc://`` (:mod:`pipeline.colocation`), links to other processes TCP.
 
-TensorFlow's thread pools belong to the process, not to a shard: the intra-op
-pool is sized once (``--threads`` over ``PIPELINE_THREADS`` over the process's
-``threads`` in the topology over the CPUs the process may use) and shared by
-every shard, one thread per CPU by default so that the shards share the cores
-instead of each bringing a pool (measured with four MobileNetV3Large shards on
-2 cores, in the same minute: 1.08 shards' worth of work at once with one
-intra-op thread, 2.22 with two; docs/BENCHMARKS.md has the other runs).
+TensorFlow's thread pools belong to the process, not to a shard. The
+inter-op pool has one thread per shard, at most one per CPU: each shard's
+graph runs on a thread of its own, so the shards compute at once. The
+intra-op pool is sized once (``--threads`` over ``PIPELINE_THREADS`` over the
+process's ``threads`` in the topology over the CPUs divided among the shards,
+at least one) and shared by every shard: the shards fill the cores by running
+at once rather than by splitting each kernel (measured with two
+MobileNetV3Large shards on 2 CPUs: 2.36 shards' worth of work at once with
+one intra-op thread, 1.43 with two; docs/BENCHMARKS.md).
 
 Lifecycle: the shards load one at a time and each reports ready on its own.
 SIGTERM/SIGINT drain every shard at once (each as a single worker does).
@@ -50,9 +52,9 @@ WATCH_INTERVAL_S = 0.1
 log = plog.get_logger("pipeline.group")
 
 
-def default_threads() -> int:
-    """One intra-op thread per CPU this process may run on (the shards share them)."""
-    return max(1, len(os.sched_getaffinity(0)))
+def default_threads(shards: int) -> int:
+    """The CPUs this process may run on divided among its shards (:func:`colocation.default_intra_threads`)."""
+    return colocation.default_intra_threads(shards, len(os.sched_getaffinity(0)))
 
 
 def default_inter_threads(shards: int) -> int:
@@ -83,7 +85,7 @@ def load_configs(args: argparse.Namespace, environ: dict[str, str] | None = None
         one = argparse.Namespace(**{**vars(args), "shard": shard, "bind": None})
         config, _ = load_config(one, env)
         configs.append(config)
-    threads = configs[0].threads if (getattr(args, "threads", None) or env.get(ENV_PREFIX + "THREADS")) else (spec.threads or default_threads())
+    threads = configs[0].threads if (getattr(args, "threads", None) or env.get(ENV_PREFIX + "THREADS")) else (spec.threads or default_threads(len(spec.shards)))
     # One inter-op thread runs every graph of the process in turn: the shards would only take turns
     # (measured: 1.24 shards' worth of work at once with 1 inter-op thread, 2.04 with 2, on 2 CPUs).
     inter = configs[0].inter_threads if (getattr(args, "inter_threads", None) or env.get(ENV_PREFIX + "INTER_THREADS")) else default_inter_threads(len(spec.shards))

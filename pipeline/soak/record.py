@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="TensorFlow intra-op threads for the reference (default: the workers' default: 1, or with co-located "
-        "shards their process's pool, one thread per CPU unless the topology says). The last bits of "
+        "shards their process's pool, its CPUs divided among its shards unless the topology says). The last bits of "
         "a convolution depend on it, so a bitwise reference uses the workers' count",
     )
     p.add_argument(

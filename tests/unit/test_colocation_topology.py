@@ -151,11 +151,14 @@ def test_a_grouped_shard_cannot_be_started_alone(tmp_path: Path) -> None:
             group.load_configs(parser.parse_args([str(tmp_path), *argv]), {})
     spec, configs, _ = group.load_configs(parser.parse_args([str(tmp_path), "--process", "workers", "--metrics", "none"]), {})
     assert [c.shard for c in configs] == ["a", "b", "c"] and all(c.metrics == "none" for c in configs)
-    assert all(c.threads == group.default_threads() for c in configs)  # the process's pool: one thread per CPU
+    cpus = len(os.sched_getaffinity(0))
+    # the process's pool: its CPUs divided among its 3 shards, at least one thread
+    assert all(c.threads == max(1, cpus // 3) == group.default_threads(3) for c in configs)
+    assert [colocation.default_intra_threads(s, 8) for s in (1, 2, 3, 4, 8, 9)] == [8, 4, 2, 2, 1, 1]
+    assert colocation.default_intra_threads(2, 2) == 1 and colocation.default_intra_threads(0, 2) == 2
     _, configs, _ = group.load_configs(parser.parse_args([str(tmp_path), "--process", "workers", "--threads", "3"]), {})
     assert {c.threads for c in configs} == {3}
     # one inter-op thread per shard up to the CPUs (with one, the shards' graphs only take turns)
-    cpus = len(os.sched_getaffinity(0))
     assert {c.inter_threads for c in configs} == {min(3, cpus)} and group.default_inter_threads(3) == min(3, cpus)
     assert group.default_inter_threads(1) == 1
     _, configs, _ = group.load_configs(parser.parse_args([str(tmp_path), "--process", "workers", "--inter-threads", "1"]), {})
@@ -176,4 +179,9 @@ def test_the_colocate_command_regroups_a_topology_without_recutting(tmp_path: Pa
     assert colocation.worker_threads(t) == 2
     assert cli.main(["colocate", str(tmp_path), "--per-shard"]) == 0
     assert topo.load(tmp_path, check_files=False).processes == ()
+    assert colocation.worker_threads(topo.load(tmp_path, check_files=False)) == 0  # the worker's own default
+    assert cli.main(["colocate", str(tmp_path)]) == 0
+    capsys.readouterr()
+    # no threads: given, the reference uses the pool the process will size (its CPUs among its 3 shards)
+    assert colocation.worker_threads(topo.load(tmp_path, check_files=False)) == max(1, len(os.sched_getaffinity(0)) // 3)
     assert cli.main(["colocate", str(tmp_path), "--threads", "-1"]) == 2
