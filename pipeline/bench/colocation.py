@@ -1,7 +1,7 @@
 """``pipeline bench DIR --only colocation``: one process per shard against co-located shards (and Triton).
 
-In one run, through the same gRPC load generator (:mod:`pipeline.bench.load`,
-KServe v2), one configuration after the other on the same machine:
+Through the same gRPC load generator (:mod:`pipeline.bench.load`, KServe v2),
+on the same machine, these configurations:
 
 - ``local``: the whole model compiled (``tf.function``) in the bench process,
   called directly (no server): the reference of the design budget;
@@ -12,24 +12,36 @@ KServe v2), one configuration after the other on the same machine:
   CPU shared by the shards);
 - ``triton``: a real Triton Inference Server serving the whole model through
   PyTriton with dynamic batching, when ``.venv-pytriton`` exists or
-  ``scripts/pytriton_env.sh`` can build it.
+  ``scripts/pytriton_env.sh`` can build it (``--no-triton`` leaves it out).
 
-Per configuration: p50 latency at concurrency 1, throughput at concurrency 16,
+All of them are up at once and measured in interleaved rounds: each round
+sends every configuration a block of requests one at a time, then a block at
+concurrency 16, and each configuration leads a round in turn. A minute in
+which the shared machine is slow then costs every configuration alike, and
+the ratios compare the same minutes. (Measured one after the other, minutes
+apart, the same configuration moved by 20-40 % on this machine.) An idle
+configuration costs the others little: the pipelines' heartbeats, Triton's
+idle threads.
+
+Per configuration: p50 latency at concurrency 1 over all its rounds, the
+throughput at concurrency 16 (all its load blocks' samples over their time),
 and the resident memory (RSS) of all its processes (the ingress included;
 Triton's server, its Python backend stubs and the PyTriton process included),
-measured warm after the load. ``--rounds N`` repeats the served
-configurations in turn and keeps each one's best, so that a noisy minute of a
-shared machine does not decide the ratio.
+measured warm after the load. Against Triton, also round by round: the median
+and range of the ratios and in how many rounds each was ahead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +59,13 @@ PYTRITON_VENV = Path(os.environ.get("PIPELINE_PYTRITON_VENV", ROOT / ".venv-pytr
 LOAD_CONCURRENCY = 16
 #: start of a served configuration (TensorFlow imports on a busy 2-core machine).
 START_TIMEOUT_S = 300.0
+#: interleaved rounds when the caller does not say (``--rounds``).
+DEFAULT_ROUNDS = 5
+#: requests one at a time per configuration and round, at least.
+MIN_BLOCK = 20
+#: seconds the local reference computes at its best batch per round (a served configuration's load block
+#: is at least 8 x 16 requests, about two seconds here).
+LOCAL_RATE_BLOCK_S = 2.0
 
 log = get_logger("pipeline.bench.colocation")
 
@@ -112,7 +131,30 @@ def measure(target: str, model: str, t: topo.Topology, requests: int, pids: Sequ
     }
 
 
-def served_pipeline(source: topo.Topology, work: Path, logs: Path, *, colocate: bool, requests: int, threads: int | None) -> dict[str, Any]:
+@dataclass
+class Served:
+    """One configuration under measurement: where to send requests, and what it has measured so far."""
+
+    label: str
+    target: str
+    pids: list[int]
+    version: str = ""
+    latencies_s: list[float] = field(default_factory=list)
+    samples: int = 0
+    wall_s: float = 0.0
+    errors: Counter[str] = field(default_factory=Counter)
+    rounds: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def p50_ms(self) -> float:
+        return float(np.percentile(np.asarray(self.latencies_s) * 1e3, 50)) if self.latencies_s else float("nan")
+
+    @property
+    def rate(self) -> float:
+        return self.samples / self.wall_s if self.wall_s else float("nan")
+
+
+def _served_pipeline(stack: contextlib.ExitStack, source: topo.Topology, work: Path, logs: Path, *, colocate: bool, threads: int | None) -> Served:
     from pipeline.launch import Cluster, relocate
 
     label = "co-located" if colocate else "per-shard"
@@ -120,14 +162,8 @@ def served_pipeline(source: topo.Topology, work: Path, logs: Path, *, colocate: 
     copy = colocation.colocate(copy) if colocate else colocation.per_shard(copy)
     copy.write()
     args = ["--threads", str(threads)] if threads else []
-    with Cluster(copy, logs / label, common_worker_args=args) as cluster:
-        out = measure(cluster.target, copy.name, copy, requests)
-        pids = [p.pid for p in cluster.procs.values()]
-        out["rss_bytes"] = rss_bytes(pids)
-        out["processes"] = len(pids)
-        worker_pids = [p.pid for n, p in cluster.procs.items() if n != topo.INGRESS]
-        out["workers_rss_bytes"] = rss_bytes(worker_pids)
-    return out
+    cluster = stack.enter_context(Cluster(copy, logs / label, common_worker_args=args))
+    return Served(label, cluster.target, [p.pid for p in cluster.procs.values()])
 
 
 def pytriton_python() -> Path | str:
@@ -145,15 +181,16 @@ def _libpython_dir(py: Path) -> str:
     return r.stdout.strip()
 
 
-def served_triton(source: topo.Topology, work: Path, logs: Path, *, requests: int, threads: int) -> dict[str, Any]:
+def _served_triton(stack: contextlib.ExitStack, source: topo.Topology, logs: Path, *, threads: int) -> Served | str:
+    """A real Triton serving the whole model (stopped with ``stack``), or why it cannot run here."""
     from pipeline import process
     from pipeline.launch import free_ports
 
     py = pytriton_python()
     if isinstance(py, str):
-        return {"skipped": py}
+        return py
     if len(source.inputs) != 1 or len(source.outputs) != 1:
-        return {"skipped": "the Triton comparison serves one-input, one-output models only"}
+        return "the Triton comparison serves one-input, one-output models only"
     grpc_port, http_port, metrics_port = free_ports(3)
     (i,), (o,) = source.inputs, source.outputs
     sample = source.extra.get("sample_input_shapes", {}).get(i.name)
@@ -172,24 +209,19 @@ def served_triton(source: topo.Topology, work: Path, logs: Path, *, requests: in
         "PYTHONUNBUFFERED": "1",
     }
     proc = process.start("pytriton", argv, logs / "triton", env=env)
+    stack.callback(proc.stop)
     target = f"127.0.0.1:{grpc_port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while "pytriton_ready" not in proc.text() or not _triton_ready(target, source.name):
-            if not proc.alive:
-                return {"skipped": f"PyTriton exited {proc.returncode}: {proc.text()[-800:]}"}
-            if time.monotonic() > deadline:
-                return {"skipped": f"PyTriton not ready within {START_TIMEOUT_S:.0f} s: {proc.text()[-800:]}"}
-            time.sleep(0.5)
-        out = measure(target, source.name, source, requests)
-        out["rss_bytes"] = rss_bytes([proc.pid])
-        out["processes"] = 1 + len(_children(proc.pid))
-        out["version"] = subprocess.run(
-            [str(py), "-c", "import importlib.metadata as m; print(m.version('nvidia-pytriton'))"], capture_output=True, text=True, timeout=60
-        ).stdout.strip()
-        return out
-    finally:
-        proc.stop()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while "pytriton_ready" not in proc.text() or not _triton_ready(target, source.name):
+        if not proc.alive:
+            return f"PyTriton exited {proc.returncode}: {proc.text()[-800:]}"
+        if time.monotonic() > deadline:
+            return f"PyTriton not ready within {START_TIMEOUT_S:.0f} s: {proc.text()[-800:]}"
+        time.sleep(0.5)
+    version = subprocess.run(
+        [str(py), "-c", "import importlib.metadata as m; print(m.version('nvidia-pytriton'))"], capture_output=True, text=True, timeout=60
+    ).stdout.strip()
+    return Served("triton", target, [proc.pid, *_children(proc.pid)], version=version)
 
 
 def _children(pid: int) -> list[int]:
@@ -214,57 +246,209 @@ def _triton_ready(target: str, model: str) -> bool:
             return False
 
 
+class LocalReference:
+    """The whole model compiled in this process, measured in the same blocks as the servers (no server)."""
+
+    def __init__(self, source: topo.Topology) -> None:
+        import psutil
+
+        from pipeline.bench import local
+
+        before = psutil.Process().memory_info().rss
+        self.fn, self.t = local.compiled_whole(source.directory)
+        self.x1 = local.sample_inputs(self.t, 1)
+        tp = local.throughput(self.fn, self.t, [1, 8, 16], seconds=2.0)
+        self.best_batch = max(tp, key=tp.get)
+        self.xb = local.sample_inputs(self.t, self.best_batch)
+        self.rss_bytes = psutil.Process().memory_info().rss
+        self.rss_added_bytes = self.rss_bytes - before
+        self.served = Served("local", "", [os.getpid()])
+
+    def latency_block(self, requests: int) -> None:
+        from pipeline.bench import local
+
+        self.served.latencies_s += local.latency(self.fn, self.x1, requests, warmup=2)
+
+    def rate_block(self, seconds: float) -> float:
+        from pipeline.bench import local
+
+        local.call(self.fn, self.xb)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            local.call(self.fn, self.xb)
+            n += self.best_batch
+        wall = time.perf_counter() - start
+        self.served.samples += n
+        self.served.wall_s += wall
+        return n / wall
+
+
 def local_reference(source: topo.Topology, requests: int) -> dict[str, Any]:
     """The whole model compiled in this process: p50 at batch 1, and its best batched rate (no server)."""
-    import psutil
-
-    from pipeline.bench import local
-
-    before = psutil.Process().memory_info().rss
-    fn, t = local.compiled_whole(source.directory)
-    x1 = local.sample_inputs(t, 1)
-    times = local.latency(fn, x1, requests)
-    tp = local.throughput(fn, t, [1, 8, 16], seconds=3.0)
-    best = max(tp, key=tp.get)
+    ref = LocalReference(source)
+    ref.latency_block(requests)
+    ref.rate_block(3.0)
     return {
-        "p50_ms": float(np.percentile(np.asarray(times) * 1e3, 50)),
-        "rate": tp[best],
-        "best_batch": best,
-        "rss_bytes": psutil.Process().memory_info().rss,
-        "rss_added_bytes": psutil.Process().memory_info().rss - before,
+        "p50_ms": ref.served.p50_ms,
+        "rate": ref.served.rate,
+        "best_batch": ref.best_batch,
+        "rss_bytes": ref.rss_bytes,
+        "rss_added_bytes": ref.rss_added_bytes,
     }
 
 
-def bench_colocation(source: topo.Topology, work: Path, logs: Path, requests: int, threads: int | None = None, rounds: int = 1) -> dict[str, Any]:
-    """Every configuration, side by side in this run (see the module docstring)."""
+def _latency_block(s: Served, req1: Any, requests: int) -> float:
+    from pipeline.bench.load import run_load
+
+    one = asyncio.run(run_load(s.target, [req1], total=requests, concurrency=1, warmup=2))
+    s.latencies_s += one.latencies_s
+    s.errors.update(one.errors)
+    return float(np.percentile(np.asarray(one.latencies_s) * 1e3, 50)) if one.latencies_s else float("nan")
+
+
+def _rate_block(s: Served, reqs: Sequence[Any], requests: int) -> float:
+    from pipeline.bench.load import run_load
+
+    load = asyncio.run(run_load(s.target, reqs, total=requests, concurrency=LOAD_CONCURRENCY, warmup=2))
+    s.samples += load.samples
+    s.wall_s += load.wall_s
+    s.errors.update(load.errors)
+    return load.rate
+
+
+def bench_colocation(
+    source: topo.Topology, work: Path, logs: Path, requests: int, threads: int | None = None, rounds: int = DEFAULT_ROUNDS, triton: bool = True
+) -> dict[str, Any]:
+    """Every configuration up at once, measured in interleaved rounds (see the module docstring)."""
+    from pipeline.bench import local
+
     cpus = len(os.sched_getaffinity(0))
+    rounds = max(1, rounds)
     out: dict[str, Any] = {"cpus": cpus, "rounds": rounds, "shards": len(source.shards)}
-    runs: dict[str, list[dict[str, Any]]] = {"per-shard": [], "co-located": [], "triton": []}
-    for r in range(rounds):
-        runs["per-shard"].append(served_pipeline(source, work / f"r{r}", logs, colocate=False, requests=requests, threads=threads))
-        runs["co-located"].append(served_pipeline(source, work / f"r{r}", logs, colocate=True, requests=requests, threads=threads))
-        tri = served_triton(source, work / f"r{r}", logs, requests=requests, threads=threads or cpus)
-        runs["triton"].append(tri)
-        if "skipped" in tri:
-            break
-    # the pools a co-located process uses (one inter-op thread per shard up to the CPUs), and one inter-op thread
+    # the pools a co-located process uses (one inter-op thread per shard up to the CPUs), and one inter-op thread;
+    # measured first, in processes of their own, while nothing else runs
     out["overlap"] = [overlap_in_subprocess(source.directory, n, i) for n in sorted({1, threads or cpus}) for i in (0, 1)]
-    out["local"] = local_reference(source, requests)
-    for name, rows in runs.items():
-        good = [row for row in rows if "skipped" not in row]
-        if not good:
-            out[name] = rows[0] if rows else {"skipped": "not run"}
-            continue
-        out[name] = {
-            "p50_ms": min(row["p50_ms"] for row in good),
-            "rate": max(row["rate"] for row in good),
-            "rss_bytes": min(row["rss_bytes"] for row in good),
-            "processes": good[0]["processes"],
-            "errors": {k: sum(row["errors"].get(k, 0) for row in good) for row in good for k in row["errors"]},
-            "runs": good,
-            **({"version": good[0]["version"]} if "version" in good[0] else {}),
+    per_round_c1 = max(MIN_BLOCK, -(-requests // rounds))
+    per_round_load = max(8 * LOAD_CONCURRENCY, -(-requests // rounds))
+    req1 = kserve.infer_request(source.name, local.sample_inputs(source, 1))
+    reqs = [kserve.infer_request(source.name, local.sample_inputs(source, 1, seed=i)) for i in range(8)]
+    with contextlib.ExitStack() as stack:
+        served = {
+            "per-shard": _served_pipeline(stack, source, work, logs, colocate=False, threads=threads),
+            "co-located": _served_pipeline(stack, source, work, logs, colocate=True, threads=threads),
         }
+        # Triton at each thread count worth trying (one intra-op thread answered one request faster here, the
+        # CPUs' worth served more at concurrency 16): the goals compare against its best on each measure.
+        for n in triton_thread_counts(threads, cpus) if triton else ():
+            tri = _served_triton(stack, source, logs / f"t{n}", threads=n)
+            if isinstance(tri, str):
+                out["triton"] = {"skipped": tri}
+                break
+            served[f"triton-{n}"] = tri
+        else:
+            if not triton:
+                out["triton"] = {"skipped": "not asked for (--no-triton)"}
+        ref = LocalReference(source)
+        for s in served.values():  # warm every path: first calls trace, connect and allocate
+            _latency_block(s, req1, 10)
+            _rate_block(s, reqs, 2 * LOAD_CONCURRENCY)
+            s.latencies_s.clear()
+            s.samples, s.wall_s = 0, 0.0
+        names = ["local", *served]
+        everyone = {"local": ref.served, **served}
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]  # each configuration leads a round in turn
+            row: dict[str, dict[str, float]] = {n: {} for n in names}
+            for n in order:
+                if n == "local":
+                    ref.latency_block(per_round_c1)
+                    row[n]["p50_ms"] = float(np.percentile(np.asarray(ref.served.latencies_s[-per_round_c1:]) * 1e3, 50))
+                else:
+                    row[n]["p50_ms"] = _latency_block(served[n], req1, per_round_c1)
+            for n in order:
+                if n == "local":
+                    row[n]["rate"] = ref.rate_block(LOCAL_RATE_BLOCK_S)
+                else:
+                    row[n]["rate"] = _rate_block(served[n], reqs, per_round_load)
+            for n in names:
+                everyone[n].rounds.append(row[n])
+            log.info("colocation_round", round=r + 1, of=rounds, **{n: row[n] for n in names})
+        out["local"] = {
+            "p50_ms": ref.served.p50_ms,
+            "rate": ref.served.rate,
+            "best_batch": ref.best_batch,
+            "rss_bytes": ref.rss_bytes,
+            "rss_added_bytes": ref.rss_added_bytes,
+            "runs": ref.served.rounds,
+        }
+        for n, s in served.items():
+            out[n] = {
+                "p50_ms": s.p50_ms,
+                "rate": s.rate,
+                "rss_bytes": rss_bytes(s.pids),
+                "processes": len(_family(s.pids)),
+                "errors": dict(s.errors),
+                "runs": s.rounds,
+                **({"version": s.version} if s.version else {}),
+            }
+    configs = [n for n in out if n.startswith("triton-")]
+    if configs and "skipped" not in out.get("triton", {}):
+        out["triton"] = best_of(out, configs)
+        out["paired"] = {n: paired_ratios(out[n]["runs"], out["triton"]["runs"]) for n in ("local", "per-shard", "co-located")}
     return out
+
+
+def triton_thread_counts(threads: int | None, cpus: int) -> list[int]:
+    """The intra-op thread counts Triton is served with: the one asked for, else one and the CPUs'."""
+    return [threads] if threads else sorted({1, cpus})
+
+
+def best_of(out: Mapping[str, Any], configs: Sequence[str]) -> dict[str, Any]:
+    """Triton's best: on each measure the better of its configurations, also round by round."""
+    rows = [out[n] for n in configs]
+    rounds = min(len(r["runs"]) for r in rows)
+    return {
+        "p50_ms": min(r["p50_ms"] for r in rows),
+        "rate": max(r["rate"] for r in rows),
+        "rss_bytes": min(r["rss_bytes"] for r in rows),
+        "processes": min(r["processes"] for r in rows),
+        "errors": {k: v for r in rows for k, v in r["errors"].items()},
+        "runs": [
+            {"p50_ms": min(r["runs"][i]["p50_ms"] for r in rows), "rate": max(r["runs"][i]["rate"] for r in rows)} for i in range(rounds)
+        ],
+        "of": list(configs),
+        **({"version": rows[0]["version"]} if "version" in rows[0] else {}),
+    }
+
+
+def _family(pids: Sequence[int]) -> set[int]:
+    import psutil
+
+    seen: set[int] = set()
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            seen.update(p.pid for p in [root, *root.children(recursive=True)])
+        except psutil.Error:
+            continue
+    return seen
+
+
+def paired_ratios(runs: Sequence[Mapping[str, float]], against: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """Round by round, this configuration's p50 and rate over the other's (measured in the same minute).
+
+    ``p50``/``rate``: the median ratio and its range; ``p50_won``/``rate_won``: in how many rounds this
+    configuration was faster (lower p50, higher rate).
+    """
+    p50 = [a["p50_ms"] / b["p50_ms"] for a, b in zip(runs, against)]
+    rate = [a["rate"] / b["rate"] for a, b in zip(runs, against)]
+    return {
+        "rounds": len(p50),
+        "p50": {"median": float(np.median(p50)), "min": min(p50), "max": max(p50)} if p50 else {},
+        "rate": {"median": float(np.median(rate)), "min": min(rate), "max": max(rate)} if rate else {},
+        "p50_won": sum(x < 1.0 for x in p50),
+        "rate_won": sum(x > 1.0 for x in rate),
+    }
 
 
 def render(c: dict[str, Any]) -> list[str]:
@@ -272,20 +456,27 @@ def render(c: dict[str, Any]) -> list[str]:
     base = c["local"]
     tri = c.get("triton", {})
     lines = [
-        f"co-location: {c['shards']} shards, {c['cpus']} CPUs, best of {c['rounds']} round(s); same KServe v2 load generator",
-        "                                  p50 c=1 ms  x local  rate c=16/s  x local   RSS MB  procs" + ("  p50 x triton  rate x triton  RSS x triton" if "rate" in tri else ""),
+        f"co-location: {c['shards']} shards, {c['cpus']} CPUs, every configuration up at once, {c['rounds']} interleaved round(s); same KServe v2 load generator",
+        "                                      p50 c=1 ms  x local  rate c=16/s  x local   RSS MB  procs" + ("  p50 x triton  rate x triton  RSS x triton" if "rate" in tri else ""),
     ]
-    names = {"local": "local, compiled, in-process", "per-shard": "pipeline, one process per shard", "co-located": "pipeline, shards co-located", "triton": f"Triton (PyTriton {tri.get('version', '')})"}
-    for key in ("local", "per-shard", "co-located", "triton"):
+    pytriton = f"PyTriton {tri['version']}" if tri.get("version") else "PyTriton"
+    names = {"local": "local, compiled, in-process", "per-shard": "pipeline, one process per shard", "co-located": "pipeline, shards co-located"}
+    configs = [k for k in c if k.startswith("triton-")]
+    for k in configs:
+        n = k.removeprefix("triton-")
+        names[k] = f"Triton ({pytriton}), {n} thread{'s' if n != '1' else ''}"
+    names["triton"] = f"Triton's best of {len(configs)}" if len(configs) > 1 else f"Triton ({pytriton})"
+    keys = ["local", "per-shard", "co-located", *(configs if len(configs) > 1 else []), "triton"]
+    for key in keys:
         row = c.get(key, {})
         if "skipped" in row:
-            lines.append(f"  {names[key]:<32} skipped: {row['skipped'][:200]}")
+            lines.append(f"  {names[key]:<36} skipped: {row['skipped'][:200]}")
             continue
         if "rate" not in row:
             continue
         procs = row.get("processes", 1)
         text = (
-            f"  {names[key]:<32} {row['p50_ms']:10.2f}  {row['p50_ms'] / base['p50_ms']:7.2f}  {row['rate']:11.1f}  {row['rate'] / base['rate']:7.2f}"
+            f"  {names[key]:<36} {row['p50_ms']:10.2f}  {row['p50_ms'] / base['p50_ms']:7.2f}  {row['rate']:11.1f}  {row['rate'] / base['rate']:7.2f}"
             f"  {row['rss_bytes'] / 2**20:7.0f}  {procs:5d}"
         )
         if "rate" in tri:
@@ -294,6 +485,19 @@ def render(c: dict[str, Any]) -> list[str]:
             text += f"  errors {row['errors']}"
         lines.append(text)
     lines.append("  (local: no server, its rate at its best batch; RSS of local: the bench process itself)")
+    if len(configs) > 1:
+        lines.append("  (Triton's best: on each measure the better of its thread counts, also round by round; x triton is against it)")
+    paired = c.get("paired", {})
+    if paired:
+        lines.append(f"  round by round against Triton's best (the same minute; median, range, rounds won of {paired['co-located']['rounds']}):")
+        for key in ("local", "per-shard", "co-located"):
+            if key not in paired or not paired[key]["p50"]:
+                continue
+            pr = paired[key]
+            lines.append(
+                f"    {names[key]:<36} p50 x triton {pr['p50']['median']:.2f} ({pr['p50']['min']:.2f}-{pr['p50']['max']:.2f}, lower in {pr['p50_won']})"
+                f"   rate x triton {pr['rate']['median']:.2f} ({pr['rate']['min']:.2f}-{pr['rate']['max']:.2f}, higher in {pr['rate_won']})"
+            )
     for o in c.get("overlap", []):
         if "skipped" in o:
             lines.append(f"  overlap: skipped ({o['skipped'][:200]})")

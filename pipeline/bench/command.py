@@ -13,10 +13,10 @@ test). Sections:
 4. the hop: a tensor through encode, send, receive and decode against a bare
    ZeroMQ multipart hop of the same bytes;
 5. where the time goes in one request (the timing spans);
-6. co-location (``--only colocation``, not in the default set: it starts four
-   servers one after another): local, one process per shard, shards
-   co-located in one process, and a real Triton via PyTriton, through one load
-   generator (:mod:`pipeline.bench.colocation`).
+6. co-location (``--only colocation``, not in the default set: it starts three
+   servers and measures them in interleaved rounds): local, one process per
+   shard, shards co-located in one process, and a real Triton via PyTriton,
+   through one load generator (:mod:`pipeline.bench.colocation`).
 7. ``multihost`` (not in the default list: it needs root and takes minutes):
    the model over three namespace hosts with shaped links, the compute-only
    plan against the cluster-aware one (:mod:`pipeline.bench.multihost`).
@@ -59,7 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sections", default="latency,throughput,parallel,hop,curve,spans", help="which sections to run (comma-separated)"
     )
     p.add_argument("--only", default=None, metavar="SECTIONS", help="run only these sections (same as --sections; e.g. colocation or multihost)")
-    p.add_argument("--rounds", type=int, default=1, help="colocation: serve each configuration this many times in turn, keep the best")
+    p.add_argument(
+        "--rounds", type=int, default=None,
+        help="colocation: interleaved measurement rounds (default 5); replicas: serve each configuration this many times in turn, keep the best (default 1)",
+    )  # fmt: skip
+    p.add_argument("--no-triton", action="store_true", help="colocation: leave the Triton comparison out")
     p.add_argument("--rates", default="100mbit,1gbit", help="multihost: link rates in tc units (comma-separated)")
     p.add_argument("--load-seconds", type=float, default=8.0, help="multihost: seconds of load per plan (after 2 s of warm-up)")
     p.add_argument("--load-concurrency", type=int, default=16, help="multihost: requests in flight")
@@ -105,9 +109,10 @@ def run(args: argparse.Namespace) -> int:
 
             report["curve"] = bench_curve(nbytes=1 << 20, hops=200)
         if "colocation" in sections:
-            from pipeline.bench.colocation import bench_colocation
+            from pipeline.bench.colocation import DEFAULT_ROUNDS, bench_colocation
 
-            report["colocation"] = bench_colocation(source, work, logs, args.requests, args.threads, args.rounds)
+            rounds = DEFAULT_ROUNDS if args.rounds is None else args.rounds
+            report["colocation"] = bench_colocation(source, work, logs, args.requests, args.threads, rounds, triton=not args.no_triton)
         if "multihost" in sections:
             from pipeline.bench.multihost import Options, bench_multihost
 
@@ -121,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         if "replicas" in sections:
             from pipeline.bench.replicas import bench_replicas
 
-            report["replicas"] = bench_replicas(source, work, logs, args.requests, args.rounds)
+            report["replicas"] = bench_replicas(source, work, logs, args.requests, args.rounds or 1)
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

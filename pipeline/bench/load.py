@@ -41,8 +41,13 @@ async def run_load(
     concurrency: int,
     timeout_s: float = 30.0,
     samples_per_request: int = 1,
+    warmup: int = 0,
 ) -> LoadResult:
-    """Send ``total`` requests (cycling through ``requests``) with ``concurrency`` in flight."""
+    """Send ``total`` requests (cycling through ``requests``) with ``concurrency`` in flight.
+
+    ``warmup`` requests go first, one at a time on the same channel, and are not timed (their errors are
+    counted): the connection is up and warm before the first timed request.
+    """
     import grpc
 
     from pipeline.pb import grpc_service_pb2_grpc as kgrpc
@@ -52,6 +57,11 @@ async def run_load(
     counter = iter(range(total))
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         stub = kgrpc.GRPCInferenceServiceStub(channel)
+        for i in range(warmup):
+            try:
+                await stub.ModelInfer(requests[i % len(requests)], timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                result.errors[exc.code().name] += 1
 
         async def client() -> None:
             for i in counter:

@@ -64,6 +64,11 @@ def throughput(fn: Any, t: Any, batch_sizes: Sequence[int], seconds: float = 3.0
     return out
 
 
+def call(fn: Any, inputs: dict[str, np.ndarray]) -> None:
+    """One call, returned only once its outputs are computed."""
+    _block(fn(inputs))
+
+
 def _block(result: Any) -> None:
     for v in result.values() if isinstance(result, dict) else (result if isinstance(result, (list, tuple)) else [result]):
         v.numpy()
