@@ -54,6 +54,14 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any command imports TensorFlow
+    if argv[:1] in (["worker"], ["ingress"]):  # serving processes: before any import starts a thread
+        from pipeline.malloc import limit_arenas
+
+        try:
+            limit_arenas()
+        except ValueError as exc:
+            print(f"pipeline {argv[0]}: error: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
