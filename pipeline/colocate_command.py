@@ -20,7 +20,7 @@ from pipeline.errors import UsageError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path, metavar="DIR", help="a topology directory")
     p.add_argument("--per-shard", action="store_true", help="one process per shard (undo the grouping)")
-    p.add_argument("--threads", type=int, default=0, metavar="N", help="TensorFlow intra-op threads of each process (default: one per CPU)")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="TensorFlow intra-op threads of each process (default: its CPUs divided among its shards, at least one)")
 
 
 def run(args: argparse.Namespace) -> int:

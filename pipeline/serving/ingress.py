@@ -413,13 +413,17 @@ class Ingress:
         """The PUSH socket to replica ``name`` of ``shard``, down until its monitor reports a handshake."""
         assert self._ctx is not None and self.links is not None
         bounds = sockets.SocketBounds(send_hwm=self.config.send_hwm, recv_hwm=self.config.recv_hwm)
-        push = self._push[name] = sockets.push(self._ctx, endpoint, bounds, configure=self.links.client(shard))
+        secure = self.links.client(shard)
+
+        def configure(sock: zmq.Socket) -> None:
+            # the monitor is attached before the factory connects, so the handshake with a shard that is
+            # already up cannot happen before anyone listens for it
+            if secure is not None:
+                secure(sock)
+            self._monitors[name] = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+
         self.liveness.set_connected(name, False)
-        self._monitors[name] = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        # the factory connects at once; connect again now that the monitor is attached, so the
-        # handshake with a shard that is already up cannot happen before anyone listens for it
-        push.disconnect(endpoint)
-        push.connect(endpoint)
+        self._push[name] = sockets.push(self._ctx, endpoint, bounds, configure=configure)
 
     def _add_discovered(self, shard: str, name: str, address: str) -> None:
         """A replica found by its heartbeat (``shard@address``): follow its liveness; for an entry shard, connect to
