@@ -70,26 +70,16 @@ LOCAL_RATE_BLOCK_S = 2.0
 log = get_logger("pipeline.bench.colocation")
 
 
-def rss_bytes(pids: list[int]) -> int:
+def rss_bytes(pids: Sequence[int]) -> int:
     """Resident memory of these processes and all their descendants (each counted once)."""
     import psutil
 
-    seen: set[int] = set()
     total = 0
-    for pid in pids:
+    for pid in _family(pids):
         try:
-            root = psutil.Process(pid)
-            family = [root, *root.children(recursive=True)]
+            total += psutil.Process(pid).memory_info().rss
         except psutil.Error:
-            continue
-        for p in family:
-            if p.pid in seen:
-                continue
-            seen.add(p.pid)
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
+            pass
     return total
 
 
@@ -412,7 +402,7 @@ def best_of(out: Mapping[str, Any], configs: Sequence[str]) -> dict[str, Any]:
         "rate": max(r["rate"] for r in rows),
         "rss_bytes": min(r["rss_bytes"] for r in rows),
         "processes": min(r["processes"] for r in rows),
-        "errors": {k: v for r in rows for k, v in r["errors"].items()},
+        "errors": dict(sum((Counter(r["errors"]) for r in rows), Counter())),
         "runs": [
             {"p50_ms": min(r["runs"][i]["p50_ms"] for r in rows), "rate": max(r["runs"][i]["rate"] for r in rows)} for i in range(rounds)
         ],
@@ -422,6 +412,7 @@ def best_of(out: Mapping[str, Any], configs: Sequence[str]) -> dict[str, Any]:
 
 
 def _family(pids: Sequence[int]) -> set[int]:
+    """These processes and all their descendants (those still running)."""
     import psutil
 
     seen: set[int] = set()

@@ -28,10 +28,11 @@ def test_paired_ratios_compare_round_by_round_and_count_the_rounds_won() -> None
 
 def test_tritons_best_takes_the_better_thread_count_per_measure_and_per_round() -> None:
     out = {
-        "triton-1": _row([30.0, 34.0], [40.0, 42.0], 980, version="0.7.0"),
-        "triton-2": _row([36.0, 33.0], [55.0, 50.0], 990, version="0.7.0"),
+        "triton-1": _row([30.0, 34.0], [40.0, 42.0], 980, version="0.7.0") | {"errors": {"UNAVAILABLE": 1}},
+        "triton-2": _row([36.0, 33.0], [55.0, 50.0], 990, version="0.7.0") | {"errors": {"UNAVAILABLE": 2, "INTERNAL": 1}},
     }
     best = best_of(out, ["triton-1", "triton-2"])
+    assert best["errors"] == {"UNAVAILABLE": 3, "INTERNAL": 1}  # every error of either is counted
     assert best["p50_ms"] == min(out["triton-1"]["p50_ms"], out["triton-2"]["p50_ms"])
     assert best["rate"] == out["triton-2"]["rate"] and best["rss_bytes"] == 980 * 2**20
     assert best["runs"] == [{"p50_ms": 30.0, "rate": 55.0}, {"p50_ms": 33.0, "rate": 50.0}]
