@@ -12,7 +12,12 @@ import pytest
 from pipeline import colocation
 from pipeline import topology as topo
 from pipeline.errors import TopologyError, UsageError
+from pipeline.launch import free_ports
 from pipeline.procfile import lines
+
+#: the addresses written into the test topology (nothing binds them; drawn free so no fixed port is named)
+*SHARD_PORTS, GRPC_PORT, RESULTS_PORT = free_ports(5)
+METRICS_PORTS = free_ports(3)
 
 
 def _data(hosts: tuple[str, str, str] = ("127.0.0.1", "127.0.0.1", "127.0.0.1")) -> dict[str, Any]:
@@ -21,14 +26,14 @@ def _data(hosts: tuple[str, str, str] = ("127.0.0.1", "127.0.0.1", "127.0.0.1"))
 
     def shard(i: int, name: str, inputs: list[str], outputs: list[dict[str, Any]]) -> dict[str, Any]:
         host = hosts[i]
-        return {"name": name, "file": f"{name}.keras", "endpoint": f"tcp://{host}:{6000 + i}", "metrics": f"{host}:{7000 + i}", "inputs": inputs, "outputs": outputs}
+        return {"name": name, "file": f"{name}.keras", "endpoint": f"tcp://{host}:{SHARD_PORTS[i]}", "metrics": f"{host}:{METRICS_PORTS[i]}", "inputs": inputs, "outputs": outputs}
 
     return {
         "version": 1,
         "name": "m",
         "inputs": [{"name": "x", **t}],
         "outputs": [{"name": "y", **t}],
-        "ingress": {"grpc": "127.0.0.1:8001", "results": "tcp://127.0.0.1:5999"},
+        "ingress": {"grpc": f"127.0.0.1:{GRPC_PORT}", "results": f"tcp://127.0.0.1:{RESULTS_PORT}"},
         "shards": [
             shard(0, "a", ["x"], [{"name": "ta", "consumers": ["b", "c"]}]),
             shard(1, "b", ["ta"], [{"name": "tb", "consumers": ["c"]}]),
@@ -51,8 +56,8 @@ def test_old_files_load_unchanged_one_process_per_shard() -> None:
     assert "processes" not in t.to_dict()
     assert _load({**_data(), "processes": "per-shard"}).processes == ()
     # every link stays tcp, every shard binds its tcp endpoint only
-    assert colocation.link_endpoint(t, "a", "b") == "tcp://127.0.0.1:6001"
-    assert colocation.binds(t, "c") == colocation.Binds(tcp="tcp://127.0.0.1:6002", inproc=None)
+    assert colocation.link_endpoint(t, "a", "b") == f"tcp://127.0.0.1:{SHARD_PORTS[1]}"
+    assert colocation.binds(t, "c") == colocation.Binds(tcp=f"tcp://127.0.0.1:{SHARD_PORTS[2]}", inproc=None)
     assert lines(t, "D") == [
         "ingress: exec pipeline ingress D",
         "a: exec pipeline worker D --shard a",
@@ -66,11 +71,11 @@ def test_colocate_puts_a_host_in_one_process_with_inproc_links() -> None:
     assert [(p.name, p.shards) for p in t.processes] == [("workers", ("a", "b", "c"))]
     assert colocation.link_endpoint(t, "a", "b") == "inproc://shard/b"
     assert colocation.link_endpoint(t, "b", "c") == "inproc://shard/c"
-    assert colocation.link_endpoint(t, "c", "ingress") == "tcp://127.0.0.1:5999"  # the ingress is another process
+    assert colocation.link_endpoint(t, "c", "ingress") == f"tcp://127.0.0.1:{RESULTS_PORT}"  # the ingress is another process
     # a is fed by the ingress only: tcp; b by a only: inproc; c by the ingress and by a and b: both
-    assert colocation.binds(t, "a") == colocation.Binds(tcp="tcp://127.0.0.1:6000", inproc=None)
+    assert colocation.binds(t, "a") == colocation.Binds(tcp=f"tcp://127.0.0.1:{SHARD_PORTS[0]}", inproc=None)
     assert colocation.binds(t, "b") == colocation.Binds(tcp=None, inproc="inproc://shard/b")
-    assert colocation.binds(t, "c") == colocation.Binds(tcp="tcp://127.0.0.1:6002", inproc="inproc://shard/c")
+    assert colocation.binds(t, "c") == colocation.Binds(tcp=f"tcp://127.0.0.1:{SHARD_PORTS[2]}", inproc="inproc://shard/c")
     assert lines(t, "D") == ["ingress: exec pipeline ingress D", "workers: exec pipeline worker D --process workers"]
     # written and read back
     again = _load(t.to_dict())
@@ -82,7 +87,7 @@ def test_colocate_by_host_makes_one_process_per_host() -> None:
     t = colocation.colocate(_load(_data(("10.0.0.1", "10.0.0.1", "10.0.0.2"))))
     assert [(p.name, p.shards) for p in t.processes] == [("workers-10.0.0.1", ("a", "b")), ("workers-10.0.0.2", ("c",))]
     assert colocation.link_endpoint(t, "a", "b") == "inproc://shard/b"
-    assert colocation.link_endpoint(t, "b", "c") == "tcp://10.0.0.2:6002"
+    assert colocation.link_endpoint(t, "b", "c") == f"tcp://10.0.0.2:{SHARD_PORTS[2]}"
     assert colocation.process_names_on(t, "10.0.0.2") == ["workers-10.0.0.2"]
     assert lines(t, "D", host="10.0.0.1") == ["workers-10.0.0.1: exec pipeline worker D --process workers-10.0.0.1"]
     # the cluster planner names processes after its hosts
@@ -93,7 +98,7 @@ def test_colocate_by_host_makes_one_process_per_host() -> None:
 def test_a_partial_list_leaves_the_other_shards_alone() -> None:
     t = _load({**_data(), "processes": [{"name": "front", "shards": ["a", "b"], "threads": 2}]})
     assert [(p.name, p.shards, p.threads) for p in colocation.groups(t)] == [("front", ("a", "b"), 2), ("c", ("c",), 0)]
-    assert colocation.link_endpoint(t, "a", "c") == "tcp://127.0.0.1:6002"
+    assert colocation.link_endpoint(t, "a", "c") == f"tcp://127.0.0.1:{SHARD_PORTS[2]}"
     assert colocation.group(t, "c").shards == ("c",)
     with pytest.raises(UsageError, match=r"no worker process named 'nope'.*\['front', 'c'\]"):
         colocation.group(t, "nope")
@@ -175,7 +180,7 @@ def test_the_colocate_command_regroups_a_topology_without_recutting(tmp_path: Pa
     assert capsys.readouterr().out == "workers: a, b, c\n"
     t = topo.load(tmp_path, check_files=False)
     assert t.processes == (topo.ProcessSpec("workers", ("a", "b", "c"), 2),)
-    assert [s.endpoint for s in t.shards] == ["tcp://127.0.0.1:6000", "tcp://127.0.0.1:6001", "tcp://127.0.0.1:6002"]
+    assert [s.endpoint for s in t.shards] == [f"tcp://127.0.0.1:{SHARD_PORTS[0]}", f"tcp://127.0.0.1:{SHARD_PORTS[1]}", f"tcp://127.0.0.1:{SHARD_PORTS[2]}"]
     assert colocation.worker_threads(t) == 2
     assert cli.main(["colocate", str(tmp_path), "--per-shard"]) == 0
     assert topo.load(tmp_path, check_files=False).processes == ()
