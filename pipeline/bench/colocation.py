@@ -49,6 +49,7 @@ import numpy as np
 
 from pipeline import colocation
 from pipeline import topology as topo
+from pipeline.bench.load import p50_ms
 from pipeline.log import get_logger
 from pipeline.serving import kserve
 
@@ -114,9 +115,9 @@ def measure(target: str, model: str, t: topo.Topology, requests: int, pids: Sequ
     cores = (cpu_seconds(watched) - cpu0) / (time.perf_counter() - wall0)
     return {
         **({"load_cpu_cores": cores} if pids else {}),
-        "p50_ms": float(np.percentile(np.asarray(one.latencies_s) * 1e3, 50)) if one.latencies_s else float("nan"),
+        "p50_ms": p50_ms(one.latencies_s),
         "rate": load.rate,
-        "load_p50_ms": float(np.percentile(np.asarray(load.latencies_s) * 1e3, 50)) if load.latencies_s else float("nan"),
+        "load_p50_ms": p50_ms(load.latencies_s),
         "errors": dict(one.errors + load.errors),
     }
 
@@ -137,7 +138,7 @@ class Served:
 
     @property
     def p50_ms(self) -> float:
-        return float(np.percentile(np.asarray(self.latencies_s) * 1e3, 50)) if self.latencies_s else float("nan")
+        return p50_ms(self.latencies_s)
 
     @property
     def rate(self) -> float:
@@ -156,29 +157,38 @@ def _served_pipeline(stack: contextlib.ExitStack, source: topo.Topology, work: P
     return Served(label, cluster.target, [p.pid for p in cluster.procs.values()])
 
 
-def pytriton_python() -> Path | str:
-    """The PyTriton venv's interpreter (built by scripts/pytriton_env.sh when missing), or why it is unavailable."""
+@dataclass(frozen=True)
+class PyTriton:
+    """The PyTriton venv, looked up once per bench: its interpreter, its libpython's directory, its version."""
+
+    python: Path
+    libdir: str
+    version: str
+
+
+def pytriton_env() -> PyTriton | str:
+    """The PyTriton venv (built by scripts/pytriton_env.sh when missing), or why it is unavailable."""
     py = PYTRITON_VENV / "bin" / "python"
     r = subprocess.run(["bash", str(PYTRITON_ENV_SCRIPT)], capture_output=True, text=True, timeout=1800)
     if r.returncode != 0 or not py.exists():
         return f"PyTriton unavailable ({PYTRITON_ENV_SCRIPT.name} exited {r.returncode}: {r.stderr.strip()[-300:]})"
-    return py
+
+    def ask(code: str) -> str:
+        return subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
+
+    # the libpython the venv's interpreter itself uses (its base installation's), for LD_LIBRARY_PATH
+    return PyTriton(
+        python=py,
+        libdir=ask("import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"),
+        version=ask("import importlib.metadata as m; print(m.version('nvidia-pytriton'))"),
+    )
 
 
-def _libpython_dir(py: Path) -> str:
-    """The directory of the libpython that the venv's interpreter itself uses (its base installation's)."""
-    r = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"], capture_output=True, text=True, timeout=60)
-    return r.stdout.strip()
-
-
-def _served_triton(stack: contextlib.ExitStack, source: topo.Topology, logs: Path, *, threads: int) -> Served | str:
+def _served_triton(stack: contextlib.ExitStack, source: topo.Topology, logs: Path, pytriton: PyTriton, *, threads: int) -> Served | str:
     """A real Triton serving the whole model (stopped with ``stack``), or why it cannot run here."""
     from pipeline import process
     from pipeline.launch import free_ports
 
-    py = pytriton_python()
-    if isinstance(py, str):
-        return py
     if len(source.inputs) != 1 or len(source.outputs) != 1:
         return "the Triton comparison serves one-input, one-output models only"
     grpc_port, http_port, metrics_port = free_ports(3)
@@ -187,14 +197,13 @@ def _served_triton(stack: contextlib.ExitStack, source: topo.Topology, logs: Pat
     in_shape = [int(d) for d in (sample[1:] if sample else i.shape[1:])]
     spec = lambda name, dtype, dims: f"{name}:{dtype}:{','.join(str(d) for d in dims)}"  # noqa: E731
     argv = [
-        str(py), str(Path(__file__).with_name("pytriton_serve.py")), str(source.model_path.resolve()), source.name,
+        str(pytriton.python), str(Path(__file__).with_name("pytriton_serve.py")), str(source.model_path.resolve()), source.name,
         str(grpc_port), str(http_port), str(metrics_port), str(threads),
         spec(i.name, i.dtype, in_shape), spec(o.name, o.dtype, o.shape[1:]),
     ]  # fmt: skip
-    libdir = _libpython_dir(py)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
-        "LD_LIBRARY_PATH": ":".join(x for x in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if x),
+        "LD_LIBRARY_PATH": ":".join(x for x in (pytriton.libdir, os.environ.get("LD_LIBRARY_PATH", "")) if x),
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "PYTHONUNBUFFERED": "1",
     }
@@ -208,19 +217,7 @@ def _served_triton(stack: contextlib.ExitStack, source: topo.Topology, logs: Pat
         if time.monotonic() > deadline:
             return f"PyTriton not ready within {START_TIMEOUT_S:.0f} s: {proc.text()[-800:]}"
         time.sleep(0.5)
-    version = subprocess.run(
-        [str(py), "-c", "import importlib.metadata as m; print(m.version('nvidia-pytriton'))"], capture_output=True, text=True, timeout=60
-    ).stdout.strip()
-    return Served("triton", target, [proc.pid, *_children(proc.pid)], version=version)
-
-
-def _children(pid: int) -> list[int]:
-    import psutil
-
-    try:
-        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return []
+    return Served("triton", target, [proc.pid], version=pytriton.version)  # its children are counted by _family
 
 
 def _triton_ready(target: str, model: str) -> bool:
@@ -254,10 +251,13 @@ class LocalReference:
         self.rss_added_bytes = self.rss_bytes - before
         self.served = Served("local", "", [os.getpid()])
 
-    def latency_block(self, requests: int) -> None:
+    def latency_block(self, requests: int) -> float:
+        """``requests`` calls one at a time; their p50 in ms."""
         from pipeline.bench import local
 
-        self.served.latencies_s += local.latency(self.fn, self.x1, requests, warmup=2)
+        times = local.latency(self.fn, self.x1, requests, warmup=2)
+        self.served.latencies_s += times
+        return p50_ms(times)
 
     def rate_block(self, seconds: float) -> float:
         from pipeline.bench import local
@@ -293,7 +293,7 @@ def _latency_block(s: Served, req1: Any, requests: int) -> float:
     one = asyncio.run(run_load(s.target, [req1], total=requests, concurrency=1, warmup=2))
     s.latencies_s += one.latencies_s
     s.errors.update(one.errors)
-    return float(np.percentile(np.asarray(one.latencies_s) * 1e3, 50)) if one.latencies_s else float("nan")
+    return p50_ms(one.latencies_s)
 
 
 def _rate_block(s: Served, reqs: Sequence[Any], requests: int) -> float:
@@ -329,15 +329,15 @@ def bench_colocation(
         }
         # Triton at each thread count worth trying (one intra-op thread answered one request faster here, the
         # CPUs' worth served more at concurrency 16): the goals compare against its best on each measure.
-        for n in triton_thread_counts(threads, cpus) if triton else ():
-            tri = _served_triton(stack, source, logs / f"t{n}", threads=n)
+        pytriton = pytriton_env() if triton else "not asked for (--no-triton)"
+        for n in [] if isinstance(pytriton, str) else triton_thread_counts(threads, cpus):
+            tri = _served_triton(stack, source, logs / f"t{n}", pytriton, threads=n)
             if isinstance(tri, str):
-                out["triton"] = {"skipped": tri}
+                pytriton = tri
                 break
             served[f"triton-{n}"] = tri
-        else:
-            if not triton:
-                out["triton"] = {"skipped": "not asked for (--no-triton)"}
+        if isinstance(pytriton, str):
+            out["triton"] = {"skipped": pytriton}
         ref = LocalReference(source)
         for s in served.values():  # warm every path: first calls trace, connect and allocate
             _latency_block(s, req1, 10)
@@ -350,16 +350,9 @@ def bench_colocation(
             order = names[r % len(names):] + names[: r % len(names)]  # each configuration leads a round in turn
             row: dict[str, dict[str, float]] = {n: {} for n in names}
             for n in order:
-                if n == "local":
-                    ref.latency_block(per_round_c1)
-                    row[n]["p50_ms"] = float(np.percentile(np.asarray(ref.served.latencies_s[-per_round_c1:]) * 1e3, 50))
-                else:
-                    row[n]["p50_ms"] = _latency_block(served[n], req1, per_round_c1)
+                row[n]["p50_ms"] = ref.latency_block(per_round_c1) if n == "local" else _latency_block(served[n], req1, per_round_c1)
             for n in order:
-                if n == "local":
-                    row[n]["rate"] = ref.rate_block(LOCAL_RATE_BLOCK_S)
-                else:
-                    row[n]["rate"] = _rate_block(served[n], reqs, per_round_load)
+                row[n]["rate"] = ref.rate_block(LOCAL_RATE_BLOCK_S) if n == "local" else _rate_block(served[n], reqs, per_round_load)
             for n in names:
                 everyone[n].rounds.append(row[n])
             log.info("colocation_round", round=r + 1, of=rounds, **{n: row[n] for n in names})

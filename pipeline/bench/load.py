@@ -17,6 +17,11 @@ from pipeline.pb import grpc_service_pb2 as kpb
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+def p50_ms(latencies_s: Sequence[float]) -> float:
+    """The median of these latencies, in milliseconds (NaN for none)."""
+    return float(np.percentile(np.asarray(latencies_s) * 1e3, 50)) if len(latencies_s) else float("nan")
+
+
 @dataclass
 class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
