@@ -77,6 +77,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "1 balances for one request at a time)",
     )
     p.add_argument("--slack", type=float, default=DEFAULT_SLACK, help="balance slack the planner may trade for fewer bytes")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="time the model on this host in small segments, as the shards will run (under load: the other cores "
+        "busy), and balance those times instead of the estimate alone; adds about a minute "
+        "(pipeline/partition/measure.py)",
+    )
     p.add_argument("--unsafe", action="store_true", help="allow models that need unsafe deserialization (Lambda layers)")
     p.add_argument(
         "--import",
@@ -182,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         slack=args.slack,
         force=args.force,
         colocate=args.colocate,
+        measure=args.measure,
         verify=not args.no_verify,
         unsafe=args.unsafe,
         imports=imports,
@@ -227,6 +235,7 @@ def partition(
     slack: float = DEFAULT_SLACK,
     force: bool = False,
     colocate: bool | None = None,
+    measure: bool = False,
     verify: bool = True,
     unsafe: bool = False,
     imports: tuple[str, ...] = (),
@@ -276,6 +285,19 @@ def partition(
     seconds = [c.seconds(plan_batch) for c in costs]
     tbytes = [cost.tensor_bytes(graph, shapes, t.id) if t.id in shapes else 0 for t in graph.tensors]
     cross = planner.crossings(graph, tbytes)
+    measured = None
+    if measure and cuts:
+        raise UsageError("--measure corrects the costs the planner balances; with --cut the cuts are given, so there is nothing to balance")
+    if measure:
+        from pipeline.partition import measure as measuring
+
+        conditions = measuring.default_conditions(
+            plan_batch=plan_batch, shards=shards, colocate=bool(colocate or (colocate is None and cluster is not None))
+        )
+        measured = measuring.measure(
+            model, seconds, cross.allowed, conditions, input_shapes=input_shapes, unsafe=unsafe, imports=imports
+        )
+        seconds = list(measured.seconds)
     placed = None
     if cuts:
         boundaries = planner.boundaries_for_cuts(graph, cuts, cross)
@@ -350,10 +372,12 @@ def partition(
                 "weights": weights_of(model),
                 "plan": {
                     "method": "cuts" if cuts else ("placed" if cluster is not None else "balanced"),
-                    "cost_model": "estimated FLOPs and bytes (pipeline/partition/cost.py)",
+                    "cost_model": "estimated FLOPs and bytes (pipeline/partition/cost.py)"
+                    + (", corrected by times measured on this host (pipeline/partition/measure.py)" if measured else ""),
                     "batch": plan_batch,
                     "operations": len(graph.ops),
                     "shards": rows,
+                    **({"measured": measured.record([op.name for op in graph.ops])} if measured else {}),
                 },
             },
         )
@@ -408,6 +432,8 @@ def partition(
         raise
     topology = topology.replace(directory=out)
     table = plan_table(rows, name=name, operations=len(graph.ops), batch=plan_batch)
+    if measured is not None:
+        table = measured.table([op.name for op in graph.ops]) + "\n\n" + table
     if cluster is not None and placed is not None:
         from pipeline.partition.placement import placement_table
 
