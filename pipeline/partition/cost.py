@@ -3,7 +3,9 @@
 Why an estimate and not a measurement: timing each operation alone measures
 mostly the per-call overhead of eager execution (tens of microseconds), which
 a compiled shard does not pay, and it would make partitioning slow and noisy
-on a shared machine. FLOPs and bytes are exact for a given input shape, and
+on a shared machine. (``pipeline partition --measure`` times compiled segments
+of a dozen operations instead, and corrects this estimate with them:
+:mod:`pipeline.partition.measure`.) FLOPs and bytes are exact for a given input shape, and
 four rates turn them into time:
 
 - ``flops / flop``: the arithmetic of convolutions, dense layers, recurrent
