@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "table":
         plan = topology.extra.get("plan") or {}
         text = plan_table(plan.get("shards", []), name=topology.name, operations=plan.get("operations"), batch=plan.get("batch"))
+        text += "\n" + cost_line(plan)
         text += "\n" + weights_lines(topology.extra.get("weights"))
         text += placement_text(topology)
         from pipeline import colocation
@@ -70,6 +71,17 @@ def placement_text(topology: Topology) -> str:
     )
     replicas = replica_table(topology, cluster)  # the table above counts each shard's first replica only
     return text + ("\n\n" + replicas if replicas else "")
+
+
+def cost_line(plan: dict[str, Any]) -> str:
+    """What the plan balanced: the estimate alone, or corrected by times measured on the partitioning host."""
+    measured = plan.get("measured")
+    if isinstance(measured, dict) and measured.get("segments"):
+        return (
+            f"costs: the estimate corrected by times measured on the host that partitioned ({measured.get('conditions', '?')}, "
+            f"{len(measured['segments'])} segments; plan.measured in topology.yaml)"
+        )
+    return "costs: the estimate from FLOPs and bytes (pipeline partition --measure corrects it with times measured here)"
 
 
 def weights_lines(weights: Any) -> str:

@@ -49,6 +49,7 @@ def test_partition_verify_show(residual_file: Path, tmp_path: Path) -> None:
     assert mer.returncode == 0 and mer.stdout.startswith("flowchart LR")
     table = pipeline("show", str(out))
     assert "compute" in table.stdout and "shard1" in table.stdout
+    assert "costs: the estimate from FLOPs and bytes (pipeline partition --measure corrects it" in table.stdout
 
 
 def test_verify_fails_when_a_shard_is_wrong(residual_file: Path, tmp_path: Path) -> None:

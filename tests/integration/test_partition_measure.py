@@ -31,7 +31,7 @@ def test_measured_plan_records_its_segments(tmp_path: Path) -> None:
         check=False,
     )
     assert r.returncode == 0, r.stderr
-    assert "measured on this host (batch 8, " in r.stdout
+    assert "measured on this host (batch 8, " in r.stdout and "meas ms" in r.stdout
     plan = yaml.safe_load((out / "topology.yaml").read_text())["plan"]
     assert "corrected by times measured on this host" in plan["cost_model"]
     segments = plan["measured"]["segments"]
@@ -42,6 +42,14 @@ def test_measured_plan_records_its_segments(tmp_path: Path) -> None:
     assert sum(s["share"] for s in plan["shards"]) == pytest.approx(1.0, abs=1e-3)
     # partition verified the shards against the whole model bitwise before writing (it fails otherwise)
     assert len(plan["shards"]) == 2
+    shown = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "show", str(out)], capture_output=True, text=True, timeout=120, env=ENV, check=False
+    )
+    assert shown.returncode == 0, shown.stderr
+    conditions = measure.default_conditions(plan_batch=8, shards=2, colocate=True).describe()
+    assert plan["measured"]["conditions"] == conditions
+    assert f"costs: the estimate corrected by times measured on the host that partitioned ({conditions}, " in shown.stdout
+    assert f"{len(segments)} segments; plan.measured in topology.yaml)" in shown.stdout
 
 
 def test_a_failing_or_slow_measurement_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
