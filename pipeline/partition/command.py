@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import socket
 import tempfile
@@ -434,6 +435,12 @@ def partition(
     table = plan_table(rows, name=name, operations=len(graph.ops), batch=plan_batch)
     if measured is not None:
         table = measured.table([op.name for op in graph.ops]) + "\n\n" + table
+        cpus = len(os.sched_getaffinity(0))
+        if cluster is None and len(plans) > cpus:
+            table += (
+                f"\nnote: {len(plans)} shards on {cpus} CPUs: at most {cpus} run at once whatever the cuts, so the measured "
+                "balance matters less than the bytes between shards (docs/BENCHMARKS.md, 'Planning on times measured on this host')"
+            )
     if cluster is not None and placed is not None:
         from pipeline.partition.placement import placement_table
 

@@ -62,3 +62,15 @@ def test_a_failing_or_slow_measurement_is_a_clear_error(tmp_path: Path, monkeypa
     with pytest.raises(UsageError, match="with --cut the cuts are given"):
         partition(model, name="m", out=tmp_path / "c", cuts=["relu_a"], measure=True, verify=False)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_segments_carry_masks_and_joins(tmp_path: Path) -> None:
+    # a masked LSTM feeding a join: segments take masks and skip tensors from earlier segments, as shards do
+    from tests import masked_models
+
+    result = partition(masked_models.masked_join(), name="m", out=tmp_path / "t", shards=3, measure=True)
+    segments = result.topology.extra["plan"]["measured"]["segments"]
+    assert len(segments) >= 3 and all(s["measured_ms"] > 0 for s in segments)
+    # more shards than CPUs: the plan says the measured balance binds less (this machine kind has 2 CPUs)
+    cpus = len(os.sched_getaffinity(0))
+    assert ("note: 3 shards on" in result.table) == (cpus < 3)
