@@ -45,3 +45,25 @@ def test_bench_prints_every_section_and_writes_json_and_chart(tmp_path: Path) ->
     assert [row["label"] for row in report["hop"]] == ["64 KiB", "1 MiB", "16 MiB"]
     assert "shard0.compute" in report["spans"] and "client.total" in report["spans"]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_colocation_section_serves_every_configuration_in_rounds(tmp_path: Path) -> None:
+    # the section the co-location tables in docs/BENCHMARKS.md come from, without Triton (its own venv)
+    model_file = tmp_path / "residual.keras"
+    models.residual().save(model_file)
+    assert _run("partition", str(model_file), "--shards", "2", "--out", str(tmp_path / "res"), "--no-verify").returncode == 0
+    r = _run(
+        "bench", str(tmp_path / "res"), "--only", "colocation", "--no-triton", "--rounds", "2", "--requests", "20",
+        "--json", str(tmp_path / "bench.json"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 interleaved round(s)" in r.stdout and "skipped: not asked for (--no-triton)" in r.stdout, r.stdout
+    for label in ("local, compiled, in-process", "pipeline, one process per shard", "pipeline, shards co-located"):
+        assert label in r.stdout, r.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())["colocation"]
+    assert report["rounds"] == 2 and report["shards"] == 2
+    for name, processes in (("per-shard", 3), ("co-located", 2)):  # the ingress, and the workers' processes
+        row = report[name]
+        assert row["errors"] == {} and row["processes"] == processes and row["rate"] > 0 and row["p50_ms"] > 0
+        assert len(row["runs"]) == 2  # one entry per round
+    assert report["triton"] == {"skipped": "not asked for (--no-triton)"}
