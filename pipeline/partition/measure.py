@@ -237,7 +237,7 @@ def _time_segments(request: dict[str, Any]) -> list[float]:
     batch = int(request["batch"])
     rng = np.random.default_rng(0)
     values: dict[str, Any] = {}
-    for tid in graph.inputs:
+    for tid in graph.inputs:  # as reference.random_inputs, but an input without a batch axis keeps its shape
         t = graph.tensors[tid]
         shape = (batch, *shapes[tid][1:]) if t.is_batched else shapes[tid]
         dtype = NUMPY_DTYPES[t.dtype]
@@ -267,12 +267,12 @@ def _time_segments(request: dict[str, Any]) -> list[float]:
         while not stop.is_set():
             tf.nest.map_structure(lambda v: v.numpy(), whole(whole_args))
 
+    if neighbours:
+        tf.nest.map_structure(lambda v: v.numpy(), whole(whole_args))  # traced here, not while a segment is timed
     threads = [threading.Thread(target=neighbour, daemon=True) for _ in range(neighbours)]
     for t in threads:
         t.start()
     try:
-        if threads:
-            time.sleep(0.5)  # the neighbours past their first, tracing call
         return [_median_call(fn, args) for fn, args in functions]
     finally:
         stop.set()
