@@ -286,15 +286,15 @@ def partition(
     seconds = [c.seconds(plan_batch) for c in costs]
     tbytes = [cost.tensor_bytes(graph, shapes, t.id) if t.id in shapes else 0 for t in graph.tensors]
     cross = planner.crossings(graph, tbytes)
+    grouped = bool(colocate or (colocate is None and cluster is not None))  # with a cluster file: one process per host by default
+    cpus = len(os.sched_getaffinity(0))
     measured = None
     if measure and cuts:
         raise UsageError("--measure corrects the costs the planner balances; with --cut the cuts are given, so there is nothing to balance")
     if measure:
         from pipeline.partition import measure as measuring
 
-        conditions = measuring.default_conditions(
-            plan_batch=plan_batch, shards=shards, colocate=bool(colocate or (colocate is None and cluster is not None))
-        )
+        conditions = measuring.default_conditions(plan_batch=plan_batch, shards=shards, colocate=grouped, cpus=cpus)
         measured = measuring.measure(
             model, seconds, cross.allowed, conditions, input_shapes=input_shapes, unsafe=unsafe, imports=imports
         )
@@ -401,7 +401,7 @@ def partition(
             from pipeline import replicas as replicas_module
 
             topology = replicas_module.with_replicas(topology, {s: r.count for s, r in requests.items()})
-        if colocate or (colocate is None and cluster is not None):  # with a cluster file: one process per host by default
+        if grouped:
             from pipeline import colocation
             from pipeline.cluster import worker_process_namer
 
@@ -435,7 +435,6 @@ def partition(
     table = plan_table(rows, name=name, operations=len(graph.ops), batch=plan_batch)
     if measured is not None:
         table = measured.table([op.name for op in graph.ops]) + "\n\n" + table
-        cpus = len(os.sched_getaffinity(0))
         if cluster is None and len(plans) > cpus:
             table += (
                 f"\nnote: {len(plans)} shards on {cpus} CPUs: at most {cpus} run at once whatever the cuts, so the measured "

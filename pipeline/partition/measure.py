@@ -142,7 +142,7 @@ def segment_boundaries(seconds: Sequence[float], allowed: Sequence[bool], segmen
     for j in range(1, segments):
         target = total * j / segments
         b = min(positions, key=lambda p: abs(prefix[p] - target))
-        if (not chosen or b > chosen[-1]) and b < n:
+        if not chosen or b > chosen[-1]:
             chosen.append(b)
     return chosen
 
@@ -152,13 +152,12 @@ def correct(seconds: Sequence[float], boundaries: Sequence[int], measured_per_sa
     edges = [0, *boundaries, len(seconds)]
     if len(measured_per_sample) != len(edges) - 1:
         raise PartitionError(f"expected {len(edges) - 1} segment times, received {len(measured_per_sample)}")
-    out = list(map(float, seconds))
+    out: list[float] = []
     parts = []
     for (a, b), meas in zip(itertools.pairwise(edges), measured_per_sample):
         est = float(sum(seconds[a:b]))
         ratio = meas / est if est > 0 else 1.0
-        for i in range(a, b):
-            out[i] = float(seconds[i]) * ratio
+        out.extend(float(x) * ratio for x in seconds[a:b])
         parts.append(Segment(first=a, end=b, estimated_s=est, measured_s=float(meas)))
     total, new_total = float(sum(seconds)), float(sum(out))
     if new_total > 0:
@@ -225,50 +224,42 @@ def _time_segments(request: dict[str, Any]) -> list[float]:
     configure_tensorflow(int(request["threads"]), max(2, neighbours + 1))
     import tensorflow as tf
 
+    from pipeline.bench.local import call
     from pipeline.partition import cost
     from pipeline.partition.build import build_shard_model, split
     from pipeline.partition.graph import build_graph
+    from pipeline.partition.reference import compiled, random_inputs
     from pipeline.partition.source import load_keras_file
-    from pipeline.wire.codec import NUMPY_DTYPES
+    from pipeline.topology import TensorSpec
 
     model = load_keras_file(Path(request["model"]), unsafe=bool(request["unsafe"]), imports=request["imports"], needed_by="--measure")
     graph = build_graph(model)
     shapes = cost.concrete_shapes(graph, {k: tuple(v) for k, v in request["input_shapes"].items()} or None)
-    batch = int(request["batch"])
-    rng = np.random.default_rng(0)
-    values: dict[str, Any] = {}
-    for tid in graph.inputs:  # as reference.random_inputs, but an input without a batch axis keeps its shape
-        t = graph.tensors[tid]
-        shape = (batch, *shapes[tid][1:]) if t.is_batched else shapes[tid]
-        dtype = NUMPY_DTYPES[t.dtype]
-        if np.issubdtype(dtype, np.floating) or t.dtype == "bfloat16":
-            values[t.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            values[t.name] = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            values[t.name] = rng.integers(0, 8, shape).astype(dtype)
-    whole_inputs = dict(values)
+    # the model's inputs as the topology declares them, filled the way verify fills them
+    specs = [
+        TensorSpec(name=t.name, dtype=t.dtype, shape=tuple(-1 if d is None else d for d in t.shape))
+        for t in (graph.tensors[tid] for tid in graph.inputs)
+    ]
+    whole_inputs = random_inputs(specs, int(request["batch"]), np.random.default_rng(0), {s.name: shapes[tid] for s, tid in zip(specs, graph.inputs)})
+    values: dict[str, Any] = dict(whole_inputs)
     functions = []
     for plan in split(graph, list(request["boundaries"]), prefix="segment"):
         sub = build_shard_model(graph, plan)
-        names = [graph.tensors[t].name for t in plan.inputs]
         fn = tf.function(lambda x, sub=sub: sub(x, training=False))
-        args = {n: tf.convert_to_tensor(values[n]) for n in names}
-        out = fn(args)
-        for name, value in out.items():
+        args = {n: tf.convert_to_tensor(values[n]) for n in (graph.tensors[t].name for t in plan.inputs)}
+        for name, value in fn(args).items():
             values[name] = value.numpy()
         functions.append((fn, args))
 
     stop = threading.Event()
-    whole = tf.function(lambda x: model(x, training=False))
-    whole_args = _arranged(model, whole_inputs)
+    whole = compiled(model, specs)
 
     def neighbour() -> None:
         while not stop.is_set():
-            tf.nest.map_structure(lambda v: v.numpy(), whole(whole_args))
+            call(whole, whole_inputs)
 
     if neighbours:
-        tf.nest.map_structure(lambda v: v.numpy(), whole(whole_args))  # traced here, not while a segment is timed
+        call(whole, whole_inputs)  # traced here, not while a segment is timed
     threads = [threading.Thread(target=neighbour, daemon=True) for _ in range(neighbours)]
     for t in threads:
         t.start()
@@ -280,27 +271,16 @@ def _time_segments(request: dict[str, Any]) -> list[float]:
             t.join()
 
 
-def _arranged(model: Any, named: dict[str, np.ndarray]) -> Any:
-    from pipeline.partition.reference import input_structure
-
-    struct = input_structure(model)
-    if isinstance(struct, dict):
-        return {k: named[v] for k, v in struct.items()}
-    if isinstance(struct, list):
-        return [named[v] for v in struct]
-    return named[struct]
-
-
 def _median_call(fn: Any, args: Any) -> float:
-    import tensorflow as tf
+    from pipeline.bench.local import call
 
     for _ in range(WARMUP_CALLS):
-        tf.nest.map_structure(lambda v: v.numpy(), fn(args))
+        call(fn, args)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < MIN_CALLS or time.perf_counter() - start < SECONDS_PER_SEGMENT:
         t0 = time.perf_counter()
-        tf.nest.map_structure(lambda v: v.numpy(), fn(args))
+        call(fn, args)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
