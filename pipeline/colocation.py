@@ -7,6 +7,7 @@ A topology says which shards run in one worker process::
       shards: [shard0, shard1, shard2, shard3]
       threads: 2               # optional: the process's TensorFlow intra-op pool, shared by its shards
                                # (default: its CPUs divided among its shards, at least one)
+      ingress: true            # optional: this process serves the ingress too (on the ingress's host)
 
 Every shard is in exactly one process; a shard left out of a ``processes``
 list runs alone in a process named after it, so a hand-written list need only
@@ -20,6 +21,13 @@ the consumer's ``endpoint``. A shard binds its TCP endpoint only when a
 producer outside its process (the ingress, or a shard elsewhere) feeds it,
 and its ``inproc`` endpoint only when a producer inside does; a shard fed
 from both sides binds both.
+
+With ``ingress: true`` the process also serves the ingress (gRPC server and
+all) on a thread of its own, and the ingress has no process of its own. Its
+links to the shards of that process are ``inproc://`` too: requests go to
+``inproc://shard/<entry shard>``, results and heartbeats come back over
+``inproc://shard/ingress``; shards in other processes still reach the
+ingress's TCP ``results`` endpoint.
 
 This module is pure logic: no sockets, no processes.
 """
@@ -80,9 +88,16 @@ def group(t: topo.Topology, name: str) -> topo.ProcessSpec:
     raise UsageError(f"no worker process named {name!r} in topology {t.name!r}; its processes are {[p.name for p in groups(t)]}")
 
 
+def ingress_process(t: topo.Topology) -> topo.ProcessSpec | None:
+    """The worker process that serves the ingress too (``ingress: true``), or ``None`` when the ingress runs alone."""
+    return next((p for p in t.processes if p.ingress), None)
+
+
 def process_names_on(t: topo.Topology, host: str | None) -> list[str]:
-    """Process names placed on ``host`` (all for ``None``): the ingress first, then the worker processes."""
-    names = [topo.INGRESS] if host is None or t.ingress.host == host else []
+    """Process names placed on ``host`` (all for ``None``): the ingress first (unless a worker process serves it),
+    then the worker processes."""
+    alone = ingress_process(t) is None
+    names = [topo.INGRESS] if alone and (host is None or t.ingress.host == host) else []
     for p in groups(t):
         if host is None or t.shard(p.shards[0]).host == host:
             names.append(p.name)
@@ -90,9 +105,11 @@ def process_names_on(t: topo.Topology, host: str | None) -> list[str]:
 
 
 def same_process(t: topo.Topology, a: str, b: str) -> bool:
-    """True when processes ``a`` and ``b`` (shard names or ``ingress``) are shards of one worker process."""
+    """True when ``a`` and ``b`` (shard names or ``ingress``) run in one worker process."""
     if topo.INGRESS in (a, b):
-        return False
+        other = b if a == topo.INGRESS else a
+        host = ingress_process(t)
+        return other != topo.INGRESS and host is not None and other in host.shards
     return process_of(t, a).name == process_of(t, b).name
 
 
@@ -113,6 +130,14 @@ def binds(t: topo.Topology, shard: str, tcp_bind: str | None = None) -> Binds:
     local = any(same_process(t, p, shard) for p in producers)
     remote = any(not same_process(t, p, shard) for p in producers)
     return Binds(tcp=(tcp_bind or t.shard(shard).bind) if remote else None, inproc=inproc_endpoint(shard) if local else None)
+
+
+def ingress_binds(t: topo.Topology, tcp_bind: str) -> Binds:
+    """Which PULL endpoints the ingress binds for results and heartbeats: ``tcp_bind`` when a shard runs in another
+    process (every shard sends the ingress its heartbeats), ``inproc://shard/ingress`` when one runs in its own."""
+    local = any(same_process(t, topo.INGRESS, s.name) for s in t.shards)
+    remote = any(not same_process(t, topo.INGRESS, s.name) for s in t.shards)
+    return Binds(tcp=tcp_bind if remote else None, inproc=inproc_endpoint(topo.INGRESS) if local else None)
 
 
 def is_inproc(endpoint: str) -> bool:
@@ -139,9 +164,21 @@ def by_host(t: topo.Topology, name: Callable[[str, int], str] | None = None) -> 
     return tuple(topo.ProcessSpec(name=namer(h, len(hosts)), shards=tuple(names)) for h, names in hosts.items())
 
 
-def colocate(t: topo.Topology, *, threads: int = 0, name: Callable[[str, int], str] | None = None) -> topo.Topology:
-    """The topology with all shards of a host in one process (``threads``: each process's intra-op pool, 0 default)."""
+def colocate(
+    t: topo.Topology, *, threads: int = 0, name: Callable[[str, int], str] | None = None, ingress: bool = False
+) -> topo.Topology:
+    """The topology with all shards of a host in one process (``threads``: each process's intra-op pool, 0 default);
+    with ``ingress``, the process on the ingress's host serves the ingress too."""
     specs = tuple(topo.ProcessSpec(p.name, p.shards, threads) for p in by_host(t, name))
+    if ingress:
+        here = [p for p in specs if t.shard(p.shards[0]).host == t.ingress.host]
+        if not here:
+            hosts = sorted({s.host for s in t.shards})
+            raise UsageError(
+                f"the ingress cannot join a worker process: no shard of {t.name!r} runs on the ingress's host "
+                f"{t.ingress.host!r} (its shards run on {hosts})"
+            )
+        specs = tuple(topo.ProcessSpec(p.name, p.shards, p.threads, ingress=p is here[0]) for p in specs)
     out = t.replace(processes=specs)
     validate(out)
     return out
@@ -178,6 +215,14 @@ def validate(t: topo.Topology, where: str = topo.TOPOLOGY_FILE) -> None:
         hosts = {s: t.shard(s).host for s in p.shards}
         if len(set(hosts.values())) > 1:
             raise TopologyError(f"{pwhere}: its shards must sit on one host, received {hosts}")
+        if p.ingress and p.shards and hosts[p.shards[0]] != t.ingress.host:
+            raise TopologyError(
+                f"{pwhere}: has ingress: true, so its shards must sit on the ingress's host {t.ingress.host!r}; "
+                f"they sit on {hosts[p.shards[0]]!r}"
+            )
+    serving = [p.name for p in t.processes if p.ingress]
+    if len(serving) > 1:
+        raise TopologyError(f"{where}: one process at most may serve the ingress (ingress: true), received {serving}")
     for p in t.processes:
         if p.name in shard_names and owner.get(p.name) != p.name:
             where_it_runs = f"process {owner[p.name]!r}" if p.name in owner else "a process of its own (it is not listed)"
@@ -213,5 +258,6 @@ def worker_threads(t: topo.Topology) -> int:
 
 
 def describe(t: topo.Topology) -> Mapping[str, tuple[str, ...]]:
-    """Process name -> its shards (for ``pipeline show`` and logs)."""
-    return {p.name: p.shards for p in groups(t)}
+    """Process name -> what it serves, ``ingress`` first where a worker process serves it (for ``pipeline show``
+    and logs)."""
+    return {p.name: ((topo.INGRESS,) if p.ingress else ()) + p.shards for p in groups(t)}

@@ -165,7 +165,7 @@ class Cluster:
         which = replicas.worker_selector(self.topology, name)  # a replica: --shard S --replica K
         if which is None:
             spec = colocation.group(self.topology, name)  # a clear error for an unknown process
-            which = ["--shard", name] if spec.shards == (name,) else ["--process", name]
+            which = ["--shard", name] if spec.shards == (name,) and not spec.ingress else ["--process", name]
         return process.pipeline_command("worker", d, *which, *self.common_worker_args, *self.worker_args.get(name, ()))
 
     def _per_process(self, table: Mapping[str, Any], name: str) -> Any:

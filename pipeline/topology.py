@@ -146,16 +146,21 @@ class ProcessSpec:
     """Shards served by one worker process (one thread each, joined by ``inproc://``; see :mod:`pipeline.colocation`).
 
     ``threads`` sizes the process's TensorFlow intra-op pool, shared by its shards (0: the default).
+    ``ingress``: the process serves the ingress too, on a thread of its own; the ingress then has no
+    process of its own, and its links to the shards of this process are ``inproc://``.
     """
 
     name: str
     shards: tuple[str, ...]
     threads: int = 0
+    ingress: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "shards": list(self.shards)}
         if self.threads:
             data["threads"] = self.threads
+        if self.ingress:
+            data["ingress"] = True
         return data
 
 
@@ -603,7 +608,7 @@ def _discovered_from(raw: Any, where: str, shard: str) -> int:
 
 
 def _processes_from(raw: Any, where: str) -> tuple[ProcessSpec, ...]:
-    """``processes:``: absent or ``per-shard`` -> ``()``; else a list of ``{name, shards, threads?}``."""
+    """``processes:``: absent or ``per-shard`` -> ``()``; else a list of ``{name, shards, threads?, ingress?}``."""
     if raw is None or raw == PER_SHARD:
         return ()
     if not isinstance(raw, list):
@@ -617,7 +622,10 @@ def _processes_from(raw: Any, where: str) -> tuple[ProcessSpec, ...]:
         threads = p.get("threads", 0)
         if not isinstance(threads, int) or threads < 0:
             raise TopologyError(f"{pwhere} ({p.get('name')!r}): threads is {threads!r}; expected an integer >= 1 (or absent)")
-        out.append(ProcessSpec(name=_require(p, "name", str, pwhere), shards=tuple(map(str, shards)), threads=threads))
+        ingress = p.get("ingress", False)
+        if not isinstance(ingress, bool):
+            raise TopologyError(f"{pwhere} ({p.get('name')!r}): ingress is {ingress!r}; expected true or false (or absent)")
+        out.append(ProcessSpec(name=_require(p, "name", str, pwhere), shards=tuple(map(str, shards)), threads=threads, ingress=ingress))
     return tuple(out)
 
 

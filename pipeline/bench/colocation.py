@@ -10,6 +10,9 @@ on the same machine, these configurations:
 - ``co-located``: the same shards in one worker process (threads joined by
   ``inproc://``, one TensorFlow runtime, its intra-op pool of one thread per
   CPU shared by the shards);
+- ``with-ingress``: the same, with the ingress in that process too
+  (``ingress: true``: its links to the shards are ``inproc://`` as well, and
+  there is one process in all);
 - ``triton``: a real Triton Inference Server serving the whole model through
   PyTriton with dynamic batching, when ``.venv-pytriton`` exists or
   ``scripts/pytriton_env.sh`` can build it (``--no-triton`` leaves it out).
@@ -145,12 +148,15 @@ class Served:
         return self.samples / self.wall_s if self.wall_s else float("nan")
 
 
-def _served_pipeline(stack: contextlib.ExitStack, source: topo.Topology, work: Path, logs: Path, *, colocate: bool, threads: int | None) -> Served:
+#: the pipeline's configurations: one process per shard; the shards in one process; and the ingress in it too.
+PIPELINES = ("per-shard", "co-located", "with-ingress")
+
+
+def _served_pipeline(stack: contextlib.ExitStack, source: topo.Topology, work: Path, logs: Path, *, label: str, threads: int | None) -> Served:
     from pipeline.launch import Cluster, relocate
 
-    label = "co-located" if colocate else "per-shard"
     copy = relocate(source.directory, work / label)
-    copy = colocation.colocate(copy) if colocate else colocation.per_shard(copy)
+    copy = colocation.per_shard(copy) if label == "per-shard" else colocation.colocate(copy, ingress=label == "with-ingress")
     copy.write()
     args = ["--threads", str(threads)] if threads else []
     cluster = stack.enter_context(Cluster(copy, logs / label, common_worker_args=args))
@@ -323,10 +329,7 @@ def bench_colocation(
     req1 = kserve.infer_request(source.name, local.sample_inputs(source, 1))
     reqs = [kserve.infer_request(source.name, local.sample_inputs(source, 1, seed=i)) for i in range(8)]
     with contextlib.ExitStack() as stack:
-        served = {
-            "per-shard": _served_pipeline(stack, source, work, logs, colocate=False, threads=threads),
-            "co-located": _served_pipeline(stack, source, work, logs, colocate=True, threads=threads),
-        }
+        served = {label: _served_pipeline(stack, source, work, logs, label=label, threads=threads) for label in PIPELINES}
         # Triton at each thread count worth trying (one intra-op thread answered one request faster here, the
         # CPUs' worth served more at concurrency 16): the goals compare against its best on each measure.
         pytriton = pytriton_env() if triton else "not asked for (--no-triton)"
@@ -377,7 +380,7 @@ def bench_colocation(
     configs = [n for n in out if n.startswith("triton-")]
     if configs and "skipped" not in out.get("triton", {}):
         out["triton"] = best_of(out, configs)
-        out["paired"] = {n: paired_ratios(out[n]["runs"], out["triton"]["runs"]) for n in ("local", "per-shard", "co-located")}
+        out["paired"] = {n: paired_ratios(out[n]["runs"], out["triton"]["runs"]) for n in ("local", *PIPELINES)}
     return out
 
 
@@ -444,13 +447,18 @@ def render(c: dict[str, Any]) -> list[str]:
         "                                      p50 c=1 ms  x local  rate c=16/s  x local   RSS MB  procs" + ("  p50 x triton  rate x triton  RSS x triton" if "rate" in tri else ""),
     ]
     pytriton = f"PyTriton {tri['version']}" if tri.get("version") else "PyTriton"
-    names = {"local": "local, compiled, in-process", "per-shard": "pipeline, one process per shard", "co-located": "pipeline, shards co-located"}
+    names = {
+        "local": "local, compiled, in-process",
+        "per-shard": "pipeline, one process per shard",
+        "co-located": "pipeline, shards co-located",
+        "with-ingress": "pipeline, co-located with ingress",
+    }
     configs = [k for k in c if k.startswith("triton-")]
     for k in configs:
         n = k.removeprefix("triton-")
         names[k] = f"Triton ({pytriton}), {n} thread{'s' if n != '1' else ''}"
     names["triton"] = f"Triton's best of {len(configs)}" if len(configs) > 1 else f"Triton ({pytriton})"
-    keys = ["local", "per-shard", "co-located", *(configs if len(configs) > 1 else []), "triton"]
+    keys = ["local", *PIPELINES, *(configs if len(configs) > 1 else []), "triton"]
     for key in keys:
         row = c.get(key, {})
         if "skipped" in row:
@@ -474,7 +482,7 @@ def render(c: dict[str, Any]) -> list[str]:
     paired = c.get("paired", {})
     if paired:
         lines.append(f"  round by round against Triton's best (the same minute; median, range, rounds won of {paired['co-located']['rounds']}):")
-        for key in ("local", "per-shard", "co-located"):
+        for key in ("local", *PIPELINES):
             if key not in paired or not paired[key]["p50"]:
                 continue
             pr = paired[key]

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         from pipeline import colocation
 
         groups = colocation.describe(topology)
-        if colocation.is_grouped(topology):
+        if colocation.is_grouped(topology) or colocation.ingress_process(topology) is not None:
             text += "\nprocesses (shards of one process: threads joined by inproc://):\n" + "\n".join(
                 f"  {name}: {', '.join(shards)}" for name, shards in groups.items()
             )

@@ -16,6 +16,13 @@ at once rather than by splitting each kernel (measured with two
 MobileNetV3Large shards on 2 CPUs: 2.36 shards' worth of work at once with
 one intra-op thread, 1.43 with two; docs/BENCHMARKS.md).
 
+A process with ``ingress: true`` in the topology serves the ingress too: its
+gRPC server and asyncio loop run on a thread of their own, configured from the
+``PIPELINE_INGRESS_*`` environment and the topology (as ``pipeline ingress``
+without options), and its links to the shards here are ``inproc://``. It
+starts before the shards load (a gRPC port that is taken fails the process at
+once) and drains with them.
+
 Lifecycle: the shards load one at a time and each reports ready on its own.
 SIGTERM/SIGINT drain every shard at once (each as a single worker does).
 When one shard fails (its file does not load, its loop raises), the others
@@ -26,13 +33,15 @@ with all its shards or not at all, and the ingress reports each of them down.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -44,12 +53,36 @@ from pipeline.serving import metrics as prom
 from pipeline.serving.runtime import configure_tensorflow, quiet_tensorflow
 from pipeline.serving.worker import ENV_PREFIX, EXIT_OK, Worker, WorkerConfig, load_config
 
+if TYPE_CHECKING:
+    from pipeline.serving.ingress import IngressConfig
+
 #: a shard thread's loop must end this long after its drain budget, or the process exits without it.
 JOIN_MARGIN_S = 2.0
 #: how often the main thread looks at its shards' threads.
 WATCH_INTERVAL_S = 0.1
+#: Python's GIL switch interval in a process that serves the ingress too (Python's default: 5 ms). A thread that
+#: waits for the GIL waits up to this long while another runs Python; with the ingress's event loop beside the
+#: shards' loops, 5 ms cost the co-located pipeline 15 % of its rate at concurrency 16 and 0.5 ms gave it back
+#: (docs/BENCHMARKS.md, "The ingress in the shards' process").
+SWITCH_INTERVAL_S = 0.0005
+SWITCH_INTERVAL_ENV = "PIPELINE_SWITCH_INTERVAL_MS"
 
 log = plog.get_logger("pipeline.group")
+
+
+def switch_interval_s(environ: Mapping[str, str]) -> float:
+    """The GIL switch interval of a process that serves the ingress too (``PIPELINE_SWITCH_INTERVAL_MS`` over
+    :data:`SWITCH_INTERVAL_S`); a clear error for a value that is not a positive number."""
+    raw = environ.get(SWITCH_INTERVAL_ENV, "")
+    if not raw:
+        return SWITCH_INTERVAL_S
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not ms > 0:
+        raise UsageError(f"{SWITCH_INTERVAL_ENV}={raw!r}: expected a positive number of milliseconds, such as 0.5")
+    return ms / 1000
 
 
 def default_threads(shards: int) -> int:
@@ -94,11 +127,20 @@ def load_configs(args: argparse.Namespace, environ: dict[str, str] | None = None
 
 
 class Group:
-    """The shards of one process: a :class:`Worker` per shard, each served on its own thread."""
+    """The shards of one process: a :class:`Worker` per shard, each served on its own thread (and the ingress on
+    one more, when ``ingress`` is given)."""
 
-    def __init__(self, name: str, configs: Sequence[WorkerConfig], topology: topo.Topology, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        configs: Sequence[WorkerConfig],
+        topology: topo.Topology,
+        ctx: zmq.Context | None = None,
+        ingress: IngressConfig | None = None,
+    ) -> None:
         self.name = name
-        self.ctx = ctx or zmq.Context.instance()
+        self.ctx = ctx or zmq.Context.instance()  # the ingress's asyncio context shadows the same instance
+        self.topology = topology
         self.workers = [Worker(c, topology, self.ctx) for c in configs]
         self.errors: dict[str, BaseException] = {}
         self.codes: dict[str, int] = {}
@@ -106,6 +148,39 @@ class Group:
             threading.Thread(target=self._serve, args=(w,), name=f"loop-{w.name}", daemon=True) for w in self.workers
         ]
         self._stopping = False
+        self.ingress_config = ingress
+        self.ingress: Any = None  # the running Ingress, once started
+        self._ingress_loop: asyncio.AbstractEventLoop | None = None
+        self._ingress_stop: asyncio.Event | None = None
+        self._ingress_started = threading.Event()
+        if ingress is not None:
+            self._threads.insert(0, threading.Thread(target=self._serve_ingress, name="ingress", daemon=True))
+
+    def _serve_ingress(self) -> None:
+        import structlog
+
+        structlog.contextvars.bind_contextvars(process=topo.INGRESS)
+        try:
+            asyncio.run(self._ingress_main())
+        except BaseException as exc:  # noqa: BLE001 -- a gRPC port that is taken, a bad TLS file: the whole process exits with it
+            self.errors[topo.INGRESS] = exc
+            log.error("ingress_failed", process=self.name, error=str(exc))
+            if not self._stopping:
+                self.request_stop()
+        finally:
+            self._ingress_started.set()
+
+    async def _ingress_main(self) -> None:
+        from pipeline.serving import ingress
+
+        assert self.ingress_config is not None
+        self._ingress_stop = asyncio.Event()
+        self._ingress_loop = asyncio.get_running_loop()
+        self.ingress, _ = await ingress.create_server(self.topology, self.ingress_config)
+        self._ingress_started.set()
+        if not self._stopping:
+            await self._ingress_stop.wait()
+        await self.ingress.stop(self.ingress_config.drain_s)
 
     def _serve(self, worker: Worker) -> None:
         import structlog
@@ -120,23 +195,46 @@ class Group:
             self.request_stop()  # a process is up with all its shards or not at all
 
     def request_stop(self, *_: object) -> None:
-        """Signal handler: drain every shard (a second signal cuts the drains short)."""
+        """Signal handler: drain every shard (a second signal cuts the drains short). With the ingress here, it
+        drains first (:meth:`serve` stops the shards once it has): the requests it still holds need them."""
+        again = self._stopping
         self._stopping = True
+        loop, stop = self._ingress_loop, self._ingress_stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:  # the loop closed in between: the ingress has stopped already
+                pass
+        if again or self.ingress_config is None or not self._threads[0].is_alive():
+            self._stop_workers()
+
+    def _stop_workers(self) -> None:
         for w in self.workers:
             w.request_stop()
 
     def serve(self) -> int:
         """Run every shard until stopped; the exit status, or the first shard error raised."""
-        log.info("process_starting", process=self.name, shards=[w.name for w in self.workers])
-        for t in self._threads:
+        log.info("process_starting", process=self.name, shards=[w.name for w in self.workers], ingress=self.ingress_config is not None)
+        threads = self._threads
+        if self.ingress_config is not None:
+            # the ingress first: a gRPC port that is taken fails the process before any shard loads
+            threads[0].start()
+            self._ingress_started.wait()
+            threads = threads[1:] if not self._stopping else []
+        for t in threads:
             t.start()
         while not self._stopping:
             time.sleep(WATCH_INTERVAL_S)
+        if self.ingress_config is not None:
+            # the ingress's calls in flight finish on the shards before they drain; then the shards stop
+            self._threads[0].join(self.ingress_config.drain_s + JOIN_MARGIN_S)
+            self._stop_workers()
         drain = max(w.config.drain_timeout_s for w in self.workers)
         deadline = time.monotonic() + drain + JOIN_MARGIN_S
-        for t in self._threads:
+        started = [t for t in self._threads if t.ident is not None]
+        for t in started:
             t.join(max(0.0, deadline - time.monotonic()))
-        stuck = [t.name for t in self._threads if t.is_alive()]
+        stuck = [t.name for t in started if t.is_alive()]
         if stuck:
             log.warning("process_exit_forced", process=self.name, threads=stuck)
         if self.errors:
@@ -159,13 +257,19 @@ def run(args: argparse.Namespace) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     spec, configs, topology = load_configs(args)
+    ingress_config = None
+    if spec.ingress:
+        from pipeline.serving.ingress import IngressConfig
+
+        ingress_config = IngressConfig.resolve(topology)  # PIPELINE_INGRESS_* over the topology, as `pipeline ingress`
+        sys.setswitchinterval(switch_interval_s(os.environ))
     first = configs[0]
     if first.cpus:
         os.sched_setaffinity(0, first.cpus)  # before any thread starts
     plog.configure(first.log_level, process=spec.name)
     configure_tensorflow(first.threads, first.inter_threads)  # one runtime, its pools shared by the shards
     log.info("tensorflow_threads", process=spec.name, intra_op=first.threads, inter_op=first.inter_threads)
-    group = Group(spec.name, configs, topology)
+    group = Group(spec.name, configs, topology, ingress=ingress_config)
     previous = {sig: signal.signal(sig, group.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = group.serve()

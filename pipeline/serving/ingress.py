@@ -59,6 +59,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from structlog.contextvars import bound_contextvars
 
+from pipeline import colocation
 from pipeline import replicas
 from pipeline import topology as topo
 from pipeline.errors import (
@@ -317,7 +318,7 @@ class Ingress:
         self.closing = False
         self._ids = itertools.count(random.getrandbits(48) + 1)
         self._ctx: zmq.asyncio.Context | None = None
-        self._pull: Any = None
+        self._pulls: list[Any] = []  # results and heartbeats: TCP from other processes, inproc from its own
         self._push: dict[str, Any] = {}
         self.links: security.Links | None = None  # CURVE keys and ZAP allow-list (security: curve)
         self._monitors: dict[str, Any] = {}
@@ -336,12 +337,16 @@ class Ingress:
         self._ctx = zmq.asyncio.Context(zmq.Context.instance())
         self.links = security.open_links(self._ctx, self.topology, topo.INGRESS, cfg.keys_dir or None, self.drops)
         bounds = sockets.SocketBounds(send_hwm=cfg.send_hwm, recv_hwm=cfg.recv_hwm)
+        binds = colocation.ingress_binds(self.topology, cfg.results_bind)
         try:
-            self._pull = sockets.pull(self._ctx, cfg.results_bind, bounds, configure=self.links.server)
+            if binds.tcp:
+                self._pulls.append(sockets.pull(self._ctx, binds.tcp, bounds, configure=self.links.server))
+            if binds.inproc:  # shards of the process that serves the ingress: never leaves it, no CURVE
+                self._pulls.append(sockets.pull(self._ctx, binds.inproc, bounds))
         except zmq.ZMQError as exc:
             self._close_sockets()
-            raise UsageError(f"cannot bind the results endpoint {cfg.results_bind!r}: {exc}") from None
-        self.results_endpoint = self._pull.getsockopt(zmq.LAST_ENDPOINT).decode()
+            raise UsageError(f"cannot bind the results endpoint {binds.tcp or binds.inproc!r}: {exc}") from None
+        self.results_endpoint = ", ".join(p.getsockopt(zmq.LAST_ENDPOINT).decode() for p in self._pulls)
         for shard in self.routes:
             if self.topology.shard(shard).discovered:
                 continue  # sockets to its replicas open as their heartbeats arrive (_add_discovered)
@@ -395,7 +400,7 @@ class Ingress:
         await self._health.set(PROCESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._tasks = [
-            asyncio.create_task(self._read_results(), name="ingress-results"),
+            *(asyncio.create_task(self._read_results(p), name=f"ingress-results-{i}") for i, p in enumerate(self._pulls)),
             asyncio.create_task(self._watch_liveness(), name="ingress-liveness"),
             *(asyncio.create_task(self._watch_connection(s), name=f"ingress-monitor-{s}") for s in self._monitors),
         ]
@@ -413,6 +418,12 @@ class Ingress:
         """The PUSH socket to replica ``name`` of ``shard``, down until its monitor reports a handshake."""
         assert self._ctx is not None and self.links is not None
         bounds = sockets.SocketBounds(send_hwm=self.config.send_hwm, recv_hwm=self.config.recv_hwm)
+        if colocation.same_process(self.topology, topo.INGRESS, name):
+            # a shard of the process that serves the ingress: an inproc link has no handshake to watch and no
+            # CURVE; it is connected while the process runs, and the shard's heartbeats say when it is up
+            self.liveness.set_connected(name, True)
+            self._push[name] = sockets.push(self._ctx, colocation.inproc_endpoint(name), bounds)
+            return
         secure = self.links.client(shard)
 
         def configure(sock: zmq.Socket) -> None:
@@ -519,10 +530,10 @@ class Ingress:
         for shard, monitor in self._monitors.items():
             self._push[shard].disable_monitor()
             monitor.close(linger=0)
-        for sock in [self._pull, *self._push.values()]:
+        for sock in [*self._pulls, *self._push.values()]:
             if sock is not None:
                 sock.close(linger=0)
-        self._pull = None
+        self._pulls = []
         self._push = {}
         self._monitors = {}
         if self.links is not None:
@@ -723,9 +734,9 @@ class Ingress:
                 raise ShardLost(f"shard {shard!r} is not connected") from None
 
     # ------------------------------------------------------- background tasks
-    async def _read_results(self) -> None:
+    async def _read_results(self, pull: Any) -> None:
         while True:
-            message = await codec.arecv(self._pull, self.drops, on_drop=self._on_dropped_result)
+            message = await codec.arecv(pull, self.drops, on_drop=self._on_dropped_result)
             if message is None:
                 continue
             try:
@@ -997,6 +1008,12 @@ def run(args: argparse.Namespace) -> int:
     configure(process=topo.INGRESS)
     # The ingress reads no shard file, so it can run where the shard files are not.
     topology = topo.load(args.directory, check_files=False)
+    host = colocation.ingress_process(topology)
+    if host is not None:
+        raise UsageError(
+            f"the ingress of {topology.name!r} runs in worker process {host.name!r} (ingress: true in its 'processes'); "
+            f"start it with: pipeline worker {args.directory} --process {host.name}"
+        )
     config = IngressConfig.resolve(topology, args)
     return asyncio.run(_serve(topology, config))
 

@@ -898,8 +898,8 @@ class Worker:
             codec.send(self.push[topo.INGRESS], env, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.stats.heartbeats_undelivered += 1
-            if self._ingress_reachable:
-                log.warning("ingress_unreachable", shard=self.name, endpoint=self.topology.ingress.results)
+            if self._ingress_reachable and not self._stop_requested:  # at a stop, the ingress may be gone first
+                log.warning("ingress_unreachable", shard=self.name, endpoint=colocation.link_endpoint(self.topology, self.name, topo.INGRESS))
             self._ingress_reachable = False
             return
         if not self._ingress_reachable:
@@ -1149,9 +1149,10 @@ def run(args: argparse.Namespace) -> int:
         return group.run(args)
     config, topology = load_config(args)
     owner = colocation.process_of(topology, config.shard)
-    if len(owner.shards) > 1:
+    if len(owner.shards) > 1 or owner.ingress:
         raise UsageError(
-            f"shard {config.shard!r} runs in process {owner.name!r} with {list(owner.shards)} (the topology's 'processes'); "
+            f"shard {config.shard!r} runs in process {owner.name!r} with {list(owner.shards)}"
+            f"{' and the ingress' if owner.ingress else ''} (the topology's 'processes'); "
             f"its links to them are inproc, so start them together: pipeline worker {args.directory} --process {owner.name}"
         )
     if config.cpus:

@@ -32,7 +32,7 @@ from soak.helpers_soak import check, join_topology, pipeline  # noqa: E402
 from answers import mismatches  # noqa: E402
 from pipeline import colocation  # noqa: E402
 from pipeline import topology as topo  # noqa: E402
-from pipeline.launch import Cluster, relocate  # noqa: E402
+from pipeline.launch import Cluster, free_ports, relocate  # noqa: E402
 from pipeline.pb import grpc_service_pb2_grpc as kpb_grpc  # noqa: E402
 from pipeline.serving import kserve  # noqa: E402
 from pipeline.soak import replay  # noqa: E402
@@ -204,8 +204,9 @@ def test_curve_still_guards_the_tcp_side_of_a_grouped_shard(curve_join) -> None:
 
 
 # ------------------------------------------------------------------ the process's own lifecycle
-def _tiny_group(directory: Path) -> topo.Topology:
-    """Two Rescaling shards (x -> a -> y) in one process, ipc endpoints in the folder."""
+def _tiny_group(directory: Path, *, ingress: bool = False) -> topo.Topology:
+    """Two Rescaling shards (x -> a -> y) in one process, ipc endpoints in the folder (with ``ingress``: the ingress
+    in that process too, on a free gRPC port)."""
     import keras
 
     from pipeline.topology import Batching, IngressSpec, ShardOutput, ShardSpec, TensorSpec, Topology
@@ -230,9 +231,11 @@ def _tiny_group(directory: Path) -> topo.Topology:
         outputs=(specs["y"],),
         tensors=specs,
         shards=(shard("s1", ("x",), {"a": ("s2",)}), shard("s2", ("a",), {"y": (topo.INGRESS,)})),
-        ingress=IngressSpec(grpc="127.0.0.1:0", results=results, host="127.0.0.1", bind=results),
+        ingress=IngressSpec(
+            grpc=f"127.0.0.1:{free_ports(1)[0]}" if ingress else "127.0.0.1:0", results=results, host="127.0.0.1", bind=results
+        ),
         directory=directory,
-        processes=(topo.ProcessSpec("pair", ("s1", "s2")),),
+        processes=(topo.ProcessSpec("pair", ("s1", "s2"), ingress=ingress),),
     )
     t.write(directory)
     return topo.load(directory)
@@ -263,3 +266,55 @@ def test_sigterm_drains_every_shard_of_the_process_and_a_bad_shard_stops_them_al
         assert "s2.keras" in proc.text() and "shard_failed" in proc.text(), proc.tail()
     finally:
         proc.stop()
+
+
+def test_a_process_that_serves_the_ingress_answers_drains_and_fails_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``ingress: true``: one process, one Procfile line; requests and results over inproc, answers exact; the
+    admin view puts the ingress and both shards in it; SIGTERM drains all three; a taken gRPC port fails the
+    process before any shard loads, naming the address."""
+    import os
+    import socket
+
+    import numpy as np
+
+    from pipeline import cli, process
+    from pipeline.procfile import lines
+
+    t = _tiny_group(tmp_path, ingress=True)
+    assert lines(t, "D") == ["pair: exec pipeline worker D --process pair"]
+    assert cli.main(["ingress", str(t.directory)]) == 2  # it has no process of its own: the error says which to start
+    assert "runs in worker process 'pair' (ingress: true" in capsys.readouterr().err
+    argv = process.pipeline_command("worker", str(t.directory), "--process", "pair", "--metrics", "none")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    target = t.ingress.grpc
+    proc = process.start("pair", argv, tmp_path / "logs", env=env)
+    try:
+        wait(lambda: server_ready(target) or not proc.alive, "the ingress in the process ready", 180)
+        assert proc.alive, proc.tail()
+        rng = np.random.default_rng(15)
+        inputs = [{"x": rng.standard_normal((b, 4)).astype(np.float32)} for b in (1, 1, 3, 2)]
+        references = [{"y": q["x"] * np.float32(4.0)} for q in inputs]
+        assert mismatches(target, t.name, inputs, references, tolerance=0.0, concurrency=1) == []
+        assert mismatches(target, t.name, inputs * 8, references * 8, tolerance=0.0, concurrency=8) == []
+        procs = processes(target)
+        assert {n: procs[n].pid for n in ("ingress", "s1", "s2")} == dict.fromkeys(("ingress", "s1", "s2"), proc.pid)
+        text = proc.text()
+        assert "inproc://shard/ingress" in text and '"tcp://' not in text, proc.tail()  # nothing went over TCP
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, proc.tail()
+        text = proc.text()
+        assert text.count('"worker_stopped"') == 2 and '"ingress_stopped"' in text and '"process_stopped"' in text, proc.tail()
+        assert text.index('"ingress_stopped"') < text.index('"worker_stopping"'), proc.tail()  # its calls first, then the shards
+        assert '"ingress_unreachable"' not in text, proc.tail()
+    finally:
+        proc.stop()
+    host, port = target.rsplit(":", 1)
+    with socket.socket() as taken:
+        taken.bind((host, int(port)))
+        taken.listen(1)
+        proc = process.start("pair", argv, tmp_path / "logs2", env=env)
+        try:
+            assert proc.wait(120) == 2, proc.tail()
+            assert f"cannot bind the gRPC address {target!r}" in proc.text() and '"worker_ready"' not in proc.text(), proc.tail()
+        finally:
+            proc.stop()

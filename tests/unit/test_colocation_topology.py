@@ -95,6 +95,54 @@ def test_colocate_by_host_makes_one_process_per_host() -> None:
     assert [p.name for p in named.processes] == ["on-1", "on-2"]
 
 
+def test_the_ingress_can_join_the_process_of_its_host() -> None:
+    t = colocation.colocate(_load(_data()), ingress=True)
+    assert t.processes == (topo.ProcessSpec("workers", ("a", "b", "c"), 0, ingress=True),)
+    assert colocation.ingress_process(t) == t.processes[0]
+    # requests to the entry shards and results back are inproc; nothing binds tcp, the ingress has no process
+    assert colocation.link_endpoint(t, "c", "ingress") == "inproc://shard/ingress"
+    assert colocation.link_endpoint(t, "ingress", "a") == "inproc://shard/a"
+    assert colocation.binds(t, "a") == colocation.Binds(tcp=None, inproc="inproc://shard/a")
+    assert colocation.binds(t, "c") == colocation.Binds(tcp=None, inproc="inproc://shard/c")
+    assert colocation.ingress_binds(t, "tcp://*:1") == colocation.Binds(tcp=None, inproc="inproc://shard/ingress")
+    assert colocation.process_names_on(t, None) == ["workers"]
+    assert lines(t, "D") == ["workers: exec pipeline worker D --process workers"]
+    assert colocation.describe(t) == {"workers": ("ingress", "a", "b", "c")}
+    again = _load(t.to_dict())
+    assert again.processes == t.processes and t.to_dict()["processes"][0]["ingress"] is True
+    assert colocation.ingress_process(colocation.colocate(again)) is None  # regrouping without it takes it out
+
+
+def test_an_ingress_process_with_shards_elsewhere_binds_both() -> None:
+    t = colocation.colocate(_load(_data(("127.0.0.1", "127.0.0.1", "10.0.0.2"))), ingress=True)
+    assert [(p.name, p.ingress) for p in t.processes] == [("workers-127.0.0.1", True), ("workers-10.0.0.2", False)]
+    # c, on the other host, sends results and heartbeats over tcp; a and b over inproc
+    assert colocation.ingress_binds(t, "tcp://*:1") == colocation.Binds(tcp="tcp://*:1", inproc="inproc://shard/ingress")
+    assert colocation.link_endpoint(t, "c", "ingress") == f"tcp://127.0.0.1:{RESULTS_PORT}"
+    assert colocation.link_endpoint(t, "b", "ingress") == "inproc://shard/ingress"
+    # c is fed by the ingress and by a and b, all in the other process: tcp only
+    assert colocation.binds(t, "c") == colocation.Binds(tcp=t.shard("c").bind, inproc=None)
+    assert lines(t, "D", host="10.0.0.2") == ["workers-10.0.0.2: exec pipeline worker D --process workers-10.0.0.2"]
+    assert lines(t, "D", host="127.0.0.1") == ["workers-127.0.0.1: exec pipeline worker D --process workers-127.0.0.1"]
+
+
+def test_a_single_shard_process_with_the_ingress_starts_as_a_process() -> None:
+    t = _load({**_data(), "processes": [{"name": "front", "shards": ["a"], "ingress": True}]})
+    assert lines(t, "D") == [
+        "front: exec pipeline worker D --process front",
+        "b: exec pipeline worker D --shard b",
+        "c: exec pipeline worker D --shard c",
+    ]
+    assert colocation.ingress_binds(t, "tcp://*:1") == colocation.Binds(tcp="tcp://*:1", inproc="inproc://shard/ingress")
+    assert colocation.binds(t, "a") == colocation.Binds(tcp=None, inproc="inproc://shard/a")
+    assert colocation.binds(t, "c") == colocation.Binds(tcp=f"tcp://127.0.0.1:{SHARD_PORTS[2]}", inproc=None)
+
+
+def test_the_ingress_cannot_join_a_host_without_shards() -> None:
+    with pytest.raises(UsageError, match=r"no shard of 'm' runs on the ingress's host '127.0.0.1' \(its shards run on \['10.0.0.1', '10.0.0.2'\]\)"):
+        colocation.colocate(_load(_data(("10.0.0.1", "10.0.0.1", "10.0.0.2"))), ingress=True)
+
+
 def test_a_partial_list_leaves_the_other_shards_alone() -> None:
     t = _load({**_data(), "processes": [{"name": "front", "shards": ["a", "b"], "threads": 2}]})
     assert [(p.name, p.shards, p.threads) for p in colocation.groups(t)] == [("front", ("a", "b"), 2), ("c", ("c",), 0)]
@@ -117,6 +165,11 @@ def test_a_partial_list_leaves_the_other_shards_alone() -> None:
         ([{"name": "p", "shards": ["a"], "threads": -1}], r"processes\[0\] \('p'\): threads is -1"),
         ("all-in-one", r"'processes' should be 'per-shard' or a list"),
         ([{"shards": ["a"]}], r"processes\[0\]: missing key 'name'"),
+        ([{"name": "p", "shards": ["a"], "ingress": "yes"}], r"processes\[0\] \('p'\): ingress is 'yes'; expected true or false"),
+        (
+            [{"name": "p", "shards": ["a"], "ingress": True}, {"name": "q", "shards": ["b"], "ingress": True}],
+            r"one process at most may serve the ingress \(ingress: true\), received \['p', 'q'\]",
+        ),
     ],
 )
 def test_bad_processes_name_the_process_and_the_shard(processes: Any, message: str) -> None:
@@ -128,6 +181,12 @@ def test_bad_processes_name_the_process_and_the_shard(processes: Any, message: s
 def test_a_process_spans_one_host_only() -> None:
     data = {**_data(("10.0.0.1", "10.0.0.2", "10.0.0.2")), "processes": [{"name": "p", "shards": ["a", "b"]}]}
     with pytest.raises(TopologyError, match=r"process 'p': its shards must sit on one host, received \{'a': '10.0.0.1', 'b': '10.0.0.2'\}"):
+        _load(data)
+
+
+def test_the_ingress_process_sits_on_the_ingress_host() -> None:
+    data = {**_data(("10.0.0.2", "10.0.0.2", "10.0.0.2")), "processes": [{"name": "p", "shards": ["a", "b"], "ingress": True}]}
+    with pytest.raises(TopologyError, match=r"process 'p': has ingress: true, so its shards must sit on the ingress's host '127.0.0.1'; they sit on '10.0.0.2'"):
         _load(data)
 
 
