@@ -111,6 +111,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--per-shard", dest="colocate", action="store_const", const=False, help="one process per shard (the default without --cluster)"
     )
     p.add_argument(
+        "--with-ingress",
+        action="store_true",
+        help="with the shards grouped (--colocate, or --cluster): the process on the ingress's host serves the ingress "
+        "too, its links to those shards inproc:// (one process less; docs/BENCHMARKS.md)",
+    )
+    p.add_argument(
         "--replicas",
         action="append",
         default=[],
@@ -146,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--propose-replicas needs --cluster FILE: replicas are proposed for hosts the plan leaves idle")
     if args.objective is not None and args.cluster is None:
         raise UsageError(f"--objective {args.objective} needs --cluster FILE: without hosts and links there is only the compute to balance")
+    if args.with_ingress and not (args.colocate or (args.colocate is None and args.cluster)):
+        raise UsageError("--with-ingress puts the ingress into the shards' process: it needs --colocate (or --cluster FILE)")
     cluster = None
     if args.cluster is not None:
         from pipeline.cluster import load_cluster
@@ -190,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         slack=args.slack,
         force=args.force,
         colocate=args.colocate,
+        with_ingress=args.with_ingress,
         measure=args.measure,
         verify=not args.no_verify,
         unsafe=args.unsafe,
@@ -236,6 +245,7 @@ def partition(
     slack: float = DEFAULT_SLACK,
     force: bool = False,
     colocate: bool | None = None,
+    with_ingress: bool = False,
     measure: bool = False,
     verify: bool = True,
     unsafe: bool = False,
@@ -406,7 +416,9 @@ def partition(
             from pipeline.cluster import worker_process_namer
 
             # a replicated shard stays in processes of its own (one per replica)
-            topology = colocation.colocate(topology, name=worker_process_namer(cluster) if cluster is not None else None)
+            topology = colocation.colocate(
+                topology, name=worker_process_namer(cluster) if cluster is not None else None, ingress=with_ingress
+            )
         if any(s.extra_replicas for s in topology.shards):
             from pipeline import replicas as replicas_module
 

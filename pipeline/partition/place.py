@@ -80,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
     placed = colocation.per_shard(placed)
     if not args.per_shard:
-        placed = colocation.colocate(placed, name=worker_process_namer(cluster))
+        # an ingress that served from the shards' process keeps doing so if shards still sit on its host
+        keep = colocation.ingress_process(topology) is not None and any(s.host == placed.ingress.host for s in placed.shards)
+        placed = colocation.colocate(placed, name=worker_process_namer(cluster), ingress=keep)
     topo.validate(placed, check_files=True)
     _, hosts = estimate_topology(placed, cluster)
     print(placement_text(placed).lstrip("\n"))

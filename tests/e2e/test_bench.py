@@ -58,11 +58,12 @@ def test_colocation_section_serves_every_configuration_in_rounds(tmp_path: Path)
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 interleaved round(s)" in r.stdout and "skipped: not asked for (--no-triton)" in r.stdout, r.stdout
-    for label in ("local, compiled, in-process", "pipeline, one process per shard", "pipeline, shards co-located"):
+    for label in ("local, compiled, in-process", "pipeline, one process per shard", "pipeline, shards co-located", "pipeline, co-located with ingress"):
         assert label in r.stdout, r.stdout
     report = json.loads((tmp_path / "bench.json").read_text())["colocation"]
     assert report["rounds"] == 2 and report["shards"] == 2
-    for name, processes in (("per-shard", 3), ("co-located", 2)):  # the ingress, and the workers' processes
+    # the ingress and the workers' processes; with-ingress: one process serves all
+    for name, processes in (("per-shard", 3), ("co-located", 2), ("with-ingress", 1)):
         row = report[name]
         assert row["errors"] == {} and row["processes"] == processes and row["rate"] > 0 and row["p50_ms"] > 0
         assert len(row["runs"]) == 2  # one entry per round

@@ -4,9 +4,11 @@
   ingress bitwise one at a time and within the batching tolerance under load; each shard has its own metrics
   endpoint and heartbeats, all from one pid; a short soak; SIGKILL of the process takes all four shards down
   (each reported down by the ingress, requests fail with a status, none hangs) and a restart heals it.
-- The join topology (``tests.models.inception`` in 3 shards) with CURVE and a mix of links: shard0 and the join
-  shard2 share a process (inproc, no CURVE), shard1 runs alone (tcp + CURVE into shard2, whose TCP socket
-  also takes the ingress's part), bitwise at concurrency 1 and within tolerance under load.
+- The join topology (``tests.models.inception`` in 3 shards) with CURVE and a mix of links: the ingress, shard0
+  and the join shard2 share a process (``ingress: true``; inproc, no CURVE), shard1 runs alone (tcp + CURVE into
+  shard2 and into the ingress's results socket), bitwise at concurrency 1 and within tolerance under load.
+- A process that serves the ingress and two tiny shards: answers exact, SIGTERM drains the ingress then the
+  shards, a taken gRPC port fails it before any shard loads.
 
 The references come from ``pipeline record`` with the workers' thread count (``--threads 2``, the pool the
 process's shards share), which makes one-at-a-time answers bitwise comparable.
@@ -146,15 +148,18 @@ def curve_join(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topo.
     source = join_topology(root / "source")
     t = relocate(source, root / "run")
     assert set(t.producers("shard2")) == {"ingress", "shard0", "shard1"}  # a join of three producers
-    t = t.replace(processes=(topo.ProcessSpec("mixed", ("shard0", "shard2")),))
+    t = t.replace(processes=(topo.ProcessSpec("mixed", ("shard0", "shard2"), ingress=True),))
     t.write()
     check(pipeline("keys", str(t.directory)))
     t = topo.load(t.directory)
     assert t.security == "curve"
-    # shard2 takes shard0's part over inproc and the parts of shard1 and the ingress over tcp (CURVE)
+    # the ingress serves from "mixed" too: shard2 takes the parts of shard0 and the ingress over inproc and
+    # shard1's over tcp (CURVE); the ingress takes shard2's results over inproc and shard1's heartbeats over tcp
     assert colocation.binds(t, "shard2") == colocation.Binds(tcp=t.shard("shard2").bind, inproc="inproc://shard/shard2")
     assert colocation.link_endpoint(t, "shard0", "shard2") == "inproc://shard/shard2"
+    assert colocation.link_endpoint(t, "ingress", "shard2") == "inproc://shard/shard2"
     assert colocation.link_endpoint(t, "shard1", "shard2") == t.shard("shard2").endpoint
+    assert colocation.ingress_binds(t, t.ingress.bind) == colocation.Binds(tcp=t.ingress.bind, inproc="inproc://shard/ingress")
     files = [record(t.directory, root / f"j{b}.npz", count=12, batch=b, seed=10 + b, threads=THREADS) for b in (1, 3)]
     with serving(t, root / "logs", threads=THREADS, start_s=START_S) as cluster:
         yield t, cluster, files
@@ -162,14 +167,14 @@ def curve_join(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topo.
 
 def test_a_join_with_curve_and_inproc_links_answers_right(curve_join) -> None:  # type: ignore[no-untyped-def]
     t, cluster, files = curve_join
-    assert set(cluster.procs) == {"ingress", "mixed", "shard1"}
+    assert set(cluster.procs) == {"mixed", "shard1"}
     inputs = [q.inputs for f in files for q in f.requests]
     references = [q.outputs for f in files for q in f.requests]
     assert mismatches(cluster.target, t.name, inputs, references, tolerance=0.0, concurrency=1) == []
     tolerance = max(f.tolerance or 0.0 for f in files) or 1e-6
     assert mismatches(cluster.target, t.name, inputs * 5, references * 5, tolerance=tolerance, concurrency=12) == []
     procs = processes(cluster.target)
-    assert procs["shard0"].pid == procs["shard2"].pid != procs["shard1"].pid
+    assert procs["ingress"].pid == procs["shard0"].pid == procs["shard2"].pid != procs["shard1"].pid
     log = cluster.procs["mixed"].text()
     assert "curve_client_refused" not in log and "curve_enabled" in log
 

@@ -44,12 +44,12 @@ def test_the_table_shows_every_configuration_the_ratios_and_the_rounds() -> None
     c: dict[str, Any] = {
         "cpus": 2, "rounds": 2, "shards": 2, "overlap": [{"threads": 1, "inter_threads": 2, "work": 2.36}],
         "local": _row([25.0, 26.0], [80.0, 70.0], 740), "per-shard": _row([31.0, 30.0], [60.0, 62.0], 1400),
-        "co-located": _row([28.0, 29.0], [66.0, 64.0], 850),
+        "co-located": _row([28.0, 29.0], [66.0, 64.0], 850), "with-ingress": _row([27.0, 28.0], [70.0, 66.0], 760),
         "triton-1": _row([30.0, 34.0], [40.0, 42.0], 980, version="0.7.0"),
         "triton-2": _row([36.0, 33.0], [55.0, 50.0], 990, version="0.7.0"),
     }  # fmt: skip
     c["triton"] = best_of(c, ["triton-1", "triton-2"])
-    c["paired"] = {n: paired_ratios(c[n]["runs"], c["triton"]["runs"]) for n in ("local", "per-shard", "co-located")}
+    c["paired"] = {n: paired_ratios(c[n]["runs"], c["triton"]["runs"]) for n in ("local", "per-shard", "co-located", "with-ingress")}
     text = "\n".join(render(c))
     assert "2 interleaved round(s)" in text
     for label in ("Triton (PyTriton 0.7.0), 1 thread ", "Triton (PyTriton 0.7.0), 2 threads", "Triton's best of 2", "pipeline, shards co-located"):
@@ -57,6 +57,9 @@ def test_the_table_shows_every_configuration_the_ratios_and_the_rounds() -> None
     co = next(line for line in text.splitlines() if line.startswith("  pipeline, shards co-located"))
     # p50 x triton: 29 / 34 (the better of the two p50s); rate: 65 / 52.5; RSS: 850 / 980
     assert co.split()[-3:] == [f"{29 / 34:.2f}", f"{65 / 52.5:.2f}", f"{850 / 980:.2f}"], co
+    ing = next(line for line in text.splitlines() if line.startswith("  pipeline, co-located with ingress"))
+    assert ing.split()[-3:] == [f"{28 / 34:.2f}", f"{68 / 52.5:.2f}", f"{760 / 980:.2f}"], ing
+    assert sum("pipeline, co-located with ingress" in line for line in text.splitlines()) == 2  # its row and its rounds
     assert "lower in 2" in text and "2.36 shards' worth" in text
     skipped = {k: v for k, v in c.items() if not k.startswith("triton") and k != "paired"} | {"triton": {"skipped": "not asked for (--no-triton)"}}
     text = "\n".join(render(skipped))

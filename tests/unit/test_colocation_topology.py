@@ -249,3 +249,8 @@ def test_the_colocate_command_regroups_a_topology_without_recutting(tmp_path: Pa
     # no threads: given, the reference uses the pool the process will size (its CPUs among its 3 shards)
     assert colocation.worker_threads(topo.load(tmp_path, check_files=False)) == max(1, len(os.sched_getaffinity(0)) // 3)
     assert cli.main(["colocate", str(tmp_path), "--threads", "-1"]) == 2
+    assert cli.main(["colocate", str(tmp_path), "--with-ingress"]) == 0
+    assert capsys.readouterr().out == "workers: ingress, a, b, c\n"
+    assert colocation.ingress_process(topo.load(tmp_path, check_files=False)) is not None
+    assert cli.main(["colocate", str(tmp_path), "--per-shard", "--with-ingress"]) == 2
+    assert "--per-shard has none" in capsys.readouterr().err
