@@ -37,7 +37,6 @@ import yaml
 from pipeline import colocation
 from pipeline import topology as topo
 from pipeline.deploy import kubernetes as k8s
-from pipeline.topology import INGRESS
 
 Obj = Mapping[str, Any]
 
