@@ -23,7 +23,7 @@ shard files live in the image, is in docs/DEPLOY.md; the short version:
   (the topology's producers), Prometheus on the metrics port, and anyone on
   the ingress's gRPC port;
 - with ``security: curve``, per process a **Secret** holding only its own
-  CURVE secret keys (the ingress's, or those of the process's shards), mounted read-only into that pod's init container alone,
+  CURVE secret keys (those of the process's shards, and the ingress's where it runs), mounted read-only into that pod's init container alone,
   which installs it with mode 0600 into a memory volume the process reads
   (a Secret volume cannot give a non-root process a file of mode 0600: with
   ``fsGroup`` Kubernetes adds the group read bit, which the key loader
