@@ -757,6 +757,10 @@ def test_kubernetes_the_ingress_in_the_one_process_of_a_host(residual: Topology,
     assert {"name": "PIPELINE_INGRESS_TLS_CERT", "value": f"{kubernetes.TLS_DIR}/tls.crt"} in pod["containers"][0]["env"]
     assert {"name": "PIPELINE_INGRESS_TLS_KEY", "value": f"{kubernetes.TLS_DIR}/tls.key"} in pod["containers"][0]["env"]
     assert [o["kind"] for o in with_tls].count("Deployment") == 1
+    front = grouped(with_replicas(residual, tmp_path / "replicated", "shard1", ("127.0.0.1",)), tmp_path / "front",
+                    (topo.ProcessSpec("front", ("shard1",), ingress=True),))  # fmt: skip
+    with pytest.raises(UsageError, match="shard 'shard1' has replicas but runs in process 'front', which serves the ingress"):
+        kubernetes.manifests(front, options)  # one pod cannot be its N replicas
 
     # the checks see an ingress key left out, and an ingress Service that lost its metrics port
     def no_ingress_key(objs: list[dict[str, Any]]) -> None:
