@@ -10,11 +10,16 @@ as what was expected and what was found:
   the right container port of the pod of the process serving that shard (with
   ``processes`` groups: the shard's own port in its group's pod); a shard fed
   only inside its process (``inproc://``) is reached by no Service port;
+- the ingress's gRPC and metrics addresses lead to the pod that serves it (its
+  own, or that of the worker process with ``ingress: true``), and its results
+  address to that pod's results port when it binds one (a shard runs in
+  another process), to no Service port otherwise;
 - every Secret is mounted into the pod of the process it belongs to only, and
-  a CURVE Secret holds the keys of that process's shards (or the ingress's)
-  and no other;
-- each process's NetworkPolicy admits on its PULL ports exactly the processes
-  that feed one of its shards over TCP;
+  a CURVE Secret holds the keys of that process's shards and of the ingress
+  when it runs there, and no other;
+- each process's NetworkPolicy admits on each PULL port exactly the processes
+  that send to it over TCP (the shard's producers elsewhere; for the
+  ingress's results port, every worker process in another pod);
 - a shard whose replicas are found by DNS runs as many pods as its count,
   behind a headless Service that lists only ready pods, each pod reading its
   own address from the downward API; every other process runs one pod.
@@ -32,7 +37,6 @@ import yaml
 from pipeline import colocation
 from pipeline import topology as topo
 from pipeline.deploy import kubernetes as k8s
-from pipeline.topology import INGRESS
 
 Obj = Mapping[str, Any]
 
@@ -117,10 +121,14 @@ def address_problems(objects: Sequence[Obj]) -> list[str]:
             unreached.append((f"shard {s['name']} endpoint (fed only inside process {process!r})", s["endpoint"]))
         wanted.append((f"shard {s['name']} metrics", s["metrics"], process, ports.metrics))
     ing = t["ingress"]
+    serving = k8s.ingress_pod(parsed)  # its own process, or the worker process that serves it too
+    if k8s.ingress_binds_tcp(parsed):
+        wanted.append(("ingress results", ing["results"], serving, k8s.PULL_PORT))
+    else:
+        unreached.append((f"ingress results (every shard runs in process {serving!r})", ing["results"]))
     wanted += [
-        ("ingress results", ing["results"], INGRESS, k8s.PULL_PORT),
-        ("ingress grpc", ing["grpc"], INGRESS, k8s.GRPC_PORT),
-        ("ingress metrics", ing["metrics"], INGRESS, k8s.METRICS_PORT),
+        ("ingress grpc", ing["grpc"], serving, k8s.GRPC_PORT),
+        ("ingress metrics", ing["metrics"], serving, k8s.METRICS_PORT),
     ]
     problems = []
     for what, address, process, cport in wanted:
@@ -148,7 +156,7 @@ def address_problems(objects: Sequence[Obj]) -> list[str]:
 
 def secret_problems(objects: Sequence[Obj]) -> list[str]:
     """Each Secret is mounted only into its own process's pod; a CURVE Secret holds the keys of that process's
-    shards (or the ingress's) and no other."""
+    shards (and the ingress's, where it runs) and no other."""
     parsed = topo.from_dict(pod_topology(objects), directory=Path("."))
     problems = []
     secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
@@ -179,34 +187,31 @@ def secret_problems(objects: Sequence[Obj]) -> list[str]:
 
 
 def policy_problems(objects: Sequence[Obj]) -> list[str]:
-    """Each process's PULL ports admit exactly the processes that feed one of its shards over TCP."""
+    """Each PULL port of a process's pod admits exactly the processes that send to it over TCP."""
     t = topo.from_dict(pod_topology(objects), directory=Path("."))
     problems = []
     policies = by_kind(objects, "NetworkPolicy")
     for process in colocation.process_names_on(t, None):
-        want = sorted(k8s.feeders(t, process))
-        pull = set(k8s.pull_ports(t, process))
+        want = k8s.port_feeders(t, process)
         mine = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].get(k8s.PROCESS_LABEL) == process]
         if len(mine) != 1:
             problems.append(f"process {process!r}: expected one NetworkPolicy, found {len(mine)}")
             continue
-        allowed: list[str] = []
+        allowed: dict[int, list[str]] = {port: [] for port in want}
         for rule in mine[0]["spec"]["ingress"]:
-            ports = {p["port"] for p in rule.get("ports", [])}
-            if not ports & pull:
-                continue
-            if ports != pull:
-                problems.append(f"NetworkPolicy of {process!r}: a rule opens ports {sorted(ports)}, expected its PULL ports {sorted(pull)}")
-            if "from" not in rule:
-                allowed.append("(anyone)")
+            ports = [p["port"] for p in rule.get("ports", []) if p["port"] in want]
+            senders = [] if "from" in rule else ["(anyone)"]
             for peer in rule.get("from", []):
                 for expr in peer.get("podSelector", {}).get("matchExpressions", []):
-                    allowed += expr["values"]
+                    senders += expr["values"]
                 name = peer.get("podSelector", {}).get("matchLabels", {}).get(k8s.PROCESS_LABEL)
                 if name:
-                    allowed.append(name)
-        if sorted(allowed) != want:
-            problems.append(f"NetworkPolicy of {process!r}: expected its PULL port open to {want}, it admits {sorted(allowed)}")
+                    senders.append(name)
+            for port in ports:
+                allowed[port] += senders
+        for port, senders in want.items():
+            if sorted(allowed[port]) != sorted(senders):
+                problems.append(f"NetworkPolicy of {process!r}: expected its PULL port {port} open to {sorted(senders)}, it admits {sorted(allowed[port])}")
     return problems
 
 

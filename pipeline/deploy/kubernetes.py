@@ -23,7 +23,7 @@ shard files live in the image, is in docs/DEPLOY.md; the short version:
   (the topology's producers), Prometheus on the metrics port, and anyone on
   the ingress's gRPC port;
 - with ``security: curve``, per process a **Secret** holding only its own
-  CURVE secret keys (the ingress's, or those of the process's shards), mounted read-only into that pod's init container alone,
+  CURVE secret keys (those of the process's shards, and the ingress's where it runs), mounted read-only into that pod's init container alone,
   which installs it with mode 0600 into a memory volume the process reads
   (a Secret volume cannot give a non-root process a file of mode 0600: with
   ``fsGroup`` Kubernetes adds the group read bit, which the key loader
@@ -44,6 +44,18 @@ A process is what the topology's ``processes`` section says
 ``PULL_PORT + i`` and metrics port ``METRICS_PORT + i`` (the shards share the
 pod's address), only the shards fed over TCP on its Service's PULL ports, and
 an exec probe that passes only when every shard's ``/ready`` does.
+
+A worker process that serves the ingress too (``ingress: true`` in its
+``processes`` entry) is one pod and no ingress Deployment is written: the
+ingress keeps its ports in that pod (gRPC ``GRPC_PORT``, metrics
+``METRICS_PORT``, results ``PULL_PORT`` only when a shard runs in another pod),
+its shards take the next ones (the i-th on ``PULL_PORT + 1 + i`` and
+``METRICS_PORT + 1 + i``), and the ingress's Services (gRPC and metrics; the
+results Service when it binds one) select that pod. The pod runs ``pipeline
+worker DIR --process NAME`` with the ingress's options in its environment
+(``PIPELINE_INGRESS_ADDRESS``, ``_DRAIN``, ``_TLS_CERT``/``_KEY``), is ready when
+the ingress serves and every shard is, holds the ingress's CURVE key beside its
+shards', and gets the ingress's drain on top of its shards' in its grace period.
 """
 
 from __future__ import annotations
@@ -110,6 +122,8 @@ GROUP_JOIN_MARGIN_S = 2
 GROUP_SHARD_MIB = 60
 #: the readiness and liveness of a process serving several shards: every shard's metrics endpoint must answer
 #: 2xx on the path (argv: path, then the ports). Run as an exec probe with the image's python3 (no extra tool).
+#: how a process that serves the ingress too gives it its options (``pipeline.serving.ingress.IngressConfig.resolve``).
+INGRESS_ENV_PREFIX = "PIPELINE_INGRESS_"
 ALL_SHARDS_PROBE = (
     "import sys, urllib.request\n"
     "for port in sys.argv[2:]:\n"
@@ -140,9 +154,12 @@ class KubeOptions:
         """terminationGracePeriodSeconds of a one-shard process: the preStop pause, the drain, and the exit."""
         return int(self.prestop_s + math.ceil(self.drain_s) + EXIT_MARGIN_S)
 
-    def grace_for(self, shards: int) -> int:
+    def grace_for(self, shards: int, ingress: bool = False) -> int:
         """terminationGracePeriodSeconds of a process serving ``shards`` shards: its shards drain at the same
-        time (one drain budget), then the process waits for every shard's threads before it exits."""
+        time (one drain budget), then the process waits for every shard's threads before it exits. With the
+        ``ingress`` in it too, the ingress drains first (a budget of its own, then its thread is joined)."""
+        if ingress:
+            return self.grace_s + math.ceil(self.drain_s) + 2 * GROUP_JOIN_MARGIN_S
         return self.grace_s + (GROUP_JOIN_MARGIN_S if shards > 1 else 0)
 
 
@@ -162,7 +179,7 @@ class Names:
     """Object names of one topology's processes (DNS-1035 labels, unique)."""
 
     app: str
-    process: Mapping[str, str]  # process -> Deployment, Service, NetworkPolicy name
+    process: Mapping[str, str]  # process -> Deployment, Service, NetworkPolicy name; ``ingress`` -> its gRPC Service
     results: str  # the ingress's results Service
     configmap: str
 
@@ -177,7 +194,7 @@ class Names:
 def names_of(topology: Topology) -> Names:
     app = dns_label(topology.name, "topology name")
     process = {}
-    for name in colocation.process_names_on(topology, None):
+    for name in [INGRESS, *colocation.process_names_on(topology, None)]:  # the ingress's Service, wherever it runs
         process[name] = dns_label(f"{app}-{name}", f"process {name!r} of topology")
     clash = sorted({n for n in process.values() if list(process.values()).count(n) > 1})
     results = dns_label(f"{app}-{INGRESS}-results", "the ingress's results Service")
@@ -200,12 +217,33 @@ def is_group(topology: Topology, process: str) -> bool:
     return len(shards_of(topology, process)) > 1
 
 
+def ingress_pod(topology: Topology) -> str:
+    """The process whose pod serves the ingress: ``ingress``, or the worker process with ``ingress: true``."""
+    host = colocation.ingress_process(topology)
+    return INGRESS if host is None else host.name
+
+
+def serves_ingress(topology: Topology, process: str) -> bool:
+    """True for the pod of the ingress: its own process, or a worker process that serves it too."""
+    return process == ingress_pod(topology)
+
+
+def hosts_ingress(topology: Topology, process: str) -> bool:
+    """True for a worker process that serves the ingress beside its shards (``ingress: true``)."""
+    return process != INGRESS and serves_ingress(topology, process)
+
+
+def ingress_binds_tcp(topology: Topology) -> bool:
+    """True when the ingress binds its TCP results endpoint: some shard runs in another process."""
+    return colocation.ingress_binds(topology, "tcp://").tcp is not None
+
+
 @dataclass(frozen=True)
 class ShardPorts:
     """Where one shard listens inside its pod: the shards of one pod share its address, so each has its own ports."""
 
     shard: str
-    index: int  # its place in its process
+    index: int  # its place among the pod's ports: its place in its process, one more where the ingress has 0
     pull: int | None  # None: fed only from inside its process (inproc), no TCP socket
     metrics: int
 
@@ -219,9 +257,11 @@ class ShardPorts:
 
 
 def shard_ports(topology: Topology, process: str) -> list[ShardPorts]:
-    """The ports of every shard of ``process``: PULL_PORT + i and METRICS_PORT + i for its i-th shard."""
+    """The ports of every shard of ``process``: PULL_PORT + i and METRICS_PORT + i for its i-th shard (i + 1 in
+    a process that serves the ingress: the ingress keeps the first ports there, as in a pod of its own)."""
     out = []
-    for i, shard in enumerate(shards_of(topology, process)):
+    first = 1 if hosts_ingress(topology, process) else 0
+    for i, shard in enumerate(shards_of(topology, process), start=first):
         tcp = colocation.binds(topology, shard).tcp is not None
         out.append(ShardPorts(shard, i, PULL_PORT + i if tcp else None, METRICS_PORT + i))
     return out
@@ -303,6 +343,8 @@ def rewrite(topology: Topology, options: KubeOptions, names: Names | None = None
                 discovered=count,
             )
         )
+    # the ingress's Services, wherever it runs; with every shard in its process it binds no results socket, and its
+    # results address leads nowhere (nobody connects to it: the shards there use inproc://)
     ingress_host = fqdn(names.process[INGRESS], options)
     ingress = replace(
         topology.ingress,
@@ -343,7 +385,8 @@ def _mib(n: float) -> str:
 
 def resources(topology: Topology, process: str, options: KubeOptions) -> dict[str, Any]:
     """Requests from what the process needs: measured memory (one TensorFlow runtime per process, a little more
-    per further shard) plus its shards' weights; CPU by the compute share of its shards."""
+    per further shard) plus its shards' weights; CPU by the compute share of its shards. A process that serves
+    the ingress too asks for the ingress's requests on top of its shards'."""
     if process == INGRESS:
         memory = float(INGRESS_MEMORY_MIB)
         cpu_milli = INGRESS_CPU_MILLI
@@ -357,6 +400,9 @@ def resources(topology: Topology, process: str, options: KubeOptions) -> dict[st
         share = sum(shares.get(s) or 1.0 / n for s in shards)
         total = options.cpu_total if options.cpu_total is not None else float(n)
         cpu_milli = max(MIN_WORKER_CPU_MILLI, round(share * total * 1000))
+        if hosts_ingress(topology, process):
+            memory += INGRESS_MEMORY_MIB
+            cpu_milli += INGRESS_CPU_MILLI
     return {
         "requests": {"cpu": f"{cpu_milli}m", "memory": _mib(memory)},
         "limits": {"memory": _mib(memory * MEMORY_LIMIT_FACTOR)},  # no CPU limit: throttling adds latency
@@ -374,9 +420,11 @@ def _probes(topology: Topology, process: str, options: KubeOptions) -> dict[str,
     if process == INGRESS and not options.tls:
         action: dict[str, Any] = {"grpc": {"port": GRPC_PORT, "service": INGRESS_HEALTH_SERVICE}}
         ready_action, live_action = action, action
-    elif is_group(topology, process):
-        # a pod is ready when every shard of its process is (each loads, warms and drains on its own)
-        ports = [p.metrics for p in shard_ports(topology, process)]
+    elif is_group(topology, process) or hosts_ingress(topology, process):
+        # a pod is ready when every shard of its process is (each loads, warms and drains on its own), and the
+        # ingress serves when it runs there too (its /ready and /live on its metrics port, as with TLS alone)
+        ports = [METRICS_PORT] if hosts_ingress(topology, process) else []
+        ports += [p.metrics for p in shard_ports(topology, process)]
         ready_action, live_action = _all_shards("/ready", ports), _all_shards("/live", ports)
     else:
         # workers: /ready says so only once loaded and warm; the ingress with TLS: the probe cannot do TLS everywhere
@@ -402,8 +450,20 @@ def container_args(topology: Topology, process: str, options: KubeOptions) -> li
         if options.tls:
             args += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
         return args
-    which = ["--shard", process] if shards_of(topology, process) == (process,) else ["--process", process]
+    alone = shards_of(topology, process) == (process,) and not hosts_ingress(topology, process)
+    which = ["--shard", process] if alone else ["--process", process]
     return ["worker", MODEL_DIR, *which, "--drain-timeout", drain]
+
+
+def ingress_env(topology: Topology, process: str, options: KubeOptions) -> list[dict[str, str]]:
+    """The ingress's options in a worker process that serves it (``pipeline worker`` has no ingress flags; the
+    ingress reads ``PIPELINE_INGRESS_*``): what ``pipeline ingress`` gets on its command line in a pod of its own."""
+    if not hosts_ingress(topology, process):
+        return []
+    env = {"ADDRESS": f"0.0.0.0:{GRPC_PORT}", "DRAIN": f"{options.drain_s:g}"}
+    if options.tls:
+        env |= {"TLS_CERT": f"{TLS_DIR}/tls.crt", "TLS_KEY": f"{TLS_DIR}/tls.key"}
+    return [{"name": INGRESS_ENV_PREFIX + k, "value": v} for k, v in env.items()]
 
 
 _SECURITY_CONTEXT = {
@@ -418,14 +478,15 @@ _SECURITY_CONTEXT = {
 
 def deployment(topology: Topology, process: str, options: KubeOptions, names: Names, topology_sha: str) -> dict[str, Any]:
     curve = topology.security == security.CURVE
-    if process == INGRESS:
-        ports = [
-            {"name": "pull", "containerPort": PULL_PORT, "protocol": "TCP"},
+    ports: list[dict[str, Any]] = []
+    if serves_ingress(topology, process):
+        if ingress_binds_tcp(topology):  # results and heartbeats from shards in other pods
+            ports.append({"name": "pull", "containerPort": PULL_PORT, "protocol": "TCP"})
+        ports += [
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ]
-    else:
-        ports = []
+    if process != INGRESS:
         for sp in shard_ports(topology, process):
             if sp.pull is not None:
                 ports.append({"name": sp.pull_name, "containerPort": sp.pull, "protocol": "TCP"})
@@ -435,6 +496,7 @@ def deployment(topology: Topology, process: str, options: KubeOptions, names: Na
         {"name": "TF_CPP_MIN_LOG_LEVEL", "value": "2"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "KERAS_HOME", "value": "/tmp/.keras"},
+        *ingress_env(topology, process, options),
     ]
     if is_replicated(topology, process):  # its own address: its process name is shard@<pod IP> (pipeline.discovery)
         env.append({"name": REPLICA_ADDRESS_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
@@ -471,7 +533,7 @@ def deployment(topology: Topology, process: str, options: KubeOptions, names: Na
                 "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}},
             }
         )
-    if process == INGRESS and options.tls:
+    if serves_ingress(topology, process) and options.tls:
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
         volumes.append({"name": "tls", "secret": {"secretName": names.tls_secret, "defaultMode": 0o440}})
     container: dict[str, Any] = {
@@ -492,7 +554,7 @@ def deployment(topology: Topology, process: str, options: KubeOptions, names: Na
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": options.grace_for(len(shards_of(topology, process))),
+        "terminationGracePeriodSeconds": options.grace_for(len(shards_of(topology, process)), hosts_ingress(topology, process)),
         "securityContext": {"runAsNonRoot": True, "fsGroup": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
         **({"initContainers": init} if init else {}),
         "containers": [container],
@@ -527,7 +589,17 @@ def deployment(topology: Topology, process: str, options: KubeOptions, names: Na
 
 
 def services(topology: Topology, process: str, options: KubeOptions, names: Names) -> list[dict[str, Any]]:
-    metrics_port = {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}
+    """The Services selecting ``process``'s pod: the ingress's (gRPC and metrics, and its results) where it runs,
+    and a worker process's own (its shards' ports)."""
+    out = []
+    if serves_ingress(topology, process):
+        metrics_port = {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}
+        grpc_port = {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}
+        out.append(_service(names.process[INGRESS], topology, process, options, [grpc_port, metrics_port]))
+        if ingress_binds_tcp(topology):
+            # every shard elsewhere sends results, errors and heartbeats here: reachable whatever the ingress's readiness
+            pull_port = {"name": "pull", "port": PULL_PORT, "targetPort": "pull", "protocol": "TCP"}
+            out.append(_service(names.results, topology, process, options, [pull_port], publish_not_ready=True))
     if process != INGRESS:
         # one Service per worker process: the PULL port of each shard fed over TCP, every shard's metrics port
         ports = []
@@ -536,18 +608,8 @@ def services(topology: Topology, process: str, options: KubeOptions, names: Name
                 ports.append({"name": sp.pull_name, "port": sp.pull, "targetPort": sp.pull_name, "protocol": "TCP"})
             ports.append({"name": sp.metrics_name, "port": sp.metrics, "targetPort": sp.metrics_name, "protocol": "TCP"})
         # a replicated shard: a headless Service, whose name resolves to the address of every ready pod
-        return [_service(names.process[process], topology, process, options, ports, headless=is_replicated(topology, process))]
-    return [
-        _service(
-            names.process[process], topology, process, options,
-            [{"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}, metrics_port],
-        ),
-        # every shard sends results, errors and heartbeats here: reachable whatever the ingress's readiness
-        _service(
-            names.results, topology, process, options,
-            [{"name": "pull", "port": PULL_PORT, "targetPort": "pull", "protocol": "TCP"}], publish_not_ready=True,
-        ),
-    ]  # fmt: skip
+        out.append(_service(names.process[process], topology, process, options, ports, headless=is_replicated(topology, process)))
+    return out
 
 
 def _service(
@@ -568,59 +630,69 @@ def _service(
     return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, topology, process, options), "spec": spec}
 
 
+def port_feeders(topology: Topology, process: str) -> dict[int, list[str]]:
+    """Each TCP PULL port of ``process``'s pod -> the processes that send to it: for the ingress's results port,
+    every worker process in another pod (results, heartbeats); for a shard's, its producers' processes outside
+    ``process`` (the ingress's is the one that serves it)."""
+    out: dict[int, list[str]] = {}
+    if serves_ingress(topology, process) and ingress_binds_tcp(topology):
+        out[PULL_PORT] = [p.name for p in colocation.groups(topology) if p.name != process]
+    for sp in shard_ports(topology, process):
+        if sp.pull is None:
+            continue
+        owners = {ingress_pod(topology) if p == INGRESS else colocation.process_of(topology, p).name for p in topology.producers(sp.shard)}
+        out[sp.pull] = sorted(owners - {process})
+    return out
+
+
 def feeders(topology: Topology, process: str) -> list[str]:
-    """The processes that send to ``process`` over TCP: those of its shards' producers outside it; for the
-    ingress, every worker process (results, heartbeats)."""
-    if process == INGRESS:
-        return [p.name for p in colocation.groups(topology)]
-    out = set()
-    for shard in shards_of(topology, process):
-        for producer in topology.producers(shard):
-            owner = INGRESS if producer == INGRESS else colocation.process_of(topology, producer).name
-            if owner != process:
-                out.add(owner)
-    return sorted(out)
+    """The processes that send to ``process``'s pod over TCP (:func:`port_feeders`, every port)."""
+    return sorted({f for names in port_feeders(topology, process).values() for f in names})
 
 
 def pull_ports(topology: Topology, process: str) -> list[int]:
-    """The TCP PULL ports of ``process``'s pod (its shards fed from outside it; the ingress's results)."""
-    if process == INGRESS:
-        return [PULL_PORT]
-    return [sp.pull for sp in shard_ports(topology, process) if sp.pull is not None]
+    """The TCP PULL ports of ``process``'s pod (the ingress's results; its shards fed from outside it)."""
+    return list(port_feeders(topology, process))
 
 
 def metrics_ports(topology: Topology, process: str) -> list[int]:
-    if process == INGRESS:
-        return [METRICS_PORT]
-    return [sp.metrics for sp in shard_ports(topology, process)]
+    ingress = [METRICS_PORT] if serves_ingress(topology, process) else []
+    return ingress + [sp.metrics for sp in shard_ports(topology, process)]
 
 
 def key_owners(topology: Topology, process: str) -> list[str]:
-    """Whose CURVE secret keys a process's pod holds: the ingress's, or every shard's of the process."""
-    return [INGRESS] if process == INGRESS else list(shards_of(topology, process))
+    """Whose CURVE secret keys a process's pod holds: the ingress's where it runs, and every shard's of the process."""
+    return ([INGRESS] if serves_ingress(topology, process) else []) + list(shards_of(topology, process))
 
 
 def network_policy(topology: Topology, process: str, options: KubeOptions, names: Names) -> dict[str, Any]:
+    """Admit on each PULL port only the processes that send to it (ports with the same senders share a rule),
+    Prometheus on the metrics ports, anyone on the ingress's gRPC port."""
+    by_senders: dict[tuple[str, ...], list[int]] = {}
+    for port, senders in port_feeders(topology, process).items():
+        if senders:  # nobody feeds it over TCP: no rule (an "In" with no values is invalid)
+            by_senders.setdefault(tuple(senders), []).append(port)
     rules: list[dict[str, Any]] = [
         {
             "from": [
                 {
                     "podSelector": {
                         "matchLabels": {INSTANCE_LABEL: topology.name},
-                        "matchExpressions": [{"key": PROCESS_LABEL, "operator": "In", "values": feeders(topology, process)}],
+                        "matchExpressions": [{"key": PROCESS_LABEL, "operator": "In", "values": list(senders)}],
                     }
                 }
             ],
-            "ports": [{"protocol": "TCP", "port": port} for port in pull_ports(topology, process)],
-        },
+            "ports": [{"protocol": "TCP", "port": port} for port in ports],
+        }
+        for senders, ports in by_senders.items()
+    ]
+    rules.append(
         {
             "from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": dict(options.prometheus_labels)}}],
             "ports": [{"protocol": "TCP", "port": port} for port in metrics_ports(topology, process)],
-        },
-    ]
-    if not rules[0]["from"][0]["podSelector"]["matchExpressions"][0]["values"]:
-        rules.pop(0)  # nobody feeds it over TCP (an "In" with no values is invalid)
-    if process == INGRESS:
+        }
+    )
+    if serves_ingress(topology, process):
         rules.append({"ports": [{"protocol": "TCP", "port": GRPC_PORT}]})  # clients, from anywhere
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -647,6 +719,13 @@ def manifests(
     if options.tls != (tls_pair is not None):
         raise UsageError("TLS for the ingress needs both its certificate and its key (--tls-cert and --tls-key)")
     processes = colocation.process_names_on(topology, None)
+    host = colocation.ingress_process(topology)
+    replicated = [s for s in host.shards if topology.shard(s).discovered or topology.shard(s).extra_replicas] if host else []
+    if host is not None and replicated:
+        raise UsageError(
+            f"shard {replicated[0]!r} has replicas but runs in process {host.name!r}, which serves the ingress (one pod); "
+            "give its replicas a process of their own (leave the shard out of that process's 'shards')"
+        )
     curve = topology.security == security.CURVE
     if curve:
         missing = [k for p in processes for k in key_owners(topology, p) if not curve_keys or k not in curve_keys]
@@ -678,7 +757,7 @@ def manifests(
                     "data": {security.secret_path(KEYS_DIR, k).name: _b64(curve_keys[k]) for k in key_owners(topology, process)},
                 }
             )
-        if process == INGRESS and tls_pair is not None:
+        if serves_ingress(topology, process) and tls_pair is not None:
             objects.append(
                 {
                     "apiVersion": "v1",

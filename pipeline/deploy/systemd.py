@@ -15,6 +15,13 @@ processes of their own: replica *k* of ``shard2`` gets a unit on the host its
 entry names, ``...-shard2-rk.service``, running ``pipeline worker DIR --shard
 shard2 --replica k`` (process ``shard2@k`` in heartbeats and metrics, on its
 own endpoint and metrics address).
+
+A worker process that serves the ingress too (``ingress: true`` in its
+``processes`` entry) is one unit and there is no ingress unit: it runs
+``pipeline worker DIR --process NAME``, gives the ingress its drain through
+``PIPELINE_INGRESS_DRAIN`` (the ingress's other settings, TLS files and
+``PIPELINE_KEYS_DIR`` come from the environment file, as for an ingress unit),
+and stops within the ingress's drain plus its shards'.
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline import replicas
-from pipeline.deploy.kubernetes import EXIT_MARGIN_S, GROUP_JOIN_MARGIN_S, dns_label, shards_of
+from pipeline import colocation, replicas
+from pipeline.deploy.kubernetes import EXIT_MARGIN_S, GROUP_JOIN_MARGIN_S, INGRESS_ENV_PREFIX, dns_label, hosts_ingress, shards_of
 from pipeline.errors import UsageError
 from pipeline.topology import INGRESS, Topology
 
@@ -49,8 +56,11 @@ class UnitOptions:
     def stop_timeout_s(self) -> int:
         return int(math.ceil(self.drain_s) + EXIT_MARGIN_S)
 
-    def stop_timeout_for(self, shards: int) -> int:
-        """TimeoutStopSec of a process serving ``shards`` shards: they drain at once, then it joins their threads."""
+    def stop_timeout_for(self, shards: int, ingress: bool = False) -> int:
+        """TimeoutStopSec of a process serving ``shards`` shards: they drain at once, then it joins their threads;
+        with the ``ingress`` there too, it drains first (a budget of its own, then its thread is joined)."""
+        if ingress:
+            return self.stop_timeout_s + math.ceil(self.drain_s) + 2 * GROUP_JOIN_MARGIN_S
         return self.stop_timeout_s + (GROUP_JOIN_MARGIN_S if shards > 1 else 0)
 
 
@@ -87,6 +97,8 @@ def _ipc_dirs(topology: Topology, process: str) -> list[str]:
         endpoints = [topology.ingress.bind]
     else:
         endpoints = [topology.shard(s).bind for s in shards_of(topology, process)]
+        if hosts_ingress(topology, process) and colocation.ingress_binds(topology, topology.ingress.bind or topology.ingress.results).tcp:
+            endpoints.append(topology.ingress.bind)  # the ingress in it binds its results for shards elsewhere
     endpoints += [topology.ingress.results] + [s.endpoint for s in topology.shards]
     dirs = sorted({str(Path(urlsplit(e).path or e[len("ipc://"):]).parent) for e in endpoints if e.startswith("ipc://")})
     return dirs
@@ -100,7 +112,8 @@ def _command(topology: Topology, process: str, options: UnitOptions) -> list[str
     if replica is not None:
         which = ["--shard", replica[0], "--replica", str(replica[1])]
     else:
-        which = ["--shard", process] if shards_of(topology, process) == (process,) else ["--process", process]
+        alone = shards_of(topology, process) == (process,) and not hosts_ingress(topology, process)
+        which = ["--shard", process] if alone else ["--process", process]
     return [options.executable, "worker", options.directory, *which, "--drain-timeout", drain]
 
 
@@ -112,9 +125,14 @@ def unit(topology: Topology, process: str, host: str, options: UnitOptions) -> s
         role = "ingress (KServe v2 gRPC)"
     elif replica is not None:
         role = f"replica {replica[1]} of {len(topology.shard(replica[0]).replicas)} of shard {replica[0]}"
+    elif hosts_ingress(topology, process):
+        role = f"worker process serving the ingress (KServe v2 gRPC) and shard{'s' if len(shards) > 1 else ''} {', '.join(shards)}"
     else:
         role = "shard worker" if len(shards) == 1 else f"worker process of shards {', '.join(shards)}"
     rw = _ipc_dirs(topology, process)
+    ingress = hosts_ingress(topology, process)
+    # the ingress in a worker process takes its drain from the environment (`pipeline worker` has no ingress flags)
+    ingress_env = f" {INGRESS_ENV_PREFIX}DRAIN={options.drain_s:g}" if ingress else ""
     exec_start = " ".join(shlex.quote(a) for a in _command(topology, process, options))
     lines = [
         "# Written by `pipeline deploy systemd`; see docs/DEPLOY.md.",
@@ -130,11 +148,11 @@ def unit(topology: Topology, process: str, host: str, options: UnitOptions) -> s
         f"User={options.user}",
         f"Group={options.user}",
         f"EnvironmentFile=-{environment_file(topology, options)}",
-        "Environment=PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 HOME=/tmp KERAS_HOME=/tmp/.keras",
+        f"Environment=PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 HOME=/tmp KERAS_HOME=/tmp/.keras{ingress_env}",
         f"ExecStart={exec_start}",
         "KillSignal=SIGTERM",
         "KillMode=mixed",
-        f"TimeoutStopSec={options.stop_timeout_for(len(shards))}",
+        f"TimeoutStopSec={options.stop_timeout_for(len(shards), ingress)}",
         "Restart=on-failure",
         f"RestartSec={options.restart_s:g}",
         # hardening

@@ -675,3 +675,178 @@ def test_kubernetes_a_replicated_shard_is_one_deployment_behind_a_headless_servi
     assert any("expected replicas 3, it has 1" in p for p in broken(one_pod))
     assert any("expected a headless Service" in p for p in broken(virtual_ip))
     assert any("expected PIPELINE_REPLICA_ADDRESS from status.podIP in its env" in p for p in broken(no_address))
+
+
+# ------------------------------------------------- the ingress in a worker process
+def with_ingress(t: Topology, dest: Path, hosts: tuple[str, str] | None = None) -> Topology:
+    """A copy of the residual topology whose shards of the ingress's host run in one process with the ingress
+    (``colocate(t, ingress=True)``); with ``hosts``, shard0 and the ingress on the first, shard1 on the second."""
+    from pipeline import colocation
+
+    if hosts is not None:
+        t = copy_topology(
+            t, dest.with_name(f"{dest.name}-placed"),
+            shards=tuple(dataclasses.replace(s, host=h) for s, h in zip(t.shards, hosts)),
+            ingress=dataclasses.replace(t.ingress, host=hosts[0]),
+        )  # fmt: skip
+    return copy_topology(t, dest, processes=colocation.colocate(t, ingress=True).processes)
+
+
+def service(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (svc,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == name]
+    return svc
+
+
+def policy(objects: list[dict[str, Any]], process: str) -> dict[str, Any]:
+    (p,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["labels"][kubernetes.PROCESS_LABEL] == process]
+    return p
+
+
+def test_kubernetes_the_ingress_in_the_one_process_of_a_host(residual: Topology, tmp_path: Path) -> None:
+    """Both shards and the ingress in one process: one Deployment and its Services, the ingress's ports first, its
+    options in the env, probes over the ingress and both shards, its key beside theirs, its drain in the grace."""
+    import base64
+
+    t = with_ingress(residual, tmp_path / "one")
+    assert [(p.name, p.shards, p.ingress) for p in t.processes] == [("workers", ("shard0", "shard1"), True)]
+    options = kubernetes.KubeOptions(namespace="ml", drain_s=12, prestop_s=4)
+    objects = kubernetes.manifests(t, options)
+    validate_all(objects)
+    assert checks.all_problems(objects) == []
+    assert [(o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] in ("Deployment", "Service", "NetworkPolicy")] == [
+        ("Service", "residual-ingress"), ("Service", "residual-workers"), ("Deployment", "residual-workers"), ("NetworkPolicy", "residual-workers"),
+    ]  # fmt: skip  (no results Service: every shard sends to the ingress inside the process)
+    c = container(objects, "workers")
+    assert c["args"] == ["worker", kubernetes.MODEL_DIR, "--process", "workers", "--drain-timeout", "12"]
+    assert {"name": "PIPELINE_INGRESS_ADDRESS", "value": "0.0.0.0:8001"} in c["env"]
+    assert {"name": "PIPELINE_INGRESS_DRAIN", "value": "12"} in c["env"]
+    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("grpc", 8001), ("metrics", 9100), ("metrics-1", 9101), ("metrics-2", 9102)]
+    for probe, path in (("startupProbe", "/ready"), ("readinessProbe", "/ready"), ("livenessProbe", "/live")):
+        assert c[probe]["exec"]["command"] == ["python3", "-c", kubernetes.ALL_SHARDS_PROBE, path, "9100", "9101", "9102"]
+    pod = deployment(objects, "workers")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 4 + 12 + 12 + kubernetes.EXIT_MARGIN_S + 2 * kubernetes.GROUP_JOIN_MARGIN_S
+    assert c["resources"]["requests"]["cpu"] == f"{2000 + kubernetes.INGRESS_CPU_MILLI}m"  # one CPU per shard, and the ingress's
+    grouped_alone = container(kubernetes.manifests(grouped(residual, tmp_path / "grouped"), options), "workers")
+    assert int(c["resources"]["requests"]["memory"].rstrip("Mi")) == int(grouped_alone["resources"]["requests"]["memory"].rstrip("Mi")) + kubernetes.INGRESS_MEMORY_MIB
+    selector = {kubernetes.INSTANCE_LABEL: "residual", kubernetes.PROCESS_LABEL: "workers"}
+    ingress_svc = service(objects, "residual-ingress")
+    assert ingress_svc["spec"]["selector"] == selector and [p["port"] for p in ingress_svc["spec"]["ports"]] == [8001, 9100]
+    assert [p["port"] for p in service(objects, "residual-workers")["spec"]["ports"]] == [9101, 9102]
+    rules = policy(objects, "workers")["spec"]["ingress"]
+    assert rules == [
+        {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+         "ports": [{"protocol": "TCP", "port": p} for p in (9100, 9101, 9102)]},
+        {"ports": [{"protocol": "TCP", "port": 8001}]},
+    ]  # fmt: skip
+    pt = checks.pod_topology(objects)
+    assert pt["processes"] == [{"name": "workers", "shards": ["shard0", "shard1"], "ingress": True}]
+    assert pt["ingress"]["grpc"] == "residual-ingress.ml.svc.cluster.local:8001"
+    assert pt["ingress"]["metrics"] == "residual-ingress.ml.svc.cluster.local:9100"
+    assert pt["shards"][1]["metrics"] == "residual-workers.ml.svc.cluster.local:9102"
+
+    # CURVE and TLS: one Secret with the ingress's key and the shards', the TLS Secret in that pod, its files in the env
+    secured, keys = curve_copy(t, tmp_path / "curve")
+    with_tls = kubernetes.manifests(secured, kubernetes.KubeOptions(tls=True), curve_keys=keys, tls_pair=(b"c", b"k"))
+    validate_all(with_tls)
+    assert checks.all_problems(with_tls) == []
+    (secret,) = [o for o in with_tls if o["kind"] == "Secret" and o["type"] == "Opaque"]
+    assert sorted(secret["data"]) == ["ingress.key_secret", "shard0.key_secret", "shard1.key_secret"]
+    assert all(base64.b64decode(v) == keys[k.removesuffix(".key_secret")] for k, v in secret["data"].items())
+    pod = deployment(with_tls, "workers")["spec"]["template"]["spec"]
+    assert {"name": "tls", "secret": {"secretName": "residual-ingress-tls", "defaultMode": 0o440}} in pod["volumes"]
+    assert {"name": "PIPELINE_INGRESS_TLS_CERT", "value": f"{kubernetes.TLS_DIR}/tls.crt"} in pod["containers"][0]["env"]
+    assert {"name": "PIPELINE_INGRESS_TLS_KEY", "value": f"{kubernetes.TLS_DIR}/tls.key"} in pod["containers"][0]["env"]
+    assert [o["kind"] for o in with_tls].count("Deployment") == 1
+    front = grouped(with_replicas(residual, tmp_path / "replicated", "shard1", ("127.0.0.1",)), tmp_path / "front",
+                    (topo.ProcessSpec("front", ("shard1",), ingress=True),))  # fmt: skip
+    with pytest.raises(UsageError, match="shard 'shard1' has replicas but runs in process 'front', which serves the ingress"):
+        kubernetes.manifests(front, options)  # one pod cannot be its N replicas
+
+    # the checks see an ingress key left out, and an ingress Service that lost its metrics port
+    def no_ingress_key(objs: list[dict[str, Any]]) -> None:
+        next(o for o in objs if o["kind"] == "Secret" and o["type"] == "Opaque")["data"].pop("ingress.key_secret")
+
+    def no_ingress_metrics(objs: list[dict[str, Any]]) -> None:
+        service(objs, "residual-ingress")["spec"]["ports"].pop()
+
+    for change, said in ((no_ingress_key, "expected exactly ['ingress.key_secret', 'shard0.key_secret', 'shard1.key_secret']"),
+                         (no_ingress_metrics, "ingress metrics 'residual-ingress.default.svc.cluster.local:9100'")):  # fmt: skip
+        copied = copy.deepcopy(with_tls)
+        change(copied)
+        assert any(said in p for p in checks.all_problems(copied)), checks.all_problems(copied)
+
+
+def test_kubernetes_the_ingress_in_a_process_that_shards_elsewhere_send_to(residual: Topology, tmp_path: Path) -> None:
+    """shard0 and the ingress in one process on host edge, shard1 in one on cloud: the edge pod binds the results
+    port, behind the results Service, open to the cloud pod only; the cloud pod's PULL port open to the edge pod."""
+    t = with_ingress(residual, tmp_path / "two", ("edge", "cloud"))
+    assert [(p.name, p.ingress) for p in t.processes] == [("workers-edge", True), ("workers-cloud", False)]
+    objects = kubernetes.manifests(t, kubernetes.KubeOptions())
+    validate_all(objects)
+    assert checks.all_problems(objects) == []
+    assert [d["metadata"]["name"] for d in objects if d["kind"] == "Deployment"] == ["residual-workers-edge", "residual-workers-cloud"]
+    edge = container(objects, "workers-edge")
+    assert [(p["name"], p["containerPort"]) for p in edge["ports"]] == [("pull", 5555), ("grpc", 8001), ("metrics", 9100), ("metrics-1", 9101)]
+    assert edge["args"][2:4] == ["--process", "workers-edge"]
+    assert container(objects, "workers-cloud")["args"][2:4] == ["--process", "workers-cloud"]
+    results = service(objects, "residual-ingress-results")
+    assert results["spec"]["selector"][kubernetes.PROCESS_LABEL] == "workers-edge" and results["spec"]["publishNotReadyAddresses"] is True
+    assert service(objects, "residual-ingress")["spec"]["selector"][kubernetes.PROCESS_LABEL] == "workers-edge"
+    assert [p["port"] for p in service(objects, "residual-workers-edge")["spec"]["ports"]] == [9101]  # shard0 is fed inside its process
+    senders = {
+        process: [(r["from"][0]["podSelector"]["matchExpressions"][0]["values"], [p["port"] for p in r["ports"]])
+                  for r in policy(objects, process)["spec"]["ingress"] if "podSelector" in r.get("from", [{}])[0] and "matchExpressions" in r["from"][0]["podSelector"]]
+        for process in ("workers-edge", "workers-cloud")
+    }  # fmt: skip
+    assert senders == {"workers-edge": [(["workers-cloud"], [5555])], "workers-cloud": [(["workers-edge"], [5555])]}
+    assert {"ports": [{"protocol": "TCP", "port": 8001}]} in policy(objects, "workers-edge")["spec"]["ingress"]
+    assert deployment(objects, "workers-edge")["spec"]["template"]["spec"]["nodeSelector"] == {kubernetes.DEFAULT_HOST_LABEL: "edge"}
+    pt = checks.pod_topology(objects)
+    assert pt["shards"][1]["endpoint"] == "tcp://residual-workers-cloud.default.svc.cluster.local:5555"
+    assert pt["ingress"]["results"] == "tcp://residual-ingress-results.default.svc.cluster.local:5555"
+
+    # the checks fail on a results port closed to the shard elsewhere, or whose Service selects the wrong pod
+    def closed(objs: list[dict[str, Any]]) -> None:
+        rules = policy(objs, "workers-edge")["spec"]["ingress"]
+        rules[:] = [r for r in rules if {"protocol": "TCP", "port": 5555} not in r.get("ports", [])]
+
+    def wrong_pod(objs: list[dict[str, Any]]) -> None:
+        service(objs, "residual-ingress-results")["spec"]["selector"][kubernetes.PROCESS_LABEL] = "workers-cloud"
+
+    for change, said in ((closed, "NetworkPolicy of 'workers-edge': expected its PULL port 5555 open to ['workers-cloud'], it admits []"),
+                         (wrong_pod, "expected to reach 'workers-edge' port 5555, it reaches 'workers-cloud' port 5555")):  # fmt: skip
+        copied = copy.deepcopy(objects)
+        change(copied)
+        assert any(said in p for p in checks.all_problems(copied)), checks.all_problems(copied)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (bin/setup installs systemd)")
+def test_systemd_the_ingress_in_a_worker_process(residual: Topology, tmp_path: Path) -> None:
+    """One unit for the process that serves the ingress (no ingress unit), the ingress's drain in its environment."""
+    executable = str(Path(sys.executable).with_name("pipeline"))
+    t = with_ingress(residual, tmp_path / "one")
+    files = systemd.units(t, "127.0.0.1", systemd.UnitOptions(executable=executable, directory=str(t.directory), drain_s=7))
+    assert sorted(files) == [systemd.unit_name(t, "workers"), systemd.target_name(t)]
+    text = files[systemd.unit_name(t, "workers")].splitlines()
+    assert f"ExecStart={executable} worker {t.directory} --process workers --drain-timeout 7" in text
+    assert "Environment=PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 HOME=/tmp KERAS_HOME=/tmp/.keras PIPELINE_INGRESS_DRAIN=7" in text
+    assert f"TimeoutStopSec={7 + 7 + kubernetes.EXIT_MARGIN_S + 2 * kubernetes.GROUP_JOIN_MARGIN_S}" in text
+    assert any(line.startswith("Description=") and "serving the ingress (KServe v2 gRPC) and shards shard0, shard1" in line for line in text)
+    out = tmp_path / "units"
+    out.mkdir()
+    for name, body in files.items():
+        (out / name).write_text(body)
+    code, said = analyze(sorted(out.iterdir()))
+    assert code == 0 and said == "", said
+
+    # two hosts: the edge unit serves the ingress and shard0 (its ipc results bind writable), cloud's shard1 only
+    socks = tmp_path / "socks"
+    two = with_ingress(residual, tmp_path / "two", ("edge", "cloud"))
+    ipc = copy_topology(two, tmp_path / "ipc", ingress=dataclasses.replace(two.ingress, bind=f"ipc://{socks}/bound/ingress"))
+    edge = systemd.units(ipc, "edge", systemd.UnitOptions(executable=executable, directory=str(ipc.directory), drain_s=7))
+    assert sorted(edge) == [systemd.unit_name(ipc, "workers-edge"), systemd.target_name(ipc)]
+    assert f"ReadWritePaths={socks}/bound" in edge[systemd.unit_name(ipc, "workers-edge")].splitlines()
+    cloud = systemd.units(ipc, "cloud", systemd.UnitOptions(executable=executable, directory=str(ipc.directory), drain_s=7))
+    text = cloud[systemd.unit_name(ipc, "workers-cloud")].splitlines()
+    assert f"ExecStart={executable} worker {ipc.directory} --process workers-cloud --drain-timeout 7" in text
+    assert not any("PIPELINE_INGRESS_DRAIN" in line or "ReadWritePaths" in line for line in text)
