@@ -254,3 +254,7 @@ def test_the_colocate_command_regroups_a_topology_without_recutting(tmp_path: Pa
     assert colocation.ingress_process(topo.load(tmp_path, check_files=False)) is not None
     assert cli.main(["colocate", str(tmp_path), "--per-shard", "--with-ingress"]) == 2
     assert "--per-shard has none" in capsys.readouterr().err
+    # partition: the ingress joins a process only where the shards are grouped (refused before any model loads)
+    for argv in (["--shards", "2"], ["--shards", "2", "--per-shard"]):
+        assert cli.main(["partition", str(tmp_path / "nope.keras"), *argv, "--with-ingress"]) == 2
+        assert "--with-ingress puts the ingress into the shards' process: it needs --colocate" in capsys.readouterr().err
