@@ -55,10 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any command imports TensorFlow
     if argv[:1] in (["worker"], ["ingress"]):  # serving processes: before any import starts a thread
+        from pipeline import gil
         from pipeline.malloc import limit_arenas
 
         try:
             limit_arenas()
+            gil.configure()
         except ValueError as exc:
             print(f"pipeline {argv[0]}: error: {exc}", file=sys.stderr)
             return 2

@@ -39,7 +39,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -60,29 +60,8 @@ if TYPE_CHECKING:
 JOIN_MARGIN_S = 2.0
 #: how often the main thread looks at its shards' threads.
 WATCH_INTERVAL_S = 0.1
-#: Python's GIL switch interval in a process that serves the ingress too (Python's default: 5 ms). A thread that
-#: waits for the GIL waits up to this long while another runs Python; with the ingress's event loop beside the
-#: shards' loops, 5 ms cost the co-located pipeline 15 % of its rate at concurrency 16 and 0.5 ms gave it back
-#: (docs/BENCHMARKS.md, "The ingress in the shards' process").
-SWITCH_INTERVAL_S = 0.0005
-SWITCH_INTERVAL_ENV = "PIPELINE_SWITCH_INTERVAL_MS"
 
 log = plog.get_logger("pipeline.group")
-
-
-def switch_interval_s(environ: Mapping[str, str]) -> float:
-    """The GIL switch interval of a process that serves the ingress too (``PIPELINE_SWITCH_INTERVAL_MS`` over
-    :data:`SWITCH_INTERVAL_S`); a clear error for a value that is not a positive number."""
-    raw = environ.get(SWITCH_INTERVAL_ENV, "")
-    if not raw:
-        return SWITCH_INTERVAL_S
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = -1.0
-    if not ms > 0:
-        raise UsageError(f"{SWITCH_INTERVAL_ENV}={raw!r}: expected a positive number of milliseconds, such as 0.5")
-    return ms / 1000
 
 
 def default_threads(shards: int) -> int:
@@ -262,7 +241,6 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.serving.ingress import IngressConfig
 
         ingress_config = IngressConfig.resolve(topology)  # PIPELINE_INGRESS_* over the topology, as `pipeline ingress`
-        sys.setswitchinterval(switch_interval_s(os.environ))
     first = configs[0]
     if first.cpus:
         os.sched_setaffinity(0, first.cpus)  # before any thread starts
