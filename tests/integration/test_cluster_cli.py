@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from pipeline import colocation
 from pipeline import topology as topo
 from tests import models
 
@@ -181,6 +182,14 @@ def test_place_rewrites_hosts_and_keeps_the_shards(files: tuple[Path, Path], tmp
     assert "placement on the cluster" in r.stdout and "placed 'residual'" in r.stdout
     shown = pipeline("show", str(out))
     assert shown.returncode == 0 and "bottleneck:" in shown.stdout
+    # an ingress that serves from the shards' process keeps doing so when placed again (its host still has shards)
+    assert pipeline("colocate", str(out), "--with-ingress").returncode == 0
+    r = pipeline("place", str(out), "--cluster", str(cluster))
+    assert r.returncode == 0, r.stderr
+    again = topo.load(out)
+    server = colocation.ingress_process(again)
+    assert server is not None and again.shard(server.shards[0]).host == again.ingress.host, again.processes
+    assert f"{server.name}: ingress, " in pipeline("show", str(out)).stdout
 
 
 def test_bad_cluster_files_fail_before_anything_is_written(files: tuple[Path, Path], tmp_path: Path) -> None:
