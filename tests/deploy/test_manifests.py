@@ -321,6 +321,15 @@ def analyze(paths: list[Path]) -> tuple[int, str]:
     return result.returncode, (result.stdout + result.stderr).strip()
 
 
+def verify_units(files: dict[str, str], out: Path) -> None:
+    """Write the units into ``out`` and require ``systemd-analyze verify`` to pass them silently."""
+    out.mkdir()
+    for name, body in files.items():
+        (out / name).write_text(body)
+    code, said = analyze(sorted(out.iterdir()))
+    assert code == 0 and said == "", said
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (bin/setup installs systemd)")
 def test_systemd_units_verify(residual: Topology, tmp_path: Path) -> None:
     out = tmp_path / "units"
@@ -557,12 +566,7 @@ def test_systemd_one_unit_per_process(chain: Topology, tmp_path: Path) -> None:
     assert f"ExecStart={executable} worker {t.directory} --process tail --drain-timeout 7" in text
     assert f"TimeoutStopSec={7 + kubernetes.EXIT_MARGIN_S + kubernetes.GROUP_JOIN_MARGIN_S}" in text
     assert f"ExecStart={executable} worker {t.directory} --shard shard0 --drain-timeout 7" in files[systemd.unit_name(t, "shard0")].splitlines()
-    out = tmp_path / "units"
-    out.mkdir()
-    for name, body in files.items():
-        (out / name).write_text(body)
-    code, said = analyze(sorted(out.iterdir()))
-    assert code == 0 and said == "", said
+    verify_units(files, tmp_path / "units")
 
 
 # ---------------------------------------------------------------- replicas
@@ -832,12 +836,7 @@ def test_systemd_the_ingress_in_a_worker_process(residual: Topology, tmp_path: P
     assert "Environment=PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 HOME=/tmp KERAS_HOME=/tmp/.keras PIPELINE_INGRESS_DRAIN=7" in text
     assert f"TimeoutStopSec={7 + 7 + kubernetes.EXIT_MARGIN_S + 2 * kubernetes.GROUP_JOIN_MARGIN_S}" in text
     assert any(line.startswith("Description=") and "serving the ingress (KServe v2 gRPC) and shards shard0, shard1" in line for line in text)
-    out = tmp_path / "units"
-    out.mkdir()
-    for name, body in files.items():
-        (out / name).write_text(body)
-    code, said = analyze(sorted(out.iterdir()))
-    assert code == 0 and said == "", said
+    verify_units(files, tmp_path / "units")
 
     # two hosts: the edge unit serves the ingress and shard0 (its ipc results bind writable), cloud's shard1 only
     socks = tmp_path / "socks"
