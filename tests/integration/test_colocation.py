@@ -273,7 +273,7 @@ def test_sigterm_drains_every_shard_of_the_process_and_a_bad_shard_stops_them_al
         proc.stop()
 
 
-def test_a_process_that_serves_the_ingress_answers_drains_and_fails_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_process_that_serves_the_ingress_answers_drains_and_fails_whole(tmp_path: Path) -> None:
     """``ingress: true``: one process, one Procfile line; requests and results over inproc, answers exact; the
     admin view puts the ingress and both shards in it; SIGTERM drains all three; a taken gRPC port fails the
     process before any shard loads, naming the address."""
@@ -282,13 +282,13 @@ def test_a_process_that_serves_the_ingress_answers_drains_and_fails_whole(tmp_pa
 
     import numpy as np
 
-    from pipeline import cli, process
+    from pipeline import process
     from pipeline.procfile import lines
 
     t = _tiny_group(tmp_path, ingress=True)
     assert lines(t, "D") == ["pair: exec pipeline worker D --process pair"]
-    assert cli.main(["ingress", str(t.directory)]) == 2  # it has no process of its own: the error says which to start
-    assert "runs in worker process 'pair' (ingress: true" in capsys.readouterr().err
+    alone = pipeline("ingress", str(t.directory), timeout_s=120)  # it has no process of its own: the error says which to start
+    assert alone.returncode == 2 and "runs in worker process 'pair' (ingress: true" in alone.stderr, alone.stderr
     argv = process.pipeline_command("worker", str(t.directory), "--process", "pair", "--metrics", "none")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     target = t.ingress.grpc
