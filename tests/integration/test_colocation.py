@@ -275,8 +275,8 @@ def test_sigterm_drains_every_shard_of_the_process_and_a_bad_shard_stops_them_al
 
 def test_a_process_that_serves_the_ingress_answers_drains_and_fails_whole(tmp_path: Path) -> None:
     """``ingress: true``: one process, one Procfile line; requests and results over inproc, answers exact; the
-    admin view puts the ingress and both shards in it; SIGTERM drains all three; a taken gRPC port fails the
-    process before any shard loads, naming the address."""
+    admin view puts the ingress and both shards in it; killed, clients get UNAVAILABLE and a restart heals it;
+    SIGTERM drains all three; a taken gRPC port fails the process before any shard loads, naming the address."""
     import os
     import socket
 
@@ -305,6 +305,16 @@ def test_a_process_that_serves_the_ingress_answers_drains_and_fails_whole(tmp_pa
         assert {n: procs[n].pid for n in ("ingress", "s1", "s2")} == dict.fromkeys(("ingress", "s1", "s2"), proc.pid)
         text = proc.text()
         assert "inproc://shard/ingress" in text and '"tcp://' not in text, proc.tail()  # nothing went over TCP
+        # killed, the ingress goes with its shards: a client gets UNAVAILABLE at once, not a hang; a restart heals
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(15)
+        with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as err:
+            kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(kserve.infer_request(t.name, inputs[0]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        proc = process.start("pair", argv, tmp_path / "logs-restarted", env=env)
+        wait(lambda: server_ready(target) or not proc.alive, "the restarted process ready", 180)
+        assert proc.alive, proc.tail()
+        assert mismatches(target, t.name, inputs, references, tolerance=0.0, concurrency=1) == []
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0, proc.tail()
         text = proc.text()
