@@ -61,6 +61,10 @@ CLIENT_TIMEOUT_S = 300.0
 ROWS = 8
 #: the reference outputs of the inputs used must differ by far more than this (a comparison that can fail).
 SPREAD_MIN = 1e-4
+#: answers under a load that lives through a pod leaving: its requests go one at a time, but one retried after
+#: its pod left may be computed in a batch of two with the late original, and a batch of two can move the last
+#: bits (seen once: 3e-8). Far below SPREAD_MIN, so a misrouted answer still fails.
+RETRY_TOLERANCE = 1e-6
 OPTIONS = kubernetes.KubeOptions(drain_s=3, prestop_s=1, startup_timeout_s=int(READY_TIMEOUT_S))
 
 
@@ -138,14 +142,17 @@ def wait_pipeline_ready(runner: PodRunner, timeout_s: float = READY_TIMEOUT_S) -
     raise AssertionError(f"the pipeline was not ready within {timeout_s} s:\n" + "\n".join(p.tail(15) for p in runner.pods.values()))
 
 
-def check_bitwise(result: dict[str, Any], y: np.ndarray) -> int:
-    """Every OK answer equals the whole model's for the row sent, bit for bit; return how many were OK."""
+def check_bitwise(result: dict[str, Any], y: np.ndarray, tolerance: float = 0.0) -> int:
+    """Every OK answer equals the whole model's for the row sent, bit for bit (or within ``tolerance``); return
+    how many were OK."""
     ok = 0
     for i, (row, code) in enumerate(zip(result["sent"], result["codes"])):
         if code != "OK":
             continue
         got = result["outputs"][i]
-        assert got.tobytes() == y[row].tobytes(), f"request {i} (row {row}): {got} != {y[row]} (max diff {np.abs(got - y[row]).max()})"
+        diff = float(np.abs(got.astype(np.float64) - y[row]).max())
+        same = got.tobytes() == y[row].tobytes() if tolerance == 0 else diff <= tolerance
+        assert same, f"request {i} (row {row}): {got} != {y[row]} (max diff {diff}, tolerance {tolerance})"
         ok += 1
     return ok
 
@@ -271,11 +278,12 @@ class Load:
         wait_ok(self.log, self.ok() + n)
 
     def finish(self, y: np.ndarray) -> tuple[dict[str, Any], list[str], int, dict[str, int]]:
-        """Stop it; its answers, every request's code, how many were OK (each bitwise right), the count of each error."""
+        """Stop it; its answers, every request's code, how many were OK (each right within RETRY_TOLERANCE), the
+        count of each error."""
         self.stop.touch()
         result = answers(self.client, self.tmp)
         codes = list(result["codes"])
-        ok = check_bitwise(result, y)
+        ok = check_bitwise(result, y, RETRY_TOLERANCE)
         return result, codes, ok, {c: codes.count(c) for c in sorted(set(codes)) if c != "OK"}
 
 
