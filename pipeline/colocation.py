@@ -93,6 +93,13 @@ def ingress_process(t: topo.Topology) -> topo.ProcessSpec | None:
     return next((p for p in t.processes if p.ingress), None)
 
 
+def worker_selector(t: topo.Topology, name: str) -> list[str]:
+    """How ``pipeline worker`` picks worker process ``name``: ``--shard NAME`` for a shard alone in its process,
+    ``--process NAME`` for a group of shards or a process that serves the ingress too."""
+    spec = group(t, name)  # a clear error for an unknown process
+    return ["--shard", name] if spec.shards == (name,) and not spec.ingress else ["--process", name]
+
+
 def process_names_on(t: topo.Topology, host: str | None) -> list[str]:
     """Process names placed on ``host`` (all for ``None``): the ingress first (unless a worker process serves it),
     then the worker processes."""

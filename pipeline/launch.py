@@ -164,8 +164,7 @@ class Cluster:
             return process.pipeline_command("ingress", d, *self.ingress_args)
         which = replicas.worker_selector(self.topology, name)  # a replica: --shard S --replica K
         if which is None:
-            spec = colocation.group(self.topology, name)  # a clear error for an unknown process
-            which = ["--shard", name] if spec.shards == (name,) and not spec.ingress else ["--process", name]
+            which = colocation.worker_selector(self.topology, name)
         return process.pipeline_command("worker", d, *which, *self.common_worker_args, *self.worker_args.get(name, ()))
 
     def _per_process(self, table: Mapping[str, Any], name: str) -> Any:

@@ -51,10 +51,8 @@ def lines(topology: Topology, directory: str, host: str | None = None, command: 
             out.append(f"{name.replace(replicas.SEPARATOR, '_r')}: exec {command} worker {d} {shlex.join(selector)}")
         elif name == INGRESS:
             out.append(f"{INGRESS}: exec {command} ingress {d}")
-        elif colocation.group(topology, name).shards == (name,) and not colocation.group(topology, name).ingress:
-            out.append(f"{name}: exec {command} worker {d} --shard {shlex.quote(name)}")
         else:
-            out.append(f"{name}: exec {command} worker {d} --process {shlex.quote(name)}")
+            out.append(f"{name}: exec {command} worker {d} {shlex.join(colocation.worker_selector(topology, name))}")
     return out
 
 

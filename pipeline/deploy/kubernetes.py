@@ -450,9 +450,7 @@ def container_args(topology: Topology, process: str, options: KubeOptions) -> li
         if options.tls:
             args += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
         return args
-    alone = shards_of(topology, process) == (process,) and not hosts_ingress(topology, process)
-    which = ["--shard", process] if alone else ["--process", process]
-    return ["worker", MODEL_DIR, *which, "--drain-timeout", drain]
+    return ["worker", MODEL_DIR, *colocation.worker_selector(topology, process), "--drain-timeout", drain]
 
 
 def ingress_env(topology: Topology, process: str, options: KubeOptions) -> list[dict[str, str]]:

@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pipeline import colocation, replicas
-from pipeline.deploy.kubernetes import EXIT_MARGIN_S, GROUP_JOIN_MARGIN_S, INGRESS_ENV_PREFIX, dns_label, hosts_ingress, shards_of
+from pipeline.deploy.kubernetes import EXIT_MARGIN_S, GROUP_JOIN_MARGIN_S, INGRESS_ENV_PREFIX, dns_label, hosts_ingress, ingress_binds_tcp, shards_of
 from pipeline.errors import UsageError
 from pipeline.topology import INGRESS, Topology
 
@@ -97,7 +97,7 @@ def _ipc_dirs(topology: Topology, process: str) -> list[str]:
         endpoints = [topology.ingress.bind]
     else:
         endpoints = [topology.shard(s).bind for s in shards_of(topology, process)]
-        if hosts_ingress(topology, process) and colocation.ingress_binds(topology, topology.ingress.bind or topology.ingress.results).tcp:
+        if hosts_ingress(topology, process) and ingress_binds_tcp(topology):
             endpoints.append(topology.ingress.bind)  # the ingress in it binds its results for shards elsewhere
     endpoints += [topology.ingress.results] + [s.endpoint for s in topology.shards]
     dirs = sorted({str(Path(urlsplit(e).path or e[len("ipc://"):]).parent) for e in endpoints if e.startswith("ipc://")})
@@ -112,8 +112,7 @@ def _command(topology: Topology, process: str, options: UnitOptions) -> list[str
     if replica is not None:
         which = ["--shard", replica[0], "--replica", str(replica[1])]
     else:
-        alone = shards_of(topology, process) == (process,) and not hosts_ingress(topology, process)
-        which = ["--shard", process] if alone else ["--process", process]
+        which = colocation.worker_selector(topology, process)
     return [options.executable, "worker", options.directory, *which, "--drain-timeout", drain]
 
 
