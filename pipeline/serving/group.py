@@ -132,8 +132,9 @@ class Group:
         self._ingress_loop: asyncio.AbstractEventLoop | None = None
         self._ingress_stop: asyncio.Event | None = None
         self._ingress_started = threading.Event()
-        if ingress is not None:
-            self._threads.insert(0, threading.Thread(target=self._serve_ingress, name="ingress", daemon=True))
+        self._ingress_thread = (
+            threading.Thread(target=self._serve_ingress, name="ingress", daemon=True) if ingress is not None else None
+        )
 
     def _serve_ingress(self) -> None:
         import structlog
@@ -184,7 +185,7 @@ class Group:
                 loop.call_soon_threadsafe(stop.set)
             except RuntimeError:  # the loop closed in between: the ingress has stopped already
                 pass
-        if again or self.ingress_config is None or not self._threads[0].is_alive():
+        if again or self._ingress_thread is None or not self._ingress_thread.is_alive():
             self._stop_workers()
 
     def _stop_workers(self) -> None:
@@ -194,23 +195,23 @@ class Group:
     def serve(self) -> int:
         """Run every shard until stopped; the exit status, or the first shard error raised."""
         log.info("process_starting", process=self.name, shards=[w.name for w in self.workers], ingress=self.ingress_config is not None)
-        threads = self._threads
-        if self.ingress_config is not None:
+        ingress = self._ingress_thread
+        if ingress is not None:
             # the ingress first: a gRPC port that is taken fails the process before any shard loads
-            threads[0].start()
+            ingress.start()
             self._ingress_started.wait()
-            threads = threads[1:] if not self._stopping else []
-        for t in threads:
-            t.start()
+        if ingress is None or not self._stopping:
+            for t in self._threads:
+                t.start()
         while not self._stopping:
             time.sleep(WATCH_INTERVAL_S)
-        if self.ingress_config is not None:
+        if ingress is not None and self.ingress_config is not None:
             # the ingress's calls in flight finish on the shards before they drain; then the shards stop
-            self._threads[0].join(self.ingress_config.drain_s + JOIN_MARGIN_S)
+            ingress.join(self.ingress_config.drain_s + JOIN_MARGIN_S)
             self._stop_workers()
         drain = max(w.config.drain_timeout_s for w in self.workers)
         deadline = time.monotonic() + drain + JOIN_MARGIN_S
-        started = [t for t in self._threads if t.ident is not None]
+        started = [t for t in [*([ingress] if ingress else []), *self._threads] if t.ident is not None]
         for t in started:
             t.join(max(0.0, deadline - time.monotonic()))
         stuck = [t.name for t in started if t.is_alive()]
@@ -226,8 +227,9 @@ class Group:
 
     @property
     def busy(self) -> bool:
-        """A shard's thread (its loop or its compute) is still running."""
-        return any(t.is_alive() for t in self._threads) or any(w.compute.is_alive() for w in self.workers)
+        """A shard's thread (its loop or its compute), or the ingress's, is still running."""
+        threads = [*self._threads, *([self._ingress_thread] if self._ingress_thread else [])]
+        return any(t.is_alive() for t in threads) or any(w.compute.is_alive() for w in self.workers)
 
 
 def run(args: argparse.Namespace) -> int:
