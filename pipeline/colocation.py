@@ -178,17 +178,24 @@ def colocate(
     with ``ingress``, the process on the ingress's host serves the ingress too."""
     specs = tuple(topo.ProcessSpec(p.name, p.shards, threads) for p in by_host(t, name))
     if ingress:
-        here = [p for p in specs if t.shard(p.shards[0]).host == t.ingress.host]
-        if not here:
-            hosts = sorted({s.host for s in t.shards})
+        if not ingress_can_join(t):
+            hosts = sorted({t.shard(p.shards[0]).host for p in by_host(t)})
+            alone = [s.name for s in t.shards if s.extra_replicas]
             raise UsageError(
                 f"the ingress cannot join a worker process: no shard of {t.name!r} runs on the ingress's host "
                 f"{t.ingress.host!r} (its shards run on {hosts})"
+                + (f"; {alone} have replicas, each in a process of its own" if alone else "")
             )
-        specs = tuple(topo.ProcessSpec(p.name, p.shards, p.threads, ingress=p is here[0]) for p in specs)
+        here = next(p for p in specs if t.shard(p.shards[0]).host == t.ingress.host)
+        specs = tuple(topo.ProcessSpec(p.name, p.shards, p.threads, ingress=p is here) for p in specs)
     out = t.replace(processes=specs)
     validate(out)
     return out
+
+
+def ingress_can_join(t: topo.Topology) -> bool:
+    """True when :func:`colocate` can put the ingress into a process: a shard without replicas sits on its host."""
+    return any(t.shard(p.shards[0]).host == t.ingress.host for p in by_host(t))
 
 
 def per_shard(t: topo.Topology) -> topo.Topology:

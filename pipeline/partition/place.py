@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     placed = colocation.per_shard(placed)
     if not args.per_shard:
         # an ingress that served from the shards' process keeps doing so if shards still sit on its host
-        keep = colocation.ingress_process(topology) is not None and any(s.host == placed.ingress.host for s in placed.shards)
+        keep = colocation.ingress_process(topology) is not None and colocation.ingress_can_join(placed)
         placed = colocation.colocate(placed, name=worker_process_namer(cluster), ingress=keep)
     topo.validate(placed, check_files=True)
     _, hosts = estimate_topology(placed, cluster)

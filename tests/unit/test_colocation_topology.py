@@ -143,6 +143,17 @@ def test_the_ingress_cannot_join_a_host_without_shards() -> None:
         colocation.colocate(_load(_data(("10.0.0.1", "10.0.0.1", "10.0.0.2"))), ingress=True)
 
 
+def test_a_replicated_shard_on_the_ingress_host_cannot_take_the_ingress() -> None:
+    data = _data(("127.0.0.1", "10.0.0.2", "10.0.0.2"))
+    a = data["shards"][0]
+    a["replicas"] = [{"endpoint": a["endpoint"], "metrics": a["metrics"]}, {"endpoint": "tcp://127.0.0.1:1", "metrics": "127.0.0.1:2"}]
+    t = _load(data)
+    assert not colocation.ingress_can_join(t)  # its replicas run in processes of their own
+    assert colocation.ingress_can_join(_load(_data()))
+    with pytest.raises(UsageError, match=r"runs on the ingress's host '127.0.0.1' \(its shards run on \['10.0.0.2'\]\); \['a'\] have replicas"):
+        colocation.colocate(t, ingress=True)
+
+
 def test_a_partial_list_leaves_the_other_shards_alone() -> None:
     t = _load({**_data(), "processes": [{"name": "front", "shards": ["a", "b"], "threads": 2}]})
     assert [(p.name, p.shards, p.threads) for p in colocation.groups(t)] == [("front", ("a", "b"), 2), ("c", ("c",), 0)]
