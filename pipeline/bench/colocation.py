@@ -16,6 +16,11 @@ on the same machine, these configurations:
 - ``triton``: a real Triton Inference Server serving the whole model through
   PyTriton with dynamic batching, when ``.venv-pytriton`` exists or
   ``scripts/pytriton_env.sh`` can build it (``--no-triton`` leaves it out).
+  It is served four ways, one intra-op thread or one per CPU, each with a
+  queue delay of 0 or 1 ms (:func:`triton_configs`), and the goals compare
+  against its best on each measure. With no queue delay, Triton's dynamic
+  batcher still batches what queued while it computed; here that was its
+  best at both concurrency 1 and 16.
 
 All of them are up at once and measured in interleaved rounds: each round
 sends every configuration a block of requests one at a time, then a block at
@@ -190,7 +195,9 @@ def pytriton_env() -> PyTriton | str:
     )
 
 
-def _served_triton(stack: contextlib.ExitStack, source: topo.Topology, logs: Path, pytriton: PyTriton, *, threads: int) -> Served | str:
+def _served_triton(
+    stack: contextlib.ExitStack, source: topo.Topology, logs: Path, pytriton: PyTriton, *, threads: int, delay_us: int = 1000
+) -> Served | str:
     """A real Triton serving the whole model (stopped with ``stack``), or why it cannot run here."""
     from pipeline import process
     from pipeline.launch import free_ports
@@ -205,7 +212,7 @@ def _served_triton(stack: contextlib.ExitStack, source: topo.Topology, logs: Pat
     argv = [
         str(pytriton.python), str(Path(__file__).with_name("pytriton_serve.py")), str(source.model_path.resolve()), source.name,
         str(grpc_port), str(http_port), str(metrics_port), str(threads),
-        spec(i.name, i.dtype, in_shape), spec(o.name, o.dtype, o.shape[1:]),
+        spec(i.name, i.dtype, in_shape), spec(o.name, o.dtype, o.shape[1:]), str(delay_us),
     ]  # fmt: skip
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
@@ -330,15 +337,18 @@ def bench_colocation(
     reqs = [kserve.infer_request(source.name, local.sample_inputs(source, 1, seed=i)) for i in range(8)]
     with contextlib.ExitStack() as stack:
         served = {label: _served_pipeline(stack, source, work, logs, label=label, threads=threads) for label in PIPELINES}
-        # Triton at each thread count worth trying (one intra-op thread answered one request faster here, the
-        # CPUs' worth served more at concurrency 16): the goals compare against its best on each measure.
+        # Triton at each thread count and queue delay worth trying (one intra-op thread answered one request
+        # faster here, the CPUs' worth served more at concurrency 16): the goals compare against its best.
         pytriton = pytriton_env() if triton else "not asked for (--no-triton)"
-        for n in [] if isinstance(pytriton, str) else triton_thread_counts(threads, cpus):
-            tri = _served_triton(stack, source, logs / f"t{n}", pytriton, threads=n)
+        tritons: dict[str, dict[str, int]] = {}
+        for n, delay_us in [] if isinstance(pytriton, str) else triton_configs(threads, cpus):
+            key = f"triton-{n}t-{delay_us}us"
+            tri = _served_triton(stack, source, logs / key, pytriton, threads=n, delay_us=delay_us)
             if isinstance(tri, str):
                 pytriton = tri
                 break
-            served[f"triton-{n}"] = tri
+            served[key] = tri
+            tritons[key] = {"threads": n, "queue_delay_us": delay_us}
         if isinstance(pytriton, str):
             out["triton"] = {"skipped": pytriton}
         ref = LocalReference(source)
@@ -376,6 +386,7 @@ def bench_colocation(
                 "errors": dict(s.errors),
                 "runs": s.rounds,
                 **({"version": s.version} if s.version else {}),
+                **tritons.get(n, {}),
             }
     configs = [n for n in out if n.startswith("triton-")]
     if configs and "skipped" not in out.get("triton", {}):
@@ -384,9 +395,15 @@ def bench_colocation(
     return out
 
 
-def triton_thread_counts(threads: int | None, cpus: int) -> list[int]:
-    """The intra-op thread counts Triton is served with: the one asked for, else one and the CPUs'."""
-    return [threads] if threads else sorted({1, cpus})
+#: Triton's dynamic batching queue delays tried: none, and the pipeline's own default (1 ms).
+TRITON_QUEUE_DELAYS_US = (0, 1000)
+
+
+def triton_configs(threads: int | None, cpus: int) -> list[tuple[int, int]]:
+    """(intra-op threads, queue delay in us) Triton is served with: the thread count asked for, else one and
+    the CPUs'; each with every delay of ``TRITON_QUEUE_DELAYS_US``."""
+    counts = [threads] if threads else sorted({1, cpus})
+    return [(n, d) for n in counts for d in TRITON_QUEUE_DELAYS_US]
 
 
 def best_of(out: Mapping[str, Any], configs: Sequence[str]) -> dict[str, Any]:
@@ -455,8 +472,8 @@ def render(c: dict[str, Any]) -> list[str]:
     }
     configs = [k for k in c if k.startswith("triton-")]
     for k in configs:
-        n = k.removeprefix("triton-")
-        names[k] = f"Triton ({pytriton}), {n} thread{'s' if n != '1' else ''}"
+        n, delay_us = c[k].get("threads"), c[k].get("queue_delay_us")
+        names[k] = f"Triton, {n} thread{'s' if n != 1 else ''}, delay {delay_us / 1000:g} ms"
     names["triton"] = f"Triton's best of {len(configs)}" if len(configs) > 1 else f"Triton ({pytriton})"
     keys = ["local", *PIPELINES, *(configs if len(configs) > 1 else []), "triton"]
     for key in keys:
@@ -478,7 +495,10 @@ def render(c: dict[str, Any]) -> list[str]:
         lines.append(text)
     lines.append("  (local: no server, its rate at its best batch; RSS of local: the bench process itself)")
     if len(configs) > 1:
-        lines.append("  (Triton's best: on each measure the better of its thread counts, also round by round; x triton is against it)")
+        lines.append(
+            f"  (Triton: {pytriton}, dynamic batching up to 8 with the queue delay shown; its best: on each measure the best"
+            " of its configurations, also round by round; x triton is against it)"
+        )
     paired = c.get("paired", {})
     if paired:
         lines.append(f"  round by round against Triton's best (the same minute; median, range, rounds won of {paired['co-located']['rounds']}):")

@@ -5,11 +5,11 @@ Run by ``pipeline bench --only colocation`` with the interpreter of
 nothing of this project, whose dependencies that venv does not hold.
 
     python pytriton_serve.py MODEL.keras NAME GRPC_PORT HTTP_PORT METRICS_PORT THREADS \
-        INPUT:DTYPE:D1,D2,.. OUTPUT:DTYPE:D1,..
+        INPUT:DTYPE:D1,D2,.. OUTPUT:DTYPE:D1,.. [QUEUE_DELAY_US]
 
 The model runs compiled (one ``tf.function``, as in the pipeline's workers),
-with Triton's dynamic batching (max batch 8, 1 ms queue delay: the pipeline's
-own defaults), and answers KServe v2 gRPC on ``GRPC_PORT``. Ready when it
+with Triton's dynamic batching (max batch 8, and a queue delay of
+``QUEUE_DELAY_US``, 1000 by default: the pipeline's own defaults), and answers KServe v2 gRPC on ``GRPC_PORT``. Ready when it
 prints ``pytriton_ready``.
 """
 
@@ -20,7 +20,8 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    path, name, grpc_port, http_port, metrics_port, threads, in_spec, out_spec = argv
+    path, name, grpc_port, http_port, metrics_port, threads, in_spec, out_spec, *rest = argv
+    delay_us = int(rest[0]) if rest else 1000
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import numpy as np
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> int:
             infer_func=infer,
             inputs=[Tensor(name=in_name, dtype=in_dtype, shape=in_shape)],
             outputs=[Tensor(name=out_name, dtype=out_dtype, shape=out_shape)],
-            config=ModelConfig(max_batch_size=8, batcher=DynamicBatcher(max_queue_delay_microseconds=1000)),
+            config=ModelConfig(max_batch_size=8, batcher=DynamicBatcher(max_queue_delay_microseconds=delay_us)),
             strict=False,
         )
         print("pytriton_ready", flush=True)

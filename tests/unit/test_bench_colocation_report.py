@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipeline.bench.colocation import best_of, paired_ratios, render, triton_thread_counts
+from pipeline.bench.colocation import best_of, paired_ratios, render, triton_configs
 
 
 def _row(p50s: list[float], rates: list[float], rss_mb: float, **extra: Any) -> dict[str, Any]:
@@ -37,7 +37,8 @@ def test_tritons_best_takes_the_better_thread_count_per_measure_and_per_round() 
     assert best["rate"] == out["triton-2"]["rate"] and best["rss_bytes"] == 980 * 2**20
     assert best["runs"] == [{"p50_ms": 30.0, "rate": 55.0}, {"p50_ms": 33.0, "rate": 50.0}]
     assert best["of"] == ["triton-1", "triton-2"] and best["version"] == "0.7.0"
-    assert triton_thread_counts(None, 2) == [1, 2] and triton_thread_counts(None, 1) == [1] and triton_thread_counts(3, 2) == [3]
+    assert triton_configs(None, 2) == [(1, 0), (1, 1000), (2, 0), (2, 1000)]
+    assert triton_configs(None, 1) == [(1, 0), (1, 1000)] and triton_configs(3, 2) == [(3, 0), (3, 1000)]
 
 
 def test_the_table_shows_every_configuration_the_ratios_and_the_rounds() -> None:
@@ -45,14 +46,14 @@ def test_the_table_shows_every_configuration_the_ratios_and_the_rounds() -> None
         "cpus": 2, "rounds": 2, "shards": 2, "overlap": [{"threads": 1, "inter_threads": 2, "work": 2.36}],
         "local": _row([25.0, 26.0], [80.0, 70.0], 740), "per-shard": _row([31.0, 30.0], [60.0, 62.0], 1400),
         "co-located": _row([28.0, 29.0], [66.0, 64.0], 850), "with-ingress": _row([27.0, 28.0], [70.0, 66.0], 760),
-        "triton-1": _row([30.0, 34.0], [40.0, 42.0], 980, version="0.7.0"),
-        "triton-2": _row([36.0, 33.0], [55.0, 50.0], 990, version="0.7.0"),
+        "triton-1": _row([30.0, 34.0], [40.0, 42.0], 980, version="0.7.0", threads=1, queue_delay_us=0),
+        "triton-2": _row([36.0, 33.0], [55.0, 50.0], 990, version="0.7.0", threads=2, queue_delay_us=1000),
     }  # fmt: skip
     c["triton"] = best_of(c, ["triton-1", "triton-2"])
     c["paired"] = {n: paired_ratios(c[n]["runs"], c["triton"]["runs"]) for n in ("local", "per-shard", "co-located", "with-ingress")}
     text = "\n".join(render(c))
     assert "2 interleaved round(s)" in text
-    for label in ("Triton (PyTriton 0.7.0), 1 thread ", "Triton (PyTriton 0.7.0), 2 threads", "Triton's best of 2", "pipeline, shards co-located"):
+    for label in ("Triton, 1 thread, delay 0 ms ", "Triton, 2 threads, delay 1 ms", "Triton's best of 2", "PyTriton 0.7.0", "pipeline, shards co-located"):
         assert label in text, text
     co = next(line for line in text.splitlines() if line.startswith("  pipeline, shards co-located"))
     # p50 x triton: 29 / 34 (the better of the two p50s); rate: 65 / 52.5; RSS: 850 / 980
