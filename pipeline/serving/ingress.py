@@ -47,7 +47,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -360,7 +360,12 @@ class Ingress:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        parse_guard.add_guarded(kpb_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer(self), server)
+        parse_guard.add_guarded(
+            kpb_grpc.add_GRPCInferenceServiceServicer_to_server,
+            InferenceServicer(self),
+            server,
+            parsers={"ModelInfer": kserve.parse_infer_request},  # the tensors stay in the received bytes
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         admin_service = admin.add_to_server(self, server)
         reflection.enable_server_reflection(
@@ -569,8 +574,13 @@ class Ingress:
         log.info("health_changed", serving=serving, not_up=self.liveness.not_up())
 
     # ----------------------------------------------------------------- infer
-    async def infer(self, request: kpb.ModelInferRequest, time_remaining: float | None) -> kpb.ModelInferResponse:
-        """Run one request through the pipeline; raise a :class:`PipelineError` for every failure."""
+    async def infer(
+        self, request: kpb.ModelInferRequest, time_remaining: float | None, raw: Sequence[memoryview] | None = None
+    ) -> kpb.ModelInferResponse:
+        """Run one request through the pipeline; raise a :class:`PipelineError` for every failure.
+
+        ``raw``: its ``raw_input_contents``, when they were kept apart from it (:func:`kserve.parse_infer_request`).
+        """
         t0 = time.time_ns()  # wall clock, for spans and durations
         started = dl.now_ns()  # monotonic, for the deadline
         rid = self._new_id()
@@ -578,7 +588,7 @@ class Ingress:
         self.metrics.request_started(request.model_name)
         with bound_contextvars(request_id=rid):
             try:
-                decoded = kserve.decode_request(self.topology, request, self.config.max_batch_size)
+                decoded = kserve.decode_request(self.topology, request, self.config.max_batch_size, raw)
                 response = await self._run(rid, request, decoded, t0, time_remaining, started)
                 code = grpc.StatusCode.OK
                 return response
@@ -929,9 +939,9 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             and kpb.ModelStatisticsResponse(model_stats=[self.ingress.stats.pb(self.topology.name)]),
         )
 
-    async def ModelInfer(self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
+    async def ModelInfer(self, received: kserve.ReceivedRequest, context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
         try:
-            return await self.ingress.infer(request, context.time_remaining())
+            return await self.ingress.infer(received.request, context.time_remaining(), received.raw)
         except PipelineError as exc:
             await context.abort(exc.status, exc.message)
             raise  # unreachable: abort raises

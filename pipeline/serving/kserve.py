@@ -10,6 +10,11 @@ Zero copies where protobuf allows: a raw input becomes a read-only
 ``np.frombuffer`` view over the bytes protobuf hands us; typed ``contents``
 are converted once (they are Python lists in protobuf, a copy cannot be
 avoided). Outputs go back as the arrays' bytes in ``raw_output_contents``.
+
+The ingress goes one step further with :func:`parse_infer_request`: protobuf
+would copy each ``raw_input_contents`` entry twice (into its message, then
+into a new ``bytes`` on access), so the ingress parses the request without
+them and keeps them as views of the bytes gRPC received.
 """
 
 from __future__ import annotations
@@ -146,10 +151,78 @@ class DecodedRequest:
     timing: bool
 
 
-def decode_request(topology: Topology, request: kpb.ModelInferRequest, max_batch_size: int = 0) -> DecodedRequest:
+#: the field number of ``ModelInferRequest.raw_input_contents`` (repeated bytes).
+RAW_INPUT_CONTENTS = kpb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """A ``ModelInferRequest`` as the ingress receives it: the message without its ``raw_input_contents``,
+    and those entries, in order, as read-only views of the received bytes."""
+
+    request: kpb.ModelInferRequest
+    raw: tuple[memoryview, ...]
+
+
+def parse_infer_request(data: bytes) -> ReceivedRequest:
+    """Parse a serialized ``ModelInferRequest`` without copying its ``raw_input_contents``.
+
+    The top-level fields are walked once (protobuf's wire format: a varint key, then the value); each
+    ``raw_input_contents`` entry becomes a view of ``data``, and the rest, a few hundred bytes, is parsed
+    by protobuf as usual. Bytes that are not a well-formed message raise like protobuf's own parser.
+    """
+    view = memoryview(data).toreadonly()
+    n = len(view)
+    kept: list[memoryview] = []
+    raw: list[memoryview] = []
+    pos = start = 0
+    while pos < n:
+        field_start = pos
+        key, pos = _varint(view, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(view, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            size, pos = _varint(view, pos)
+            if key >> 3 == RAW_INPUT_CONTENTS and pos + size <= n:
+                kept.append(view[start:field_start])
+                raw.append(view[pos : pos + size])
+                start = pos + size
+            pos += size
+        else:  # groups, or no wire type at all: protobuf decides (and names the problem)
+            return ReceivedRequest(kpb.ModelInferRequest.FromString(data), ())
+        if pos > n:
+            raise ValueError(f"truncated message: a field ends at byte {pos} of {n}")
+    kept.append(view[start:n])
+    return ReceivedRequest(kpb.ModelInferRequest.FromString(b"".join(kept)), tuple(raw))
+
+
+def _varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(view):
+            raise ValueError(f"truncated message: a varint runs past byte {len(view)}")
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 64:
+            raise ValueError(f"a varint longer than 10 bytes ends at byte {pos}")
+
+
+def decode_request(
+    topology: Topology, request: kpb.ModelInferRequest, max_batch_size: int = 0, raw: Sequence[Any] | None = None
+) -> DecodedRequest:
     """Validate ``request`` against the topology and convert its inputs; raise on the first problem.
 
-    ``max_batch_size`` (0: no bound) bounds the first axis when every input is batched.
+    ``max_batch_size`` (0: no bound) bounds the first axis when every input is batched. ``raw``: the
+    request's ``raw_input_contents`` when they were kept apart from it (:func:`parse_infer_request`).
     """
     check_model(topology, request.model_name, request.model_version)
     specs = {s.name: s for s in topology.inputs}
@@ -167,7 +240,8 @@ def decode_request(topology: Topology, request: kpb.ModelInferRequest, max_batch
             parts.append(f"unexpected {extra}")
         raise InvalidInput(f"expected inputs {list(topology.input_names)}, received {received} ({'; '.join(parts)})")
 
-    raw = request.raw_input_contents
+    if raw is None:
+        raw = request.raw_input_contents
     typed = [t.name for t in request.inputs if t.HasField("contents")]
     if len(raw) and typed:
         raise InvalidInput(
@@ -229,7 +303,7 @@ def check_tensor_header(spec: TensorSpec, datatype: str, shape: Sequence[int]) -
     return shape
 
 
-def raw_to_array(spec: TensorSpec, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+def raw_to_array(spec: TensorSpec, data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     """A read-only view over raw bytes; :class:`InvalidInput` when the byte count does not match."""
     dtype = NUMPY_DTYPES[spec.dtype]
     count = _count(shape)

@@ -11,7 +11,7 @@ expected and what it received.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +41,17 @@ class _Capture:
         self.handlers = dict(handlers)
 
 
-def add_guarded(add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server) -> str:
-    """Register ``servicer`` like ``add_to_server`` does, with tolerant deserializers; return the service name."""
+def add_guarded(
+    add_to_server: Callable[[Any, Any], None],
+    servicer: Any,
+    server: grpc.aio.Server,
+    parsers: Mapping[str, Callable[[bytes], Any]] | None = None,
+) -> str:
+    """Register ``servicer`` like ``add_to_server`` does, with tolerant deserializers; return the service name.
+
+    ``parsers`` replaces the generated deserializer of some methods (by method name); it is made tolerant
+    the same way, and a failure still names the message the method expects.
+    """
     capture = _Capture()
     add_to_server(servicer, capture)
     guarded = {}
@@ -53,7 +62,7 @@ def add_guarded(add_to_server: Callable[[Any, Any], None], servicer: Any, server
         full = f"/{capture.service}/{method}"
         guarded[method] = grpc.unary_unary_rpc_method_handler(
             _answer_unparsable(handler.unary_unary),
-            request_deserializer=_tolerant(handler.request_deserializer, full),
+            request_deserializer=_tolerant(handler.request_deserializer, full, (parsers or {}).get(method)),
             response_serializer=handler.response_serializer,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, guarded),))
@@ -61,13 +70,14 @@ def add_guarded(add_to_server: Callable[[Any, Any], None], servicer: Any, server
     return capture.service
 
 
-def _tolerant(deserialize: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:
+def _tolerant(deserialize: Callable[[bytes], Any], method: str, parser: Callable[[bytes], Any] | None = None) -> Callable[[bytes], Any]:
     expected = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
     name = expected.full_name if expected is not None else "request"
+    run = parser or deserialize
 
     def parse(data: bytes) -> Any:
         try:
-            return deserialize(data)
+            return run(data)
         except Exception as exc:  # protobuf's DecodeError, or anything a deserializer raises
             return Unparsable(method=method, expected=name, size=len(data), reason=f"{type(exc).__name__}: {exc}")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from google.protobuf import message as protobuf_message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -312,3 +313,59 @@ def test_liveness() -> None:
     assert live.beat("a", True, 12, now=1.4)  # a new pid: restarted
     live.set_connected("b", False)
     assert "not connected" in live.not_up(now=1.4)["b"]
+
+
+def _whole(received: kserve.ReceivedRequest) -> kpb.ModelInferRequest:
+    """The request parse_infer_request read, with its raw contents put back in."""
+    whole = kpb.ModelInferRequest()
+    whole.CopyFrom(received.request)
+    whole.raw_input_contents.extend(bytes(r) for r in received.raw)
+    return whole
+
+
+def test_parse_infer_request_keeps_the_tensors_in_the_received_bytes() -> None:
+    arrays = {"x": np.arange(24, dtype=np.float32).reshape(2, 12), "ids": np.array([[7], [9]], dtype=np.int64), "e": np.zeros((2, 0), np.float32)}
+    request = kserve.infer_request("m", arrays, timing=True)
+    request.id = "r-1"
+    request.model_version = "1"
+    request.outputs.add(name="y")
+    data = request.SerializeToString()
+    received = kserve.parse_infer_request(data)
+    assert _whole(received) == request
+    assert len(received.request.raw_input_contents) == 0 and len(received.raw) == 3
+    for view, array in zip(received.raw, arrays.values()):
+        assert view.obj is data and view.readonly and bytes(view) == array.tobytes()  # a view, not a copy
+    decoded = kserve.decode_request(_topology(TensorSpec("x", "float32", (-1, 12)), TensorSpec("ids", "int64", (-1, 1)), TensorSpec("e", "float32", (-1, 0))), received.request, raw=received.raw)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(decoded.inputs[name], array)
+    assert decoded.timing and decoded.requested_outputs == ("y",)
+    # typed contents only: nothing to keep apart
+    typed = kpb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="x", datatype="FP32", shape=[1, 2]).contents.fp32_contents.extend([1.0, 2.0])
+    assert kserve.parse_infer_request(typed.SerializeToString()) == kserve.ReceivedRequest(typed, ())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=200))
+def test_parse_infer_request_accepts_and_refuses_what_protobuf_does(data: bytes) -> None:
+    try:
+        expected = kpb.ModelInferRequest.FromString(data)
+    except protobuf_message.DecodeError:
+        expected = None
+    try:
+        received = kserve.parse_infer_request(data)
+    except (protobuf_message.DecodeError, ValueError):
+        assert expected is None, f"protobuf parsed {data!r}"
+        return
+    assert expected is not None, f"parse_infer_request accepted {data!r}, which protobuf refuses"
+    assert _whole(received) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=4), st.integers(0, 400), st.binary(min_size=1, max_size=3))
+def test_parse_infer_request_on_cut_and_spliced_requests(raws: list[bytes], cut: int, junk: bytes) -> None:
+    request = kpb.ModelInferRequest(model_name="m", id="abc", raw_input_contents=raws)
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    data = request.SerializeToString()
+    for variant in (data, data[: cut % (len(data) + 1)], data + junk, junk + data):
+        test_parse_infer_request_accepts_and_refuses_what_protobuf_does.hypothesis.inner_test(variant)  # type: ignore[attr-defined]
