@@ -54,7 +54,7 @@ def test_colocation_section_serves_every_configuration_in_rounds(tmp_path: Path)
     assert _run("partition", str(model_file), "--shards", "2", "--out", str(tmp_path / "res"), "--no-verify").returncode == 0
     r = _run(
         "bench", str(tmp_path / "res"), "--only", "colocation", "--no-triton", "--rounds", "2", "--requests", "20",
-        "--json", str(tmp_path / "bench.json"),
+        "--threads", "1", "--json", str(tmp_path / "bench.json"),
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 interleaved round(s)" in r.stdout and "skipped: not asked for (--no-triton)" in r.stdout, r.stdout
@@ -68,3 +68,6 @@ def test_colocation_section_serves_every_configuration_in_rounds(tmp_path: Path)
         assert row["errors"] == {} and row["processes"] == processes and row["rate"] > 0 and row["p50_ms"] > 0
         assert len(row["runs"]) == 2  # one entry per round
     assert report["triton"] == {"skipped": "not asked for (--no-triton)"}
+    # one thread count asked for: the overlap of the shards with 1 intra-op thread, and as many or 1 inter-op threads
+    assert [(o["threads"], o["inter_threads"]) for o in report["overlap"]] == [(1, 2), (1, 1)], report["overlap"]
+    assert all(o["work"] > 0 for o in report["overlap"]), report["overlap"]

@@ -45,7 +45,7 @@ def test_bench_multihost_prints_every_row_and_removes_its_namespaces(tmp_path: P
     assert r.returncode == 0, r.stderr
     before = set(namespaces())
     r = _run(
-        "bench", str(tmp_path / "inc"), "--only", "multihost", "--rates", "100mbit,1gbit", "--load-seconds", "1",
+        "bench", str(tmp_path / "inc"), "--only", "multihost", "--rates", "100mbit", "--load-seconds", "1",
         "--load-concurrency", "4", "--json", str(tmp_path / "bench.json"), "--logs", str(tmp_path / "logs"),
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -55,16 +55,12 @@ def test_bench_multihost_prints_every_row_and_removes_its_namespaces(tmp_path: P
         "single host again, last       loopback",
         "compute-only, in order        100mbit",
         "cluster-aware                 100mbit",
-        "compute-only, in order        1gbit",
-        "cluster-aware                 1gbit",
         "plan with every host at one speed",
         "plan with h2 at 2.0x the speed",
         "at 100mbit: cluster-aware / compute-only throughput",
-        "at 1gbit: cluster-aware / compute-only throughput",
         "single host: hosts h1/h1/h1 (ingress h1)",
         "compute-only at 100mbit: hosts h1/h2/h3 (ingress h1)",
         "cluster-aware at 100mbit: hosts",
-        "cluster-aware at 1gbit: hosts",
         "share of the model's compute on h2",
         "every host declared at speed",
         "the whole model in one process on every CPU:",
@@ -76,7 +72,7 @@ def test_bench_multihost_prints_every_row_and_removes_its_namespaces(tmp_path: P
     report = json.loads((tmp_path / "bench.json").read_text())["multihost"]
     plans = [report["single"], *(p for row in report["rates"].values() for p in row.values())]
     plans += [report["heterogeneous"]["uniform"], report["heterogeneous"]["aware"], report["single_after"]]
-    assert len(plans) == 8
+    assert len(plans) == 6
     assert report["local"]["rate"] > 0 and report["local"]["p50_ms"] > 0, report["local"]
     for p in plans:  # each plan answered (no number is judged, only that it was measured)
         assert p["requests"] > 0 and p["errors"] == {}, p
