@@ -9,8 +9,9 @@ nothing of this project, whose dependencies that venv does not hold.
 
 The model runs compiled (one ``tf.function``, as in the pipeline's workers),
 with Triton's dynamic batching (max batch 8, and a queue delay of
-``QUEUE_DELAY_US``, 1000 by default: the pipeline's own defaults), and answers KServe v2 gRPC on ``GRPC_PORT``. Ready when it
-prints ``pytriton_ready``.
+``QUEUE_DELAY_US``, 1000 by default: the pipeline's own defaults), and
+answers KServe v2 gRPC on ``GRPC_PORT``. Ready when it prints
+``pytriton_ready``.
 """
 
 from __future__ import annotations
