@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--threads", type=int, default=None, help="TensorFlow threads (default: TensorFlow's, all CPUs; use what the workers will use)")
     s.add_argument("--baseline", type=float, default=None, metavar="SAMPLES_PER_S", help="a speed relative to this many samples/s (another host's run of the same probe); without it the speed is in the planner's units (1.0: the cost model's reference host)")
     s.add_argument("--peer", default=None, metavar="tcp://ADDR:PORT", help="run it on the host of this `probe serve` peer instead")
-    s.add_argument("--curve-server-key", default=None, metavar="KEY", help="with --peer: the public key `probe serve --curve` printed")
+    s.add_argument(
+        "--curve-server-key", default=None, metavar="KEY", help="with --peer: the public key `probe serve --curve` printed (write --curve-server-key=KEY: a key may begin with '-')"
+    )
     wait = probe_speed.REMOTE_TIMEOUT_S + 60  # the peer gives up on a run after REMOTE_TIMEOUT_S and says so: wait for that answer
     s.add_argument("--peer-timeout", type=float, default=wait, metavar="S", help=f"with --peer: how long to wait for the peer's run (default {wait:g} s)")
     _update_arguments(s)
@@ -64,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     direction.add_argument("--download-only", action="store_true", help="only peer -> this host")
     k.add_argument("--connect-timeout", type=float, default=probe_link.CONNECT_TIMEOUT_S, metavar="S", help=f"how long to wait for the peer's first answer (default {probe_link.CONNECT_TIMEOUT_S:g})")
     k.add_argument("--timeout", type=float, default=probe_link.REPLY_TIMEOUT_S, metavar="S", help=f"how long to wait for any later answer (default {probe_link.REPLY_TIMEOUT_S:g})")
-    k.add_argument("--curve-server-key", default=None, metavar="KEY", help="the public key `probe serve --curve` printed")
+    k.add_argument(
+        "--curve-server-key", default=None, metavar="KEY", help="the public key `probe serve --curve` printed (write --curve-server-key=KEY: a key may begin with '-')"
+    )
     _update_arguments(k)
     which = k.add_mutually_exclusive_group()
     which.add_argument("--pair", default=None, metavar="A,B", help="with --update: the two hosts this link joins (names or addresses)")
@@ -174,7 +178,7 @@ def _serve(args: argparse.Namespace) -> int:
         if peer.public_key is not None:
             key = peer.public_key.decode()
             print(f"CURVE public key: {key}", flush=True)
-            print(f"on the other host: pipeline probe link tcp://THIS_HOST:{endpoint.rsplit(':', 1)[1]} --curve-server-key '{key}'", flush=True)
+            print(f"on the other host: pipeline probe link tcp://THIS_HOST:{endpoint.rsplit(':', 1)[1]} --curve-server-key='{key}'", flush=True)
         why = peer.serve(stop)
         print(f"probe peer {why}: {peer.messages} messages, {peer.received_bytes} bytes in, {peer.sent_bytes} bytes out", flush=True)
     finally:

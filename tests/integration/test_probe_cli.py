@@ -8,6 +8,7 @@ from pathlib import Path
 
 import keras
 import yaml
+import zmq
 
 from pipeline import process
 from pipeline.cluster import load_cluster, parse_bandwidth
@@ -50,13 +51,24 @@ def test_curve_peer_needs_its_key(tmp_path: Path) -> None:
     peer, endpoint, key = start_peer(tmp_path / "logs", extra=["--curve"])
     try:
         assert len(key) == 40
-        r = report(probe("link", endpoint, "--seconds", "0.3", "--pings", "5", "--json", "--curve-server-key", key))
+        r = report(probe("link", endpoint, "--seconds", "0.3", "--pings", "5", "--json", f"--curve-server-key={key}"))
         plain = probe("link", endpoint, "--seconds", "0.3", "--connect-timeout", "1")
     finally:
         peer.stop()
     assert r["curve"] is True and r["upload_bps"] > 0
     assert plain.returncode != 0
     assert f"no probe peer answered at {endpoint} within 1 s" in plain.stderr and "--curve-server-key" in plain.stderr
+
+
+def test_a_key_that_begins_with_a_dash_is_taken(tmp_path: Path) -> None:
+    # Z85 keys may begin with "-" (1 in 85): written --curve-server-key=KEY, as the peer prints it, argparse takes it
+    key = next(k for k in (zmq.curve_keypair()[0].decode() for _ in range(100_000)) if k.startswith("-"))
+    r = probe("link", "tcp://127.0.0.1:9", f"--curve-server-key={key}", "--seconds", "0.2", "--connect-timeout", "0.5")
+    assert r.returncode != 0 and "expected one argument" not in r.stderr, r.stderr
+    assert "no probe peer answered at tcp://127.0.0.1:9 within 0.5 s" in r.stderr, r.stderr
+    peer, _, printed = start_peer(tmp_path / "logs", extra=["--curve"])
+    peer.stop()
+    assert f"--curve-server-key='{printed}'" in peer.text(), peer.text()  # the line to copy works for any key
 
 
 def test_unreachable_peer_and_bad_input_fail_with_a_clear_error(tmp_path: Path) -> None:
@@ -125,9 +137,9 @@ def test_speed_on_a_peer_host_is_written_for_that_host(tmp_path: Path) -> None:
     cluster.write_text(CLUSTER.replace("127.0.0.1", "198.18.0.1").replace("198.18.0.2", "127.0.0.1"))  # cloud is here
     peer, endpoint, key = start_peer(tmp_path / "logs", extra=["--curve"])
     try:
-        r = report(probe("speed", "--peer", endpoint, "--curve-server-key", key, "--model", "mobilenet_v3_small", "--seconds", "0.5",
+        r = report(probe("speed", "--peer", endpoint, f"--curve-server-key={key}", "--model", "mobilenet_v3_small", "--seconds", "0.5",
                          "--threads", "1", "--baseline", "1000", "--json", "--update", str(cluster), "--host", "cloud"))  # fmt: skip
-        refused = probe("speed", "--peer", endpoint, "--curve-server-key", key, "--update", str(cluster), "--host", "edge")
+        refused = probe("speed", "--peer", endpoint, f"--curve-server-key={key}", "--update", str(cluster), "--host", "edge")
     finally:
         peer.stop()
     assert r["where"].startswith("the peer ") and r["model"] == "mobilenet_v3_small" and r["calls"] >= 5
