@@ -194,11 +194,19 @@ def parse_infer_request(data: bytes) -> ReceivedRequest:
                 start = pos + size
             pos += size
         else:  # groups, or no wire type at all: protobuf decides (and names the problem)
-            return ReceivedRequest(kpb.ModelInferRequest.FromString(data), ())
+            return _parsed_whole(data)
         if pos > n:
             raise ValueError(f"truncated message: a field ends at byte {pos} of {n}")
     kept.append(view[start:n])
     return ReceivedRequest(kpb.ModelInferRequest.FromString(b"".join(kept)), tuple(raw))
+
+
+def _parsed_whole(data: bytes) -> ReceivedRequest:
+    """protobuf's own parse of the whole request, its ``raw_input_contents`` then moved apart (copied once)."""
+    request = kpb.ModelInferRequest.FromString(data)
+    raw = tuple(memoryview(b) for b in request.raw_input_contents)
+    request.ClearField("raw_input_contents")
+    return ReceivedRequest(request, raw)
 
 
 def _varint(view: memoryview, pos: int) -> tuple[int, int]:
