@@ -211,7 +211,7 @@ class Group:
             self._stop_workers()
         drain = max(w.config.drain_timeout_s for w in self.workers)
         deadline = time.monotonic() + drain + JOIN_MARGIN_S
-        started = [t for t in [*([ingress] if ingress else []), *self._threads] if t.ident is not None]
+        started = [t for t in self._every_thread if t.ident is not None]
         for t in started:
             t.join(max(0.0, deadline - time.monotonic()))
         stuck = [t.name for t in started if t.is_alive()]
@@ -226,10 +226,14 @@ class Group:
         return EXIT_OK if not stuck else 1
 
     @property
+    def _every_thread(self) -> list[threading.Thread]:
+        """The ingress's thread (when it is here) and each shard's loop thread."""
+        return [*([self._ingress_thread] if self._ingress_thread else []), *self._threads]
+
+    @property
     def busy(self) -> bool:
         """A shard's thread (its loop or its compute), or the ingress's, is still running."""
-        threads = [*self._threads, *([self._ingress_thread] if self._ingress_thread else [])]
-        return any(t.is_alive() for t in threads) or any(w.compute.is_alive() for w in self.workers)
+        return any(t.is_alive() for t in self._every_thread) or any(w.compute.is_alive() for w in self.workers)
 
 
 def run(args: argparse.Namespace) -> int:
