@@ -29,6 +29,9 @@ from pipeline.probe import link as probe_link
 from pipeline.probe.measure import parse_size, relative_speed, round_significant
 from pipeline.probe.update import ClusterFile, parse_pair
 
+#: how to write a CURVE key on the command line (a Z85 key may begin with '-', which argparse takes for an option).
+KEY_FORM = "(write --curve-server-key=KEY: a key may begin with '-')"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pipeline.probe import speed as probe_speed  # constants only: TensorFlow is imported when a run starts
@@ -43,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--baseline", type=float, default=None, metavar="SAMPLES_PER_S", help="a speed relative to this many samples/s (another host's run of the same probe); without it the speed is in the planner's units (1.0: the cost model's reference host)")
     s.add_argument("--peer", default=None, metavar="tcp://ADDR:PORT", help="run it on the host of this `probe serve` peer instead")
     s.add_argument(
-        "--curve-server-key", default=None, metavar="KEY", help="with --peer: the public key `probe serve --curve` printed (write --curve-server-key=KEY: a key may begin with '-')"
+        "--curve-server-key", default=None, metavar="KEY", help=f"with --peer: the public key `probe serve --curve` printed {KEY_FORM}"
     )
     wait = probe_speed.REMOTE_TIMEOUT_S + 60  # the peer gives up on a run after REMOTE_TIMEOUT_S and says so: wait for that answer
     s.add_argument("--peer-timeout", type=float, default=wait, metavar="S", help=f"with --peer: how long to wait for the peer's run (default {wait:g} s)")
@@ -67,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--connect-timeout", type=float, default=probe_link.CONNECT_TIMEOUT_S, metavar="S", help=f"how long to wait for the peer's first answer (default {probe_link.CONNECT_TIMEOUT_S:g})")
     k.add_argument("--timeout", type=float, default=probe_link.REPLY_TIMEOUT_S, metavar="S", help=f"how long to wait for any later answer (default {probe_link.REPLY_TIMEOUT_S:g})")
     k.add_argument(
-        "--curve-server-key", default=None, metavar="KEY", help="the public key `probe serve --curve` printed (write --curve-server-key=KEY: a key may begin with '-')"
+        "--curve-server-key", default=None, metavar="KEY", help=f"the public key `probe serve --curve` printed {KEY_FORM}"
     )
     _update_arguments(k)
     which = k.add_mutually_exclusive_group()
