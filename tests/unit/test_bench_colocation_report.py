@@ -26,7 +26,7 @@ def test_paired_ratios_compare_round_by_round_and_count_the_rounds_won() -> None
     assert paired_ratios([], [])["p50_won"] == 0
 
 
-def test_tritons_best_takes_the_better_thread_count_per_measure_and_per_round() -> None:
+def test_tritons_best_is_its_best_configuration_per_measure_with_that_configurations_rounds() -> None:
     out = {
         "triton-1": _row([30.0, 34.0], [40.0, 42.0], 980, version="0.7.0") | {"errors": {"UNAVAILABLE": 1}},
         "triton-2": _row([36.0, 33.0], [55.0, 50.0], 990, version="0.7.0") | {"errors": {"UNAVAILABLE": 2, "INTERNAL": 1}},
@@ -35,7 +35,10 @@ def test_tritons_best_takes_the_better_thread_count_per_measure_and_per_round() 
     assert best["errors"] == {"UNAVAILABLE": 3, "INTERNAL": 1}  # every error of either is counted
     assert best["p50_ms"] == min(out["triton-1"]["p50_ms"], out["triton-2"]["p50_ms"])
     assert best["rate"] == out["triton-2"]["rate"] and best["rss_bytes"] == 980 * 2**20
-    assert best["runs"] == [{"p50_ms": 30.0, "rate": 55.0}, {"p50_ms": 33.0, "rate": 50.0}]
+    # triton-1 has the lower p50 over its rounds (34 against 36 ms), triton-2 the higher rate: their own
+    # rounds, not the better number of each round (which would be 30 and 33 ms)
+    assert best["p50_of"] == "triton-1" and best["rate_of"] == "triton-2"
+    assert best["runs"] == [{"p50_ms": 30.0, "rate": 55.0}, {"p50_ms": 34.0, "rate": 50.0}]
     assert best["of"] == ["triton-1", "triton-2"] and best["version"] == "0.7.0"
     assert triton_configs(None, 2) == [(1, 0), (1, 1000), (2, 0), (2, 1000)]
     assert triton_configs(None, 1) == [(1, 0), (1, 1000)] and triton_configs(3, 2) == [(3, 0), (3, 1000)]
@@ -62,6 +65,7 @@ def test_the_table_shows_every_configuration_the_ratios_and_the_rounds() -> None
     assert ing.split()[-3:] == [f"{28 / 34:.2f}", f"{68 / 52.5:.2f}", f"{760 / 980:.2f}"], ing
     assert sum("pipeline, co-located with ingress" in line for line in text.splitlines()) == 2  # its row and its rounds
     assert "lower in 2" in text and "2.36 shards' worth" in text
+    assert "p50 Triton, 1 thread, delay 0 ms, rate Triton, 2 threads, delay 1 ms" in text, text
     skipped = {k: v for k, v in c.items() if not k.startswith("triton") and k != "paired"} | {"triton": {"skipped": "not asked for (--no-triton)"}}
     text = "\n".join(render(skipped))
     assert "skipped: not asked for (--no-triton)" in text and "x triton" not in text
