@@ -18,7 +18,7 @@ on the same machine, these configurations:
   ``scripts/pytriton_env.sh`` can build it (``--no-triton`` leaves it out).
   It is served four ways, one intra-op thread or one per CPU, each with a
   queue delay of 0 or 1 ms (:func:`triton_configs`), and the goals compare
-  against its best on each measure. With no queue delay, Triton's dynamic
+  against its best configuration on each measure (:func:`best_of`). With no queue delay, Triton's dynamic
   batcher still batches what queued while it computed; here that was its
   best at both concurrency 1 and 16.
 

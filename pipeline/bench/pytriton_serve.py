@@ -7,7 +7,9 @@ nothing of this project, whose dependencies that venv does not hold.
     python pytriton_serve.py MODEL.keras NAME GRPC_PORT HTTP_PORT METRICS_PORT THREADS \
         INPUT:DTYPE:D1,D2,.. OUTPUT:DTYPE:D1,.. [QUEUE_DELAY_US]
 
-The model runs compiled (one ``tf.function``, as in the pipeline's workers),
+The model runs compiled (one ``tf.function``, as in the pipeline's workers; called the public way,
+``concrete_function(x)``, where the workers take its flat entry point, see
+``pipeline.serving.runtime._flat_entry``: 1.65 against 1.31 ms of CPU per call for MobileNetV3Large here),
 with Triton's dynamic batching (max batch 8, and a queue delay of
 ``QUEUE_DELAY_US``, 1000 by default: the pipeline's own defaults), and
 answers KServe v2 gRPC on ``GRPC_PORT``. Ready when it prints
