@@ -287,6 +287,23 @@ class Stats:
 
 
 # ------------------------------------------------------------------- ingress
+#: a call cancelled this close to its deadline (or later) ended because the deadline passed.
+CANCEL_AT_DEADLINE_SLACK_NS = 2_000_000
+
+
+def cancelled_as(time_remaining: float | None, started_ns: int, now_ns: int) -> grpc.StatusCode:
+    """The code a cancelled call ended with: DEADLINE_EXCEEDED when the caller's deadline had passed, else CANCELLED.
+
+    gRPC cancels the handler when the caller's deadline passes, and that races the ingress's own timer for the
+    same deadline: on a loaded machine the cancellation can come first. The metrics and statistics then still
+    count what happened, a deadline exceeded, not a caller that gave up. ``started_ns`` and ``now_ns`` are
+    monotonic (``pipeline.wire.deadline.now_ns``); ``time_remaining`` is gRPC's at ``started_ns`` (None: none).
+    """
+    if time_remaining is not None and now_ns >= started_ns + round(time_remaining * 1e9) - CANCEL_AT_DEADLINE_SLACK_NS:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 class Ingress:
     """The ingress's state: sockets, pending table, liveness, stats, and the gRPC server."""
 
@@ -599,8 +616,13 @@ class Ingress:
                 log.info("request_failed", code=exc.status.name, detail=exc.message)
                 raise
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                log.debug("request_cancelled")
+                code = cancelled_as(time_remaining, started, dl.now_ns())
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    if request.model_name == self.topology.name:
+                        self.stats.record_failure(time.time_ns() - t0, code)
+                    log.info("request_failed", code=code.name, detail="the caller's deadline passed")
+                else:
+                    log.debug("request_cancelled")
                 raise
             finally:
                 self.metrics.request_ended(request.model_name, code, time.time_ns() - t0)

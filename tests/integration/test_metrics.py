@@ -182,6 +182,41 @@ def test_ingress_metrics_count_the_traffic(tmp_path: Path) -> None:
     assert sorted(b.batch_size for b in stats.batch_stats) == sorted(set(good))
 
 
+def test_a_deadline_that_passes_is_counted_so_whichever_timer_fires_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC cancels the handler when the caller's deadline passes, racing the ingress's own timer for the same
+    deadline; on a loaded machine the cancellation can come first (a full run saw it). Made certain here: the
+    ingress's own timer is set 30 s late. A caller that gives up long before its deadline is still CANCELLED."""
+    import types
+
+    from pipeline.serving import ingress as ingress_module
+    from pipeline.wire import deadline as dl
+
+    late = types.SimpleNamespace(**{k: getattr(dl, k) for k in dir(dl) if not k.startswith("__")})
+    late.deadline_after = lambda timeout_s, now: dl.deadline_after(timeout_s + 30.0, now)
+    monkeypatch.setattr(ingress_module, "dl", late)
+    with sock_dir() as sockets:
+        toy = single_topology(tmp_path / "toy", sockets)
+        worker = FakeWorker(toy, "s0", toy_compute)
+        with IngressThread(toy, metrics="127.0.0.1:0", timeout_s=60.0) as ing, fake_workers(worker), ing.stub() as stub:
+            wait_ready(stub)
+            address = ing.ingress.metrics.server.address
+            worker.mode = "silent"
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(raw_request("toy", toy_inputs(1)), timeout=0.3)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            wait_for(lambda: Scrape(address).value("pipeline_requests_in_flight", model="toy") == 0, what="the request to end")
+
+            call = stub.ModelInfer.future(raw_request("toy", toy_inputs(1)), timeout=30.0)
+            wait_for(lambda: Scrape(address).value("pipeline_requests_in_flight", model="toy") == 1, what="1 in flight")
+            call.cancel()
+            wait_for(lambda: Scrape(address).value("pipeline_requests_in_flight", model="toy") == 0, what="the cancelled request to end")
+            m = Scrape(address)
+            stats = stub.ModelStatistics(kpb.ModelStatisticsRequest(name="toy"), timeout=WAIT_S).model_stats[0]
+    assert m.value("pipeline_requests_total", model="toy", code="DEADLINE_EXCEEDED") == 1
+    assert m.value("pipeline_requests_total", model="toy", code="CANCELLED") == 1
+    assert stats.inference_stats.fail.count == 1  # the deadline; a cancellation is not a failed inference
+
+
 def test_metrics_off_and_a_taken_port(tmp_path: Path) -> None:
     import socket
 

@@ -93,3 +93,18 @@ def test_the_wire_version_says_the_deadline_field_changed_meaning() -> None:
     counter = codec.DropCounter()
     assert codec.decode_or_drop(frames, counter) is None
     assert counter.snapshot() == {"bad_version": 1}
+
+
+def test_a_call_cancelled_at_or_after_its_deadline_ended_by_the_deadline() -> None:
+    import grpc
+
+    from pipeline.serving.ingress import CANCEL_AT_DEADLINE_SLACK_NS, cancelled_as
+
+    started = 10_000_000_000
+    deadline = started + 500_000_000  # time_remaining 0.5 s at the start
+    assert cancelled_as(0.5, started, deadline) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert cancelled_as(0.5, started, deadline + 7) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert cancelled_as(0.5, started, deadline - CANCEL_AT_DEADLINE_SLACK_NS) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert cancelled_as(0.5, started, deadline - CANCEL_AT_DEADLINE_SLACK_NS - 1) == grpc.StatusCode.CANCELLED
+    assert cancelled_as(0.5, started, started + 1_000) == grpc.StatusCode.CANCELLED
+    assert cancelled_as(None, started, started + 10**12) == grpc.StatusCode.CANCELLED  # no deadline: the caller gave up
