@@ -10,13 +10,15 @@ real ingress and worker processes on fresh ports via ``pipeline.launch``).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -94,63 +96,71 @@ def test_metrics_addresses() -> None:
 
 
 # ------------------------------------------------------- ingress, fake shard
-def test_ingress_metrics_count_the_traffic(tmp_path: Path) -> None:
-    good = [1, 2, 3, 1, 4, 2, 1]  # batch sizes of the good requests
+@contextlib.contextmanager
+def toy_ingress(tmp_path: Path, timeout_s: float) -> Iterator[tuple[Any, FakeWorker, Any, str]]:
+    """The real ingress (metrics on a free port) before the fake shard ``s0``, ready: (ingress thread, worker,
+    stub, metrics address)."""
     with sock_dir() as sockets:
         toy = single_topology(tmp_path / "toy", sockets)
         worker = FakeWorker(toy, "s0", toy_compute)
-        with IngressThread(toy, metrics="127.0.0.1:0", timeout_s=5.0) as ing, fake_workers(worker), ing.stub() as stub:
+        with IngressThread(toy, metrics="127.0.0.1:0", timeout_s=timeout_s) as ing, fake_workers(worker), ing.stub() as stub:
             wait_ready(stub)
-            address = ing.ingress.metrics.server.address
-            assert address.startswith("127.0.0.1:") and not address.endswith(":0")
-            before = Scrape(address)
-            assert before.content_type.startswith("text/plain")
-            assert before.value("pipeline_requests_total", model="toy", code="OK") == 0
-            assert before.types["pipeline_requests"] == "counter"  # exposed as pipeline_requests_total
-            assert before.types["pipeline_request_duration_seconds"] == "histogram"
+            yield ing, worker, stub, ing.ingress.metrics.server.address
 
-            for i, batch in enumerate(good):
-                stub.ModelInfer(raw_request("toy", toy_inputs(batch, seed=i)), timeout=WAIT_S)
-            bad_shape = {"x": np.zeros((2, 5), np.float32), "ids": np.zeros((2, 2), np.int64)}
-            for _ in range(3):
-                with pytest.raises(grpc.RpcError) as err:
-                    stub.ModelInfer(raw_request("toy", bad_shape), timeout=WAIT_S)
-                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            for _ in range(2):
-                with pytest.raises(grpc.RpcError) as err:
-                    stub.ModelInfer(raw_request("nope", toy_inputs(1)), timeout=WAIT_S)
-                assert err.value.code() == grpc.StatusCode.NOT_FOUND
-            worker.mode = "silent"  # the shard never answers: the request ends at its deadline
+
+def test_ingress_metrics_count_the_traffic(tmp_path: Path) -> None:
+    good = [1, 2, 3, 1, 4, 2, 1]  # batch sizes of the good requests
+    with toy_ingress(tmp_path, 5.0) as (ing, worker, stub, address):
+        toy = ing.topology
+        assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+        before = Scrape(address)
+        assert before.content_type.startswith("text/plain")
+        assert before.value("pipeline_requests_total", model="toy", code="OK") == 0
+        assert before.types["pipeline_requests"] == "counter"  # exposed as pipeline_requests_total
+        assert before.types["pipeline_request_duration_seconds"] == "histogram"
+
+        for i, batch in enumerate(good):
+            stub.ModelInfer(raw_request("toy", toy_inputs(batch, seed=i)), timeout=WAIT_S)
+        bad_shape = {"x": np.zeros((2, 5), np.float32), "ids": np.zeros((2, 2), np.int64)}
+        for _ in range(3):
             with pytest.raises(grpc.RpcError) as err:
-                stub.ModelInfer(raw_request("toy", toy_inputs(1)), timeout=0.5)
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            wait_for(lambda: ing.pending() == 0, what="the timed-out request to leave the table")
+                stub.ModelInfer(raw_request("toy", bad_shape), timeout=WAIT_S)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(raw_request("nope", toy_inputs(1)), timeout=WAIT_S)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        worker.mode = "silent"  # the shard never answers: the request ends at its deadline
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(raw_request("toy", toy_inputs(1)), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: ing.pending() == 0, what="the timed-out request to leave the table")
 
-            # requests in flight: three held by a slow shard
-            worker.mode, worker.delay_s = "ok", 1.0
-            held = [stub.ModelInfer.future(raw_request("toy", toy_inputs(1)), timeout=WAIT_S) for _ in range(3)]
-            wait_for(lambda: Scrape(address).value("pipeline_requests_in_flight", model="toy") == 3, what="3 in flight")
-            for f in held:
-                f.result()
-            after_held = Scrape(address)
-            assert after_held.value("pipeline_requests_in_flight", model="toy") == 0
+        # requests in flight: three held by a slow shard
+        worker.mode, worker.delay_s = "ok", 1.0
+        held = [stub.ModelInfer.future(raw_request("toy", toy_inputs(1)), timeout=WAIT_S) for _ in range(3)]
+        wait_for(lambda: Scrape(address).value("pipeline_requests_in_flight", model="toy") == 3, what="3 in flight")
+        for f in held:
+            f.result()
+        after_held = Scrape(address)
+        assert after_held.value("pipeline_requests_in_flight", model="toy") == 0
 
-            # a message the ingress cannot decode, straight onto its results socket
-            ctx = zmq.Context.instance()
-            push = ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 0)
-            push.connect(toy.ingress.results)
-            try:
-                push.send_multipart([b"\x08garbage", b"x"])
-                wait_for(
-                    lambda: Scrape(address).value("pipeline_messages_dropped_total", process="ingress", reason="bad_envelope") == 1,
-                    what="the dropped message to be counted",
-                )
-            finally:
-                push.close(linger=0)
+        # a message the ingress cannot decode, straight onto its results socket
+        ctx = zmq.Context.instance()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(toy.ingress.results)
+        try:
+            push.send_multipart([b"\x08garbage", b"x"])
+            wait_for(
+                lambda: Scrape(address).value("pipeline_messages_dropped_total", process="ingress", reason="bad_envelope") == 1,
+                what="the dropped message to be counted",
+            )
+        finally:
+            push.close(linger=0)
 
-            stats = stub.ModelStatistics(kpb.ModelStatisticsRequest(name="toy"), timeout=WAIT_S).model_stats[0]
-            m = Scrape(address)
+        stats = stub.ModelStatistics(kpb.ModelStatisticsRequest(name="toy"), timeout=WAIT_S).model_stats[0]
+        m = Scrape(address)
 
     ok = len(good) + len(held)
     rows = sum(good) + len(held)
@@ -194,24 +204,19 @@ def test_a_deadline_that_passes_is_counted_so_whichever_timer_fires_first(tmp_pa
     late = types.SimpleNamespace(**{k: getattr(dl, k) for k in dir(dl) if not k.startswith("__")})
     late.deadline_after = lambda timeout_s, now: dl.deadline_after(timeout_s + 30.0, now)
     monkeypatch.setattr(ingress_module, "dl", late)
-    with sock_dir() as sockets:
-        toy = single_topology(tmp_path / "toy", sockets)
-        worker = FakeWorker(toy, "s0", toy_compute)
-        with IngressThread(toy, metrics="127.0.0.1:0", timeout_s=60.0) as ing, fake_workers(worker), ing.stub() as stub:
-            wait_ready(stub)
-            address = ing.ingress.metrics.server.address
-            worker.mode = "silent"
-            with pytest.raises(grpc.RpcError) as err:
-                stub.ModelInfer(raw_request("toy", toy_inputs(1)), timeout=0.3)
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            wait_for(lambda: Scrape(address).value("pipeline_requests_in_flight", model="toy") == 0, what="the request to end")
+    with toy_ingress(tmp_path, 60.0) as (_, worker, stub, address):
+        worker.mode = "silent"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(raw_request("toy", toy_inputs(1)), timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: Scrape(address).value("pipeline_requests_in_flight", model="toy") == 0, what="the request to end")
 
-            call = stub.ModelInfer.future(raw_request("toy", toy_inputs(1)), timeout=30.0)
-            wait_for(lambda: Scrape(address).value("pipeline_requests_in_flight", model="toy") == 1, what="1 in flight")
-            call.cancel()
-            wait_for(lambda: Scrape(address).value("pipeline_requests_in_flight", model="toy") == 0, what="the cancelled request to end")
-            m = Scrape(address)
-            stats = stub.ModelStatistics(kpb.ModelStatisticsRequest(name="toy"), timeout=WAIT_S).model_stats[0]
+        call = stub.ModelInfer.future(raw_request("toy", toy_inputs(1)), timeout=30.0)
+        wait_for(lambda: Scrape(address).value("pipeline_requests_in_flight", model="toy") == 1, what="1 in flight")
+        call.cancel()
+        wait_for(lambda: Scrape(address).value("pipeline_requests_in_flight", model="toy") == 0, what="the cancelled request to end")
+        m = Scrape(address)
+        stats = stub.ModelStatistics(kpb.ModelStatisticsRequest(name="toy"), timeout=WAIT_S).model_stats[0]
     assert m.value("pipeline_requests_total", model="toy", code="DEADLINE_EXCEEDED") == 1
     assert m.value("pipeline_requests_total", model="toy", code="CANCELLED") == 1
     assert stats.inference_stats.fail.count == 1  # the deadline; a cancellation is not a failed inference
