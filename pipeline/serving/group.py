@@ -52,6 +52,7 @@ from pipeline.errors import PipelineError, UsageError
 from pipeline.serving import metrics as prom
 from pipeline.serving.runtime import configure_tensorflow, quiet_tensorflow
 from pipeline.serving.worker import ENV_PREFIX, EXIT_OK, Worker, WorkerConfig, load_config
+from pipeline.wire import sockets
 
 if TYPE_CHECKING:
     from pipeline.serving.ingress import IngressConfig
@@ -265,6 +266,9 @@ def run(args: argparse.Namespace) -> int:
     # honcho's 5 s for MobileNetV3Large's four (it then kills the process; measured).
     if group.busy:
         log.warning("process_exit_forced", process=spec.name)
+    # Let what the closed sockets still hold (the shards' last heartbeats, errors) leave, within their linger.
+    if not sockets.term_within(group.ctx, sockets.CLOSE_LINGER_MS / 1000 + 0.25):
+        log.warning("sockets_not_flushed", process=spec.name)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

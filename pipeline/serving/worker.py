@@ -27,7 +27,9 @@ Shutdown on SIGTERM or SIGINT (honcho kills after 5 s):
    ``drain_timeout_s`` (2.5 s by default);
 4. answer ``UNAVAILABLE`` for anything left, send a last heartbeat with
    ``ready=false``;
-5. close every socket with linger 0 and exit 0.
+5. close the sockets it receives on at once, and those it sends on with a
+   short linger (``sockets.CLOSE_LINGER_MS``) so that those answers and the
+   last heartbeat still leave; exit 0.
 
 A missing peer never makes the worker exit: ZeroMQ reconnects by itself.
 Only a configuration error (bad topology, shard file that does not load)
@@ -612,9 +614,12 @@ class Worker:
             self.watcher.stop()
         for peers in self.peers.values():
             peers.close()
-        for sock in [*self.pulls, *self.push.values(), *(s for socks in self.replica_push.values() for s in socks)]:
+        for sock in self.pulls:
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
+        for sock in [*self.push.values(), *(s for socks in self.replica_push.values() for s in socks)]:
+            if sock is not None and not sock.closed:
+                sock.close(linger=sockets.CLOSE_LINGER_MS)  # the errors and last heartbeat just sent still leave
         if self.links is not None:
             self.links.close()
             self.links = None
@@ -1177,6 +1182,9 @@ def run(args: argparse.Namespace) -> int:
     if worker.compute.is_alive():
         # still inside TensorFlow (loading, or a batch past the drain budget): do not wait on it at exit
         log.warning("worker_exit_forced", shard=config.shard)
+    # Let what the closed sockets still hold (the last heartbeat, errors) leave, within their linger.
+    if not sockets.term_within(worker.ctx, sockets.CLOSE_LINGER_MS / 1000 + 0.25):
+        log.warning("sockets_not_flushed", shard=config.shard)
     # Every socket is closed and every answer sent: skip the interpreter's teardown, which collects
     # TensorFlow's objects and took 5 to 45 s after a 5 ms drain on a busy 2-core machine, past honcho's
     # 5 s and a supervisor's grace period (SIGKILL, a failed stop).

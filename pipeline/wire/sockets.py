@@ -56,3 +56,24 @@ def push(ctx: zmq.Context, endpoint: str, bounds: SocketBounds = DEFAULT_BOUNDS,
         configure(sock)
     sock.connect(endpoint)
     return sock
+
+
+#: how long the last messages of a stopping process (errors for what it refused, its last heartbeat) may take
+#: to leave its sockets, in ms. Closed with no linger, a message still queued in ZeroMQ is dropped: a full test
+#: run lost a worker's last heartbeat that way on a loaded machine.
+CLOSE_LINGER_MS = 250
+
+
+def term_within(ctx: zmq.Context, timeout_s: float) -> bool:
+    """Terminate ``ctx``, so that what its closed sockets still hold leaves (each within its linger); wait at most
+    ``timeout_s``. False when it did not finish in time (a socket left open somewhere): the caller exits anyway."""
+    import threading
+
+    done = threading.Event()
+
+    def term() -> None:
+        ctx.term()
+        done.set()
+
+    threading.Thread(target=term, name="zmq-term", daemon=True).start()
+    return done.wait(timeout_s)
