@@ -287,6 +287,8 @@ class Stats:
 
 
 # ------------------------------------------------------------------- ingress
+#: at a stop, requests still in flight this long before the drain's grace ends get UNAVAILABLE (seconds).
+END_BEFORE_GRACE_S = 0.1
 #: a call cancelled this close to its deadline (or later) ended because the deadline passed.
 CANCEL_AT_DEADLINE_SLACK_NS = 2_000_000
 
@@ -528,9 +530,15 @@ class Ingress:
         grace = self.config.drain_s if grace is None else grace
         await self._health.enter_graceful_shutdown()
         log.info("ingress_stopping", in_flight=len(self.table), grace_s=grace)
+        left = 0
         if self._server is not None:
-            await self._server.stop(grace)
-        left = self.table.fail_all(lambda: Unavailable("the ingress shut down before the request completed"))
+            stopping = asyncio.ensure_future(self._server.stop(grace))
+            # gRPC cancels what is still running when the grace ends (the caller sees CANCELLED): end it just
+            # before, with UNAVAILABLE, which tells the caller to retry elsewhere.
+            await asyncio.wait({stopping}, timeout=max(0.0, grace - END_BEFORE_GRACE_S))
+            left = self.table.fail_all(lambda: Unavailable("the ingress shut down before the request completed"))
+            await stopping
+        left += self.table.fail_all(lambda: Unavailable("the ingress shut down before the request completed"))
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

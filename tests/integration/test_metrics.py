@@ -409,3 +409,17 @@ def test_scrape_config_lists_every_endpoint(tmp_path: Path) -> None:
         (["10.0.0.1:9100"], "ingress"),
         (["10.0.0.2:9101"], "a"),
     ]
+
+
+def test_a_request_still_in_flight_when_the_ingress_stops_gets_unavailable(tmp_path: Path) -> None:
+    """gRPC cancels what still runs when the stop's grace ends (the caller would see CANCELLED, as a rolling
+    update of the ingress once did); the ingress ends it just before, with UNAVAILABLE."""
+    with toy_ingress(tmp_path, 60.0) as (ing, worker, stub, address):
+        worker.mode = "silent"  # the shard never answers
+        call = stub.ModelInfer.future(raw_request("toy", toy_inputs(1)), timeout=30.0)
+        wait_for(lambda: Scrape(address).value("pipeline_requests_in_flight", model="toy") == 1, what="1 in flight")
+        ing.call(ing.ingress.stop(0.5))
+        with pytest.raises(grpc.RpcError) as err:
+            call.result(timeout=WAIT_S)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "shut down" in (err.value.details() or "")
