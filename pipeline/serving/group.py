@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     if group.busy:
         log.warning("process_exit_forced", process=spec.name)
     # Let what the closed sockets still hold (the shards' last heartbeats, errors) leave, within their linger.
-    if not sockets.term_within(group.ctx, sockets.CLOSE_LINGER_MS / 1000 + 0.25):
+    if not sockets.term_within(group.ctx):
         log.warning("sockets_not_flushed", process=spec.name)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1183,7 +1183,7 @@ def run(args: argparse.Namespace) -> int:
         # still inside TensorFlow (loading, or a batch past the drain budget): do not wait on it at exit
         log.warning("worker_exit_forced", shard=config.shard)
     # Let what the closed sockets still hold (the last heartbeat, errors) leave, within their linger.
-    if not sockets.term_within(worker.ctx, sockets.CLOSE_LINGER_MS / 1000 + 0.25):
+    if not sockets.term_within(worker.ctx):
         log.warning("sockets_not_flushed", shard=config.shard)
     # Every socket is closed and every answer sent: skip the interpreter's teardown, which collects
     # TensorFlow's objects and took 5 to 45 s after a 5 ms drain on a busy 2-core machine, past honcho's

@@ -64,7 +64,11 @@ def push(ctx: zmq.Context, endpoint: str, bounds: SocketBounds = DEFAULT_BOUNDS,
 CLOSE_LINGER_MS = 250
 
 
-def term_within(ctx: zmq.Context, timeout_s: float) -> bool:
+#: how long, past ``CLOSE_LINGER_MS``, a stopping process waits for its context to end before it exits anyway (s).
+TERM_MARGIN_S = 0.25
+
+
+def term_within(ctx: zmq.Context, timeout_s: float = CLOSE_LINGER_MS / 1000 + TERM_MARGIN_S) -> bool:
     """Terminate ``ctx``, so that what its closed sockets still hold leaves (each within its linger); wait at most
     ``timeout_s``. False when it did not finish in time (a socket left open somewhere): the caller exits anyway."""
     import threading
