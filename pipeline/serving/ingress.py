@@ -530,15 +530,18 @@ class Ingress:
         grace = self.config.drain_s if grace is None else grace
         await self._health.enter_graceful_shutdown()
         log.info("ingress_stopping", in_flight=len(self.table), grace_s=grace)
+        def shut_down() -> Unavailable:
+            return Unavailable("the ingress shut down before the request completed")
+
         left = 0
         if self._server is not None:
             stopping = asyncio.ensure_future(self._server.stop(grace))
             # gRPC cancels what is still running when the grace ends (the caller sees CANCELLED): end it just
             # before, with UNAVAILABLE, which tells the caller to retry elsewhere.
             await asyncio.wait({stopping}, timeout=max(0.0, grace - END_BEFORE_GRACE_S))
-            left = self.table.fail_all(lambda: Unavailable("the ingress shut down before the request completed"))
+            left = self.table.fail_all(shut_down)
             await stopping
-        left += self.table.fail_all(lambda: Unavailable("the ingress shut down before the request completed"))
+        left += self.table.fail_all(shut_down)  # any that reached the table after the pass above
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
