@@ -50,14 +50,21 @@ LINK_LATENCY = "0.1ms"
 START_TIMEOUT_S = 600.0
 FAST_HOST = "h2"
 
+#: run on the ingress's host: exit 0 once the ingress is ready and every process it knows of (each replica too)
+#: is up. ``ServerReady`` alone is true while one replica of a shard is up, so a load started then would route
+#: every request to the replicas that happened to warm first.
 READY_PROBE = """
 import sys, grpc
+from pipeline.pb import admin_pb2 as apb, admin_pb2_grpc as agrpc
 from pipeline.pb import grpc_service_pb2 as kpb, grpc_service_pb2_grpc as kgrpc
 with grpc.insecure_channel(sys.argv[1]) as ch:
     try:
-        sys.exit(0 if kgrpc.GRPCInferenceServiceStub(ch).ServerReady(kpb.ServerReadyRequest(), timeout=2).ready else 1)
+        if not kgrpc.GRPCInferenceServiceStub(ch).ServerReady(kpb.ServerReadyRequest(), timeout=2).ready:
+            sys.exit(1)
+        processes = agrpc.PipelineAdminStub(ch).Processes(apb.ProcessesRequest(), timeout=2).processes
     except grpc.RpcError:
         sys.exit(1)
+sys.exit(0 if processes and all(p.up for p in processes) else 1)
 """
 
 

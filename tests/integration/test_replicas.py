@@ -188,6 +188,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[topo.Topol
     assert [len(s.replicas) for s in t.shards] == [1, 2, 1] and list(t.producers("shard1")) == ["shard0"]
     file = record(t.directory, root / "r.npz", count=16, batch=1, seed=3, threads=THREADS)
     with serving(t, root / "logs", threads=THREADS, start_s=START_S) as cluster:
+        wait(lambda: all(p.up for p in processes(cluster.target).values()), "every replica up for the ingress", START_S)
         yield t, cluster, file
 
 
