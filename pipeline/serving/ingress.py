@@ -859,7 +859,10 @@ class Ingress:
                 log.warning("bad_result", request_id=rid, detail=problem)
                 self.table.finish(rid, ComputeError(problem))
                 return
-        reason = self.table.part(rid, tensors, env.spans)
+        spans = list(env.spans)
+        if env.sent_ns:  # as a worker records the hop of each part it receives (wall clocks: across hosts, skewed)
+            spans.append(pb.Span(name=f"{env.sender or '?'}->{topo.INGRESS}.hop", start_ns=env.sent_ns, end_ns=time.time_ns()))
+        reason = self.table.part(rid, tensors, spans)
         if reason:
             log.debug("result_ignored", reason=reason, request_id=rid, sender=env.sender)
 

@@ -104,8 +104,9 @@ def test_two_outputs_from_two_shards_are_joined(duo: Topology) -> None:
         np.testing.assert_array_equal(out["out_b"], (x * 10).sum(axis=1).astype(np.int32))
         timing = json.loads(response.parameters["timing"].string_param)
         names = [s["name"] for s in timing["spans"]]
-        for name in ("a.compute", "b.compute", "ingress.wait", "ingress.decode"):
-            assert name in names
+        # each result part's hop to the ingress too, from the shard's send to the ingress's receipt
+        for name in ("a.compute", "b.compute", "a->ingress.hop", "b->ingress.hop", "ingress.wait", "ingress.decode"):
+            assert name in names, names
         assert response.parameters["timing.b.compute_ns"].int64_param >= 0
         assert timing["total_ns"] > 0
         # only the requested output, when the client names one
