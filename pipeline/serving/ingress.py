@@ -860,8 +860,8 @@ class Ingress:
                 self.table.finish(rid, ComputeError(problem))
                 return
         spans = list(env.spans)
-        if env.sent_ns:  # as a worker records the hop of each part it receives (wall clocks: across hosts, skewed)
-            spans.append(pb.Span(name=f"{env.sender or '?'}->{topo.INGRESS}.hop", start_ns=env.sent_ns, end_ns=time.time_ns()))
+        if env.sent_ns:  # as a worker records the hop of each part it receives
+            spans.append(codec.hop_span(env, topo.INGRESS, time.time_ns()))
         reason = self.table.part(rid, tensors, spans)
         if reason:
             log.debug("result_ignored", reason=reason, request_id=rid, sender=env.sender)

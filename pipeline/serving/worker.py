@@ -753,7 +753,7 @@ class Worker:
             self._followers[env.sender] = (min(env.followers, self.batcher.max_batch), now + self.batcher.max_delay_ns)
         if env.sent_ns:  # wall clocks of two processes: across hosts, off by their clocks' skew
             received = time.time_ns()
-            spans.append(pb.Span(name=f"{env.sender or '?'}->{self.name}.hop", start_ns=env.sent_ns, end_ns=received))
+            spans.append(codec.hop_span(env, self.name, received))
             self.metrics.hopped(env.sender, received - env.sent_ns)
         outcome = self.join.add(
             rid,

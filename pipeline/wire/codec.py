@@ -276,6 +276,12 @@ def decode_or_drop(
         return None
 
 
+def hop_span(env: pb.Envelope, receiver: str, received_ns: int) -> pb.Span:
+    """``{sender}->{receiver}.hop``: a message's hop from its sender's ``sent_ns`` to ``received_ns`` (wall clocks
+    of two processes: across hosts, off by their clocks' skew)."""
+    return pb.Span(name=f"{env.sender or '?'}->{receiver}.hop", start_ns=env.sent_ns, end_ns=received_ns)
+
+
 def error_envelope(request_id: int, model: str, sender: str, code: int, message: str) -> pb.Envelope:
     """An ERROR envelope for the ingress; ``code`` is a gRPC status code's integer value."""
     env = pb.Envelope(kind=pb.ERROR, request_id=request_id, model=model, sender=sender)
