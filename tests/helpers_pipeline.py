@@ -35,10 +35,12 @@ def record(directory: Path, out: Path, *, count: int, batch: int, seed: int, thr
 
 @contextmanager
 def serving(t: topo.Topology, logs: Path, *, threads: str, start_s: float) -> Iterator[Cluster]:
-    """Every process of ``t`` started (workers with ``--threads``), ready within ``start_s``; all stopped at the end."""
+    """Every process of ``t`` started (workers with ``--threads``), each up for the ingress within ``start_s``; all
+    stopped at the end. (``ServerReady`` alone is true once one replica of each shard is up.)"""
     cluster = Cluster(t, logs, common_worker_args=["--threads", threads])
     try:
         cluster.start(start_s)
+        wait(lambda: all(p.up for p in processes(cluster.target).values()), "every process up for the ingress", start_s)
         yield cluster
     finally:
         cluster.stop()
